@@ -96,7 +96,7 @@ class InteractionData:
     def stats(self) -> dict[str, Any]:
         pop = np.sort(self.item_popularity)[::-1]
         total = max(int(pop.sum()), 1)
-        top = max(1, int(round(0.2 * len(pop))))
+        top = max(1, round(0.2 * len(pop)))
         n_all = self.train.nnz + self.valid.nnz + self.test.nnz
         return {
             "name": self.name,
