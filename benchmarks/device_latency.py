@@ -1,0 +1,191 @@
+"""Device ranking latency against the memory-read floor, and instant-shrink time.
+
+Builds synthetic group packages like Amazon-Book's (91,599 items, N=16, d=8, G_v=20) at 10.7%,
+21.3% and 53.3% of the full 128-d float32 table (about 5, 10 and 25 MB), then on one thread:
+
+* per-user top-50 through ``Package.rank`` (with 40 excluded items per user, about a training
+  history), p50 and p99 over many users;
+* the floor, timed interleaved with it: one float32 matrix-vector product over a dense
+  (rows, 128) array with the same bytes as the package's item blocks, plus ``np.argpartition``
+  of 91,599 scores, i.e. what reading the bytes once and picking a top-50 must cost;
+* shrinking the 53.3% package to 10.7% in memory (must copy nothing) and checking that it
+  ranks exactly like a package built at 10.7%.
+
+Prints figures, never asserts (it is not a test). ``--json`` prints one JSON object instead.
+Run: ``OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 .venv/bin/python
+benchmarks/device_latency.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")  # must precede the numpy import to take effect
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from peel.device import Package, open_package, shrink_file  # noqa: E402
+from peel.package import GroupArrays, build_package, synthetic_group  # noqa: E402
+
+FRACTIONS = (0.107, 0.213, 0.533)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    n_items: int = 91_599
+    n_blocks: int = 16
+    block_dim: int = 8
+    n_item_groups: int = 20
+    k: int = 50
+    users: int = 400
+    exclude: int = 40
+    shrink_reps: int = 200
+    seed: int = 0
+
+
+def synthetic(cfg: BenchConfig) -> GroupArrays:
+    return synthetic_group(cfg.n_items, cfg.n_blocks, cfg.block_dim, cfg.n_item_groups,
+                           cfg.users, cfg.seed)
+
+
+def _ms(seconds: list[float]) -> tuple[float, float]:
+    arr = np.asarray(seconds) * 1e3
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+def time_ranking(pkg: Package, arrays: GroupArrays, cfg: BenchConfig) -> dict[str, float]:
+    """Per-user rank latency and the floor, interleaved so load from neighbours hits both."""
+    rng = np.random.default_rng(cfg.seed + 1)
+    n = cfg.n_items
+    dense = rng.standard_normal((max(pkg.report.item_blocks // 512, 1), 128), dtype=np.float32)
+    vec = rng.standard_normal(128, dtype=np.float32)
+    floor_scores = rng.standard_normal(n, dtype=np.float32)
+    excludes = [rng.choice(n, cfg.exclude, replace=False) for _ in range(cfg.users)]
+    for u in range(min(20, cfg.users)):  # warm-up: page in the file, build views
+        pkg.rank(arrays.user_emb[u], cfg.k, excludes[u])
+        dense @ vec
+    rank_t, floor_t, matvec_t = [], [], []
+    for u in range(cfg.users):
+        t0 = time.perf_counter()
+        dense @ vec
+        np.argpartition(floor_scores, n - cfg.k)
+        t1 = time.perf_counter()
+        pkg.rank(arrays.user_emb[u], cfg.k, excludes[u])
+        t2 = time.perf_counter()
+        dense @ vec
+        t3 = time.perf_counter()
+        floor_t.append(t1 - t0)
+        rank_t.append(t2 - t1)
+        matvec_t.append(t3 - t2)
+    p50, p99 = _ms(rank_t)
+    f50, _ = _ms(floor_t)
+    m50, _ = _ms(matvec_t)
+    t0 = time.perf_counter()
+    pkg.rank_batch(arrays.user_emb, cfg.k)
+    batch = (time.perf_counter() - t0) / cfg.users * 1e3
+    return {"p50_ms": p50, "p99_ms": p99, "floor_ms": f50, "ratio": p50 / f50,
+            "matvec_ms": m50, "batch_ms_per_user": batch}
+
+
+def time_shrink(big: Package, direct: Package, arrays: GroupArrays, cfg: BenchConfig,
+                workdir: Path) -> dict[str, object]:
+    """In-memory shrink time; checks it copies nothing and matches a direct build."""
+    big.rank(arrays.user_emb[0], cfg.k)  # the views a running device already has
+    times = []
+    small = big
+    for _ in range(cfg.shrink_reps):
+        t0 = time.perf_counter()
+        small = big.shrink(direct.budget)
+        times.append(time.perf_counter() - t0)
+    p50, p99 = _ms(times)
+    pairs = [(small.rank(arrays.user_emb[u], cfg.k), direct.rank(arrays.user_emb[u], cfg.k))
+             for u in range(20)]
+    same = all(np.array_equal(a.items, b.items) and np.array_equal(a.scores, b.scores)
+               for a, b in pairs)
+    t0 = time.perf_counter()
+    shrink_file(big.source, workdir / "shrunk.peel", direct.budget)
+    file_ms = (time.perf_counter() - t0) * 1e3
+    same_bytes = (workdir / "shrunk.peel").read_bytes() == Path(direct.source).read_bytes()
+    return {
+        "p50_ms": p50, "p99_ms": p99, "max_ms": max(times) * 1e3,
+        "shrink_file_ms": file_ms, "file_identical_to_direct": same_bytes,
+        "blocks_shared": bool(np.shares_memory(small.blocks, big.blocks)),
+        "blocks_before": big.n_selected, "blocks_after": small.n_selected,
+        "same_selection_as_direct": bool(np.array_equal(small.selection, direct.selection)),
+        "same_ranking_as_direct": bool(same),
+    }
+
+
+def run(cfg: BenchConfig, workdir: Path) -> dict[str, object]:
+    arrays = synthetic(cfg)
+    full = cfg.n_items * cfg.n_blocks * cfg.block_dim * 4
+    rows: list[dict[str, object]] = []
+    packages: dict[float, Package] = {}
+    for frac in FRACTIONS:
+        path = workdir / f"pkg_{frac}.peel"
+        report = build_package(path, arrays, frac)
+        t0 = time.perf_counter()
+        pkg = open_package(path)
+        open_ms = (time.perf_counter() - t0) * 1e3
+        packages[frac] = pkg
+        rows.append({"fraction": frac, "budget": report.budget, "blocks": report.n_selected,
+                     "open_verify_ms": open_ms, "report": report.to_dict(),
+                     **time_ranking(pkg, arrays, cfg)})
+    shrink = time_shrink(packages[FRACTIONS[-1]], packages[FRACTIONS[0]], arrays, cfg, workdir)
+    return {"config": cfg.__dict__, "full_table_bytes": full, "budgets": rows,
+            "shrink": shrink, "numpy": np.__version__}
+
+
+def print_table(result: dict[str, object]) -> None:
+    print(f"device ranking, one thread, {result['config']['n_items']:,} items, top-"
+          f"{result['config']['k']} (numpy {result['numpy']})")
+    print(f"{'budget':>14} {'blocks':>6} {'p50 ms':>8} {'p99 ms':>8} {'floor ms':>9} "
+          f"{'p50/floor':>9} {'matvec ms':>9} {'batch ms/u':>10} {'open ms':>8}")
+    for r in result["budgets"]:
+        label = f"{r['fraction']:.1%} {r['budget'] / 1e6:.2f}MB"
+        print(f"{label:>14} {r['blocks']:>6} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+              f"{r['floor_ms']:>9.3f} {r['ratio']:>9.2f} {r['matvec_ms']:>9.3f} "
+              f"{r['batch_ms_per_user']:>10.3f} "
+              f"{r['open_verify_ms']:>8.1f}")
+    print("\naccounting (group package; user embedding reserved), bytes:")
+    parts = ("item_blocks", "user_embedding", "item_index", "selection", "header", "padding",
+             "total", "file_bytes")
+    print(f"{'part':>15}" + "".join(f"{r['fraction']:>14.1%}" for r in result["budgets"]))
+    for part in parts:
+        print(f"{part:>15}" + "".join(f"{r['report'][part]:>14,}" for r in result["budgets"]))
+    print(f"{'budget':>15}" + "".join(f"{r['budget']:>14,}" for r in result["budgets"]))
+    s = result["shrink"]
+    print(f"\nshrink {FRACTIONS[-1]:.1%} -> {FRACTIONS[0]:.1%} in memory: p50 {s['p50_ms']:.3f} "
+          f"ms, p99 {s['p99_ms']:.3f} ms, max {s['max_ms']:.3f} ms; blocks "
+          f"{s['blocks_before']} -> {s['blocks_after']}; shares memory (no copy): "
+          f"{s['blocks_shared']}; same selection / ranking as a direct build: "
+          f"{s['same_selection_as_direct']} / {s['same_ranking_as_direct']}")
+    print(f"shrink_file (verify, prefix copy, new checksum): {s['shrink_file_ms']:.1f} ms; "
+          f"file identical to a direct build: {s['file_identical_to_direct']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--users", type=int, default=BenchConfig.users)
+    parser.add_argument("--seed", type=int, default=BenchConfig.seed)
+    args = parser.parse_args()
+    cfg = BenchConfig(users=args.users, seed=args.seed)
+    with tempfile.TemporaryDirectory(prefix="peel-bench-") as tmp:
+        result = run(cfg, Path(tmp))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print_table(result)
+
+
+if __name__ == "__main__":
+    main()

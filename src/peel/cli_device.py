@@ -1,0 +1,168 @@
+"""``peel deploy``, ``peel recommend`` and ``peel shrink``: the package commands.
+
+:func:`register` adds them to an argparse subparsers object; each sets ``func`` to a handler
+that takes the parsed namespace and returns the exit status (0, or 2 after printing a one-line
+error to stderr). Errors a user can cause (bad budget, missing file, corrupt package, unknown
+user) never end in a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from peel.budget import SELECTIONS, SIMILARITIES, WEIGHTINGS
+from peel.device import Package, Ranking, open_package
+from peel.io import to_json
+from peel.package import (
+    DEFAULT_SIMILARITY,
+    DEFAULT_WEIGHTING,
+    DeployOptions,
+    build_package,
+    find_user_group,
+    load_group,
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def register(subparsers: Any) -> None:
+    """Add deploy, recommend and shrink to ``subparsers`` (from ``add_subparsers``)."""
+    _add_deploy(subparsers)
+    _add_recommend(subparsers)
+    _add_shrink(subparsers)
+
+
+def _add_deploy(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "deploy", help="write the package of a user group (or one user) for a memory budget",
+        description="Select item blocks for a memory budget and write a device package.")
+    p.add_argument("run", help="run folder holding groups/group_NNN.npz")
+    p.add_argument("--budget", required=True,
+                   help="bytes (5000000), a size (5MB, 10MiB, 512KB) or a fraction of the full "
+                        "item table (0.25 or 25%%)")
+    who = p.add_mutually_exclusive_group(required=True)
+    who.add_argument("--group", type=int, help="user group: the package serves all its users")
+    who.add_argument("--user", type=int,
+                     help="user index: the package stores this user's embedding")
+    p.add_argument("--out", required=True, help="package file to write (atomically)")
+    p.add_argument("--similarity", choices=SIMILARITIES, default=None,
+                   help=f"Eq. 10 reading stored in the package (default {DEFAULT_SIMILARITY})")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
+                   help=f"scale kept blocks by their weight (default {DEFAULT_WEIGHTING})")
+    p.add_argument("--selection", choices=SELECTIONS, default="importance",
+                   help="block order: by importance weight (the paper) or random (ablation)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --selection random")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_guard("deploy", deploy))
+
+
+def _add_recommend(subparsers: Any) -> None:
+    p = subparsers.add_parser("recommend", help="rank items for the user stored in a package",
+                              description="Top-K items for the package's user (Eq. 10).")
+    p.add_argument("package", help="package file written by peel deploy --user")
+    p.add_argument("--k", type=int, default=50, help="number of items (default 50)")
+    p.add_argument("--budget", default=None, help="shrink to this budget first (in memory)")
+    p.add_argument("--exclude", default="",
+                   help="comma-separated item indices to leave out, e.g. 1,2,3")
+    p.add_argument("--similarity", choices=SIMILARITIES, default=None,
+                   help="override the package's Eq. 10 reading")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
+                   help="override the package's block weighting")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_guard("recommend", recommend))
+
+
+def _add_shrink(subparsers: Any) -> None:
+    p = subparsers.add_parser("shrink", help="write a package cut down to a smaller budget",
+                              description="Drop the least important blocks to fit a budget.")
+    p.add_argument("package", help="package file to shrink")
+    p.add_argument("--budget", required=True, help="the new, smaller budget")
+    p.add_argument("--out", required=True, help="package file to write (atomically)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=_guard("shrink", shrink))
+
+
+def _guard(command: str, handler: Handler) -> Handler:
+    """Turn expected failures into one clean line on stderr and exit status 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except (ValueError, OSError) as err:
+            print(f"peel {command}: error: {err}", file=sys.stderr)
+            return 2
+
+    run.__doc__ = handler.__doc__
+    return run
+
+
+def deploy(args: argparse.Namespace) -> int:
+    """Build one package from a run folder."""
+    group = args.group if args.user is None else find_user_group(args.run, args.user)
+    arrays = load_group(args.run, group)
+    options = DeployOptions(similarity=args.similarity, weighting=args.weighting,
+                            selection=args.selection, seed=args.seed)
+    report = build_package(args.out, arrays, args.budget, user=args.user, group=group,
+                           options=options)
+    pkg = open_package(args.out)
+    if args.json:
+        print(to_json({"out": str(args.out), **pkg.describe()}))
+    else:
+        who = f"user {args.user} (group {group})" if args.user is not None else f"group {group}"
+        print(f"wrote {args.out}: {who}, {report.n_selected} of {report.n_candidates} blocks, "
+              f"{pkg.similarity} similarity, weighting {pkg.weighting}")
+        print(report.table())
+    return 0
+
+
+def _parse_exclude(text: str) -> np.ndarray:
+    try:
+        values = [int(tok) for tok in text.split(",") if tok.strip()]
+    except ValueError as err:
+        raise ValueError(f"--exclude {text!r}: expected comma-separated item indices, e.g. "
+                         f"1,2,3") from err
+    return np.asarray(values, dtype=np.int64)
+
+
+def recommend(args: argparse.Namespace) -> int:
+    """Rank the stored user's items, optionally after shrinking."""
+    pkg: Package = open_package(args.package)
+    if args.budget is not None:
+        pkg = pkg.shrink(args.budget)
+    ranking = pkg.rank(k=args.k, exclude=_parse_exclude(args.exclude),
+                       similarity=args.similarity, weighting=args.weighting)
+    if args.json:
+        print(to_json({"package": str(args.package), "user": pkg.spec.user,
+                       "budget": pkg.budget, "n_selected": pkg.n_selected,
+                       "items": ranking.items, "scores": ranking.scores,
+                       "ids": ranking.ids}))
+    else:
+        _print_ranking(pkg, ranking)
+    return 0
+
+
+def _print_ranking(pkg: Package, ranking: Ranking) -> None:
+    print(f"user {pkg.spec.user}: top {ranking.items.size} of {pkg.n_items:,} items, "
+          f"{pkg.n_selected} blocks, budget {pkg.budget:,} B")
+    has_ids = ranking.ids is not None
+    print(f"{'rank':>5} {'item':>9}" + (f" {'id':>12}" if has_ids else "") + f" {'score':>12}")
+    for r, (item, score) in enumerate(zip(ranking.items, ranking.scores, strict=True), 1):
+        ident = f" {int(ranking.ids[r - 1]):>12}" if has_ids else ""
+        print(f"{r:>5} {int(item):>9}{ident} {float(score):>12.5f}")
+
+
+def shrink(args: argparse.Namespace) -> int:
+    """Write a shrunk copy of a package."""
+    small = open_package(args.package).shrink(args.budget)
+    small.save(args.out)
+    if args.json:
+        print(to_json({"out": str(args.out), **small.describe()}))
+    else:
+        print(f"wrote {args.out}: {small.n_selected} of {small.report.n_candidates} blocks kept")
+        print(small.report.table())
+    return 0

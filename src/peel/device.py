@@ -1,0 +1,659 @@
+"""The on-device runtime: open a package in place, rank every item with Eq. 10, shrink instantly.
+
+This module imports numpy and the standard library only (plus ``peel.budget`` and ``peel.io``,
+which are numpy-only themselves): a device runs it without torch or scipy, and
+``tests/test_device.py`` checks that ranking never imports them.
+
+Scoring (paper Eq. 10). Item j of item group g keeps the blocks S_g (the package's selection
+restricted to g); with u the user's D-vector split into N chunks u_1..u_N of size d,
+
+    r_j = max_k |S_k| / |S_g| * sum_{n in S_g} u . rep(e_j^n)
+
+where ``rep`` places the d-dim block in a D-vector. Two readings are supported, chosen when the
+package is built and overridable per call:
+
+* ``"aligned"``: block n sits at chunk n, so the term is u_n . e_j^n (what a dot product with
+  the full embedding computes when the other blocks are zero);
+* ``"literal"``: the paper's text, the block repeated N times, so the term is
+  (u_1 + ... + u_N) . e_j^n.
+
+With ``weighting="alpha"`` each term is also multiplied by the block's importance weight (how
+the blocks entered training; a measured alternative to the paper's unweighted Eq. 10).
+
+The factor max_k |S_k| / |S_g| (and any weight) is folded into the per-block query, so the
+kernel is one contiguous ``(items in group, d) @ (d,)`` product per selected block, accumulated
+into the score range of the block's item group (items are stored grouped). Items the user has are
+excluded: pass item indices to :meth:`Package.rank` / :meth:`Package.rank_batch`; a package
+built for one user may also carry that user's ``seen`` list, applied when ranking the stored user.
+
+Shrinking (:meth:`Package.shrink`) keeps the longest prefix of the stored selection order that
+fits the smaller budget; the kept blocks are views of the same memory, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import mmap
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peel.budget import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    HASHED_PREAMBLE,
+    MAGIC,
+    PREAMBLE,
+    PREAMBLE_BYTES,
+    SIMILARITIES,
+    WEIGHTINGS,
+    BudgetReport,
+    Layout,
+    PackageSpec,
+    fit,
+    full_table_bytes,
+    layout,
+    parse_budget,
+    prefix_rows,
+)
+from peel.io import atomic_path
+
+#: Scores are split into sets of about n / this many items to find a top-K threshold cheaply.
+_TOPK_RUN = 64
+
+
+class PackageError(ValueError):
+    """A package file that cannot be used as is; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """Top-K for one user, best first; fewer than K entries if fewer items remain."""
+
+    items: np.ndarray  # int64 item indices
+    scores: np.ndarray  # float32 Eq. 10 scores
+    ids: np.ndarray | None  # original item ids, when the package stores them
+
+
+@dataclass(frozen=True)
+class BatchRanking:
+    """Top-K for many users. Row b holds ``n_valid[b]`` entries; the rest are -1 / -inf."""
+
+    items: np.ndarray  # (B, K) int64
+    scores: np.ndarray  # (B, K) float32
+    n_valid: np.ndarray  # (B,) int64
+    ids: np.ndarray | None  # (B, K) int64, padded with -1, when the package stores ids
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """How Eq. 10 is read for one call (the package's stored mode unless overridden)."""
+
+    similarity: str
+    weighting: str
+
+
+class _ItemOrder:
+    """Row <-> item maps, derived once from the item-group labels and shared by every shrink.
+
+    Rows are items sorted by item group, ties by item index (a stable sort), which is how the
+    server wrote them; storing the labels (1 byte per item) instead of the permutation (4)
+    leaves more of the budget for blocks.
+    """
+
+    def __init__(self, item_group: np.ndarray) -> None:
+        self._labels = item_group
+        self._perm: np.ndarray | None = None
+        self._inv: np.ndarray | None = None
+
+    @property
+    def perm(self) -> np.ndarray:
+        """Item index of every row."""
+        if self._perm is None:
+            self._perm = np.argsort(self._labels, kind="stable").astype(np.int64)
+        return self._perm
+
+    @property
+    def inv(self) -> np.ndarray:
+        """Row of every item index."""
+        if self._inv is None:
+            inv = np.empty(self.perm.size, dtype=np.int64)
+            inv[self.perm] = np.arange(self.perm.size)
+            self._inv = inv
+        return self._inv
+
+
+class Package:
+    """A package opened for ranking. Arrays are read-only views of the file's memory."""
+
+    def __init__(self, lay: Layout, arrays: Mapping[str, np.ndarray], source: str,
+                 order: _ItemOrder | None = None,
+                 chunks: list[tuple[int, int, np.ndarray]] | None = None) -> None:
+        self.layout = lay
+        self.spec: PackageSpec = lay.spec
+        self.budget: int = lay.budget
+        self.source = source
+        self._arrays = dict(arrays)
+        self.group_offsets: np.ndarray = self._arrays["group_offsets"]
+        self.item_group: np.ndarray = self._arrays["item_group"]
+        self.selection: np.ndarray = self._arrays["selection"]
+        self.weights: np.ndarray = self._arrays["weights"]
+        self.blocks: np.ndarray = self._arrays["blocks"]
+        self.item_ids: np.ndarray | None = self._arrays.get("item_ids")
+        self.user_emb: np.ndarray | None = self._arrays.get("user_emb")
+        self.seen: np.ndarray | None = self._arrays.get("seen")
+        self._order = order if order is not None else _ItemOrder(self.item_group)
+        self._chunks = chunks
+        self._rows = prefix_rows(self.spec, self.selection)
+        counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
+        self.factors: np.ndarray = counts.max() / counts
+        """Eq. 10's max_k |S_k| / |S_g| for every item group g."""
+
+    # ----------------------------------------------------------------- description
+
+    @property
+    def n_items(self) -> int:
+        return self.spec.n_items
+
+    @property
+    def n_selected(self) -> int:
+        return int(self.selection.shape[0])
+
+    @property
+    def report(self) -> BudgetReport:
+        return self.layout.report
+
+    @property
+    def similarity(self) -> str:
+        return self.spec.similarity
+
+    @property
+    def weighting(self) -> str:
+        return self.spec.weighting
+
+    def block_sets(self) -> list[np.ndarray]:
+        """The selected block indices of every item group, in selection order."""
+        sel = self.selection.astype(np.int64)
+        return [sel[sel[:, 0] == g, 1] for g in range(self.spec.n_groups)]
+
+    def item_blocks(self, group: int, block: int) -> np.ndarray | None:
+        """The (items in group, d) view of one selected block, rows in stored item order."""
+        hits = np.flatnonzero((self.selection[:, 0] == group) & (self.selection[:, 1] == block))
+        return None if hits.size == 0 else self._kernel()[int(hits[0])][2]
+
+    def describe(self) -> dict[str, Any]:
+        """Header facts plus the budget report, for ``--json`` output and logs."""
+        spec = self.spec
+        return {
+            "source": self.source, "n_items": spec.n_items, "n_blocks": spec.n_blocks,
+            "block_dim": spec.block_dim, "n_item_groups": spec.n_groups,
+            "similarity": spec.similarity, "weighting": spec.weighting,
+            "selection": spec.selection, "seed": spec.seed,
+            "group": spec.group, "user": spec.user, "n_seen": spec.n_seen,
+            "has_item_ids": spec.item_ids, "report": self.report.to_dict(),
+        }
+
+    # ----------------------------------------------------------------- shrinking
+
+    def shrink(self, budget: int | float | str) -> Package:
+        """The same package at a smaller budget: drops the tail of the selection order.
+
+        Never drops an item group's last block (the first G selected blocks are one per group)
+        and copies nothing: the result's arrays are views of this package's memory. The result
+        equals, block for block and byte for byte once saved, a package built at that budget.
+        """
+        nbytes = parse_budget(budget, full_table_bytes(self.n_items, self.spec.dim))
+        complete = self.n_selected == self.spec.n_groups * self.spec.n_blocks
+        if nbytes > self.budget and not complete:
+            raise PackageError(
+                f"{self.source}: cannot grow from {self.budget:,} B to {nbytes:,} B on the "
+                f"device; the blocks beyond this package come from the server (peel deploy)")
+        lay = fit(self.spec, self.selection, nbytes, rows=self._rows)
+        k = lay.n_selected
+        arrays = {**self._arrays, "selection": self.selection[:k], "weights": self.weights[:k],
+                  "blocks": self.blocks[: int(self._rows[k]) * self.spec.block_dim]}
+        chunks = None if self._chunks is None else self._chunks[:k]
+        return Package(lay, arrays, self.source, self._order, chunks)
+
+    def save(self, path: str | os.PathLike[str]) -> BudgetReport:
+        """Write this package (e.g. after :meth:`shrink`) atomically, with a fresh checksum."""
+        return write_package(path, self.layout, self._arrays)
+
+    # ----------------------------------------------------------------- scoring
+
+    def _kernel(self) -> list[tuple[int, int, np.ndarray]]:
+        """(row start, row end, (rows, d) view) per selected block, built on first use."""
+        if self._chunks is None:
+            d, off = self.spec.block_dim, self.group_offsets
+            chunks = []
+            for i, g in enumerate(self.selection[:, 0].tolist()):
+                lo, hi = int(off[g]), int(off[g + 1])
+                start = int(self._rows[i]) * d
+                chunks.append((lo, hi, self.blocks[start: start + (hi - lo) * d]
+                               .reshape(hi - lo, d)))
+            self._chunks = chunks
+        return self._chunks
+
+    def _queries(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
+        """(k, B, d) float32: the user chunk each selected block is dotted with, times Eq. 10's
+        factor for the block's item group (and the block's weight)."""
+        spec = self.spec
+        chunks = users.reshape(users.shape[0], spec.n_blocks, spec.block_dim)
+        sel = self.selection.astype(np.int64)
+        scale = self.factors[sel[:, 0]]
+        if mode.weighting == "alpha":
+            scale = scale * self.weights
+        scale = scale.astype(np.float32)[:, None, None]
+        if mode.similarity == "aligned":
+            q = chunks[:, sel[:, 1], :].transpose(1, 0, 2) * scale
+        else:
+            q = chunks.sum(axis=1, dtype=np.float32)[None, :, :] * scale
+        return np.ascontiguousarray(q, dtype=np.float32)
+
+    def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
+        """Eq. 10 for one user over all rows (items in stored order)."""
+        q = self._queries(user[None, :], mode)[:, 0, :]
+        scores = np.empty(self.n_items, dtype=np.float32)
+        groups = self.spec.n_groups
+        for i, (lo, hi, chunk) in enumerate(self._kernel()):
+            if i < groups:  # the first G blocks cover each item group exactly once
+                np.matmul(chunk, q[i], out=scores[lo:hi])
+            else:
+                scores[lo:hi] += chunk @ q[i]
+        return scores
+
+    def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
+        """Eq. 10 for a batch of users: (B, rows)."""
+        q = self._queries(users, mode)
+        scores = np.empty((users.shape[0], self.n_items), dtype=np.float32)
+        groups = self.spec.n_groups
+        for i, (lo, hi, chunk) in enumerate(self._kernel()):
+            if i < groups:
+                np.matmul(q[i], chunk.T, out=scores[:, lo:hi])
+            else:
+                scores[:, lo:hi] += q[i] @ chunk.T
+        return scores
+
+    def scores(self, users: np.ndarray | None = None, similarity: str | None = None,
+               weighting: str | None = None) -> np.ndarray:
+        """Eq. 10 scores in item-index order: (n_items,) for a vector, (B, n_items) for rows."""
+        mode = self._mode(similarity, weighting)
+        if users is None:
+            return self._row_scores(self._stored_user(), mode)[self._order.inv]
+        u = np.asarray(users)
+        if u.ndim == 1:  # the same kernel as rank(), so the scores agree to the bit
+            return self._row_scores(self._check_users(u[None, :])[0], mode)[self._order.inv]
+        return self._row_scores_batch(self._check_users(u), mode)[:, self._order.inv]
+
+    # ----------------------------------------------------------------- ranking
+
+    def rank(self, user: np.ndarray | None = None, k: int = 50,
+             exclude: Iterable[int] | np.ndarray | None = None,
+             similarity: str | None = None, weighting: str | None = None) -> Ranking:
+        """Top-``k`` items for one user, never returning an excluded item.
+
+        ``user=None`` ranks the stored user and also excludes the stored ``seen`` list; an
+        explicit vector excludes only ``exclude``. Ties are broken by lower item index.
+        ``similarity`` / ``weighting`` override the package's stored scoring mode.
+        """
+        mode = self._mode(similarity, weighting)
+        k = _check_k(k)
+        if user is None:
+            u = self._stored_user()
+            stored = self.seen
+        else:
+            vec = np.asarray(user)
+            if vec.ndim != 1:
+                raise ValueError(f"rank takes one user vector of shape ({self.spec.dim},), got "
+                                 f"{vec.shape}; use rank_batch for many users")
+            u = self._check_users(vec[None, :])[0]
+            stored = None
+        scores = self._row_scores(u, mode)
+        excluded = self._check_items(exclude, "exclude")
+        if stored is not None:
+            excluded = np.concatenate([excluded, stored.astype(np.int64)])
+        scores[self._order.inv[excluded]] = -np.inf
+        rows = _top_rows(scores, k, self._order.perm)
+        rows = rows[np.isfinite(scores[rows])]
+        items = self._order.perm[rows]
+        ids = None if self.item_ids is None else self.item_ids[items].astype(np.int64)
+        return Ranking(items=items, scores=scores[rows], ids=ids)
+
+    def rank_batch(self, users: np.ndarray, k: int = 50,
+                   exclude_indptr: np.ndarray | None = None,
+                   exclude_indices: np.ndarray | None = None,
+                   similarity: str | None = None, weighting: str | None = None,
+                   batch_size: int = 32) -> BatchRanking:
+        """Top-``k`` for every row of ``users`` (B, D), e.g. all test users of one group.
+
+        Exclusions are CSR-like: user b excludes item indices
+        ``exclude_indices[exclude_indptr[b]:exclude_indptr[b + 1]]`` (a scipy CSR matrix's
+        ``indptr`` / ``indices`` can be passed as they are). The stored ``seen`` list is not
+        applied: it belongs to the stored user only.
+        """
+        mode = self._mode(similarity, weighting)
+        k = min(_check_k(k), self.n_items)
+        mat = self._check_users(np.asarray(users))
+        indptr, indices = self._check_csr(exclude_indptr, exclude_indices, mat.shape[0])
+        if batch_size < 1:
+            raise ValueError(f"batch_size {batch_size}: expected a positive integer")
+        n = mat.shape[0]
+        items = np.full((n, k), -1, dtype=np.int64)
+        scores = np.full((n, k), -np.inf, dtype=np.float32)
+        n_valid = np.zeros(n, dtype=np.int64)
+        perm, inv = self._order.perm, self._order.inv
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            block = self._row_scores_batch(mat[start:stop], mode)
+            lo, hi = indptr[start], indptr[stop]
+            owners = np.repeat(np.arange(stop - start), np.diff(indptr[start: stop + 1]))
+            block[owners, inv[indices[lo:hi]]] = -np.inf
+            for b in range(stop - start):
+                row_scores = block[b]
+                rows = _top_rows(row_scores, k, perm)
+                rows = rows[np.isfinite(row_scores[rows])]
+                m = rows.size
+                items[start + b, :m] = perm[rows]
+                scores[start + b, :m] = row_scores[rows]
+                n_valid[start + b] = m
+        ids = None
+        if self.item_ids is not None:
+            ids = np.where(items >= 0, self.item_ids[np.maximum(items, 0)], -1).astype(np.int64)
+        return BatchRanking(items=items, scores=scores, n_valid=n_valid, ids=ids)
+
+    # ----------------------------------------------------------------- input checks
+
+    def _mode(self, similarity: str | None, weighting: str | None) -> _Mode:
+        sim = self.spec.similarity if similarity is None else similarity
+        if sim not in SIMILARITIES:
+            raise ValueError(f"similarity {sim!r}: choose one of {', '.join(SIMILARITIES)}")
+        weigh = self.spec.weighting if weighting is None else weighting
+        if weigh not in WEIGHTINGS:
+            raise ValueError(f"weighting {weigh!r}: choose one of {', '.join(WEIGHTINGS)}")
+        return _Mode(sim, weigh)
+
+    def _stored_user(self) -> np.ndarray:
+        if self.user_emb is None:
+            raise PackageError(
+                f"{self.source}: this package was built for a whole user group and stores no "
+                f"user embedding; pass the user's vector, or deploy with --user")
+        return self.user_emb
+
+    def _check_users(self, users: np.ndarray) -> np.ndarray:
+        dim = self.spec.dim
+        if users.ndim != 2 or users.shape[1] != dim:
+            raise ValueError(f"user vectors: expected shape (B, {dim}) or ({dim},) for this "
+                             f"package, got {users.shape}")
+        if not np.issubdtype(users.dtype, np.floating) and not np.issubdtype(users.dtype,
+                                                                             np.integer):
+            raise ValueError(f"user vectors: expected real numbers, got dtype {users.dtype}")
+        out = np.ascontiguousarray(users, dtype=np.float32)
+        if not np.all(np.isfinite(out)):
+            raise ValueError("user vectors: every value must be finite")
+        return out
+
+    def _check_items(self, items: Iterable[int] | np.ndarray | None, what: str) -> np.ndarray:
+        if items is None:
+            return np.zeros(0, dtype=np.int64)
+        arr = np.asarray(items if isinstance(items, np.ndarray) else list(items))
+        if arr.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"{what}: expected a 1-D list of integer item indices")
+        arr = arr.astype(np.int64)
+        bad = arr[(arr < 0) | (arr >= self.n_items)]
+        if bad.size:
+            raise ValueError(f"{what}: item index {int(bad[0])} is outside [0, {self.n_items}) "
+                             f"for this package")
+        return arr
+
+    def _check_csr(self, indptr: np.ndarray | None, indices: np.ndarray | None,
+                   n_users: int) -> tuple[np.ndarray, np.ndarray]:
+        if indptr is None and indices is None:
+            return np.zeros(n_users + 1, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        if indptr is None or indices is None:
+            raise ValueError("exclusions: give both exclude_indptr and exclude_indices")
+        ptr = np.asarray(indptr)
+        if (ptr.ndim != 1 or ptr.size != n_users + 1 or not np.issubdtype(ptr.dtype, np.integer)):
+            raise ValueError(f"exclude_indptr: expected {n_users + 1} integers (one more than "
+                             f"users), got shape {ptr.shape}")
+        ptr = ptr.astype(np.int64)
+        idx = self._check_items(np.asarray(indices).ravel(), "exclude_indices")
+        if ptr[0] != 0 or np.any(np.diff(ptr) < 0) or ptr[-1] != idx.size:
+            raise ValueError("exclude_indptr: must start at 0, never decrease and end at "
+                             "len(exclude_indices)")
+        return ptr, idx
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k {k!r}: expected a positive integer")
+    return int(k)
+
+
+def _candidates(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows that include every top-``k`` row, usually little more than ``k`` of them.
+
+    Split the scores into m disjoint sets and take t, the k-th largest of the m set maxima:
+    k distinct sets hold a score >= t, so the k-th largest score is >= t and every top-k row
+    scores >= t. The sets are strided (row i is in set i mod m) so that the maxima are one
+    vectorised pass over contiguous memory. This avoids a full argpartition, which costs more
+    than the scoring itself at small budgets.
+    """
+    n = scores.size
+    sets = n // _TOPK_RUN
+    if sets < 4 * k:
+        return np.arange(n)
+    maxima = scores[: sets * _TOPK_RUN].reshape(_TOPK_RUN, sets).max(axis=0)
+    threshold = np.partition(maxima, sets - k)[sets - k]
+    return np.flatnonzero(scores >= threshold)
+
+
+def _top_rows(scores: np.ndarray, k: int, item_of_row: np.ndarray) -> np.ndarray:
+    """The ``k`` best rows, best first; equal scores go to the lower item index."""
+    k = min(k, scores.size)
+    cand = _candidates(scores, k)
+    vals = scores[cand]
+    if cand.size > k:
+        kth = np.partition(vals, cand.size - k)[cand.size - k]
+        above = np.flatnonzero(vals > kth)
+        ties = np.flatnonzero(vals == kth)
+        ties = ties[np.argsort(item_of_row[cand[ties]], kind="stable")[: k - above.size]]
+        keep = np.concatenate([above, ties])
+        cand, vals = cand[keep], vals[keep]
+    return cand[np.lexsort((item_of_row[cand], -vals))]
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def open_package(path: str | os.PathLike[str], verify: bool = True) -> Package:
+    """Memory-map a package file and check it; ``verify`` also checks the sha256 digest."""
+    p = Path(path)
+    try:
+        with open(p, "rb") as fh:
+            if os.fstat(fh.fileno()).st_size < PREAMBLE_BYTES:
+                raise PackageError(f"{p}: not a peel package (only "
+                                   f"{os.fstat(fh.fileno()).st_size} bytes); build one with "
+                                   f"peel deploy")
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as err:
+        raise PackageError(f"{p}: cannot read package ({err.strerror or err})") from err
+    return read_package(buf, str(p), verify=verify)
+
+
+def read_package(buffer: Any, name: str = "<buffer>", verify: bool = True) -> Package:
+    """Use a package held in any buffer (bytes, mmap) in place; arrays are views of it."""
+    view = memoryview(buffer).cast("B")
+    if view.nbytes < PREAMBLE_BYTES:
+        raise PackageError(f"{name}: not a peel package (only {view.nbytes} bytes)")
+    magic, version, header_len, payload_len, budget, digest = PREAMBLE.unpack_from(view, 0)
+    if magic != MAGIC:
+        raise PackageError(f"{name}: not a peel package (bad magic bytes); build one with "
+                           f"peel deploy")
+    if version != FORMAT_VERSION:
+        raise PackageError(f"{name}: package format version {version} is not supported (this "
+                           f"peel reads version {FORMAT_VERSION}); rebuild it with peel deploy")
+    data_start = PREAMBLE_BYTES + -(-header_len // 64) * 64
+    expected = data_start + payload_len
+    if view.nbytes != expected:
+        what = "truncated" if view.nbytes < expected else "has trailing bytes"
+        raise PackageError(f"{name}: file {what}: the header says {expected:,} bytes, the file "
+                           f"has {view.nbytes:,}; copy it again or rebuild with peel deploy")
+    if verify:
+        h = hashlib.sha256(view[:HASHED_PREAMBLE])
+        h.update(view[PREAMBLE_BYTES:])
+        if h.digest() != digest:
+            raise PackageError(f"{name}: checksum mismatch, the file is corrupt; copy it again "
+                               f"or rebuild with peel deploy")
+    header = bytes(view[PREAMBLE_BYTES: PREAMBLE_BYTES + header_len])
+    lay = _layout_from_header(header, buffer, data_start, budget, name)
+    arrays = {slot.name: _view(buffer, data_start + slot.offset, slot.dtype, slot.shape)
+              for slot in lay.slots}
+    _check_contents(lay, arrays, name)
+    return Package(lay, arrays, name)
+
+
+def _view(buffer: Any, offset: int, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    count = math.prod(shape)
+    if count == 0:
+        return np.zeros(shape, dtype=dtype)
+    return np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int,
+                        name: str) -> Layout:
+    """Rebuild the layout from the header and insist it is exactly the one we would write."""
+    malformed = f"{name}: malformed package header; rebuild it with peel deploy"
+    try:
+        doc = json.loads(header.decode("ascii"))
+        if doc["format"] != FORMAT_NAME or doc["version"] != FORMAT_VERSION:
+            raise PackageError(f"{name}: not a {FORMAT_NAME} v{FORMAT_VERSION} header")
+        n_groups = _int(doc["n_item_groups"])
+        n_items = _int(doc["n_items"])
+        payload = len(memoryview(buffer)) - data_start
+        if n_groups < 1 or (n_groups + 1) * 8 > payload:
+            raise PackageError(malformed)
+        offsets = _view(buffer, data_start, "<i8", (n_groups + 1,))
+        counts = np.diff(offsets)
+        if offsets[0] != 0 or offsets[-1] != n_items or np.any(counts < 0):
+            raise PackageError(f"{name}: item group offsets are inconsistent; the file is "
+                               f"corrupt, rebuild it with peel deploy")
+        arrays = doc["arrays"]
+        spec = PackageSpec(
+            n_items=n_items, n_blocks=_int(doc["n_blocks"]), block_dim=_int(doc["block_dim"]),
+            group_counts=tuple(int(c) for c in counts), similarity=doc["similarity"],
+            weighting=doc["weighting"], selection=doc["selection"], seed=_opt_int(doc["seed"]),
+            group=_opt_int(doc["group"]), user=_opt_int(doc["user"]),
+            user_stored="user_emb" in arrays,
+            n_seen=_int(arrays["seen"]["shape"][0]) if "seen" in arrays else 0,
+            item_ids="item_ids" in arrays)
+        block_rows = _int(arrays["blocks"]["shape"][0]) // max(spec.block_dim, 1)
+        lay = layout(spec, _int(doc["n_selected"]), block_rows, budget)
+    except PackageError:
+        raise
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+        raise PackageError(f"{malformed} ({err})") from err
+    if lay.header != header:
+        raise PackageError(f"{name}: the header does not match the layout this peel version "
+                           f"writes; rebuild the package with peel deploy")
+    return lay
+
+
+def _int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a non-negative integer, got {value!r}")
+    return value
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
+def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) -> None:
+    """Semantic checks the checksum cannot give: a well-formed file with impossible content."""
+    spec = lay.spec
+    sel = arrays["selection"].astype(np.int64)
+    bad = f"{name}: invalid package content ({{}}); rebuild it with peel deploy"
+    if sel.shape[0] < spec.n_groups or np.any(sel[:, 0] >= spec.n_groups) or np.any(
+            sel[:, 1] >= spec.n_blocks):
+        raise PackageError(bad.format("selection out of range"))
+    if np.unique(sel[: spec.n_groups, 0]).size != spec.n_groups:
+        raise PackageError(bad.format("some item group has no block"))
+    if np.unique(sel[:, 0] * spec.n_blocks + sel[:, 1]).size != sel.shape[0]:
+        raise PackageError(bad.format("a block is selected twice"))
+    if int(prefix_rows(spec, sel)[-1]) * spec.block_dim != arrays["blocks"].size:
+        raise PackageError(bad.format("block payload size does not match the selection"))
+    labels = arrays["item_group"].astype(np.int64)
+    if np.any(labels >= spec.n_groups) or not np.array_equal(
+            np.bincount(labels, minlength=spec.n_groups), np.asarray(spec.group_counts)):
+        raise PackageError(bad.format("item group labels do not match the group offsets"))
+    if not np.all(np.isfinite(arrays["weights"])) or np.any(arrays["weights"] < 0):
+        raise PackageError(bad.format("block weights must be finite and non-negative"))
+    if "seen" in arrays and np.any((arrays["seen"] < 0) | (arrays["seen"] >= spec.n_items)):
+        raise PackageError(bad.format("seen item out of range"))
+    if "user_emb" in arrays and not np.all(np.isfinite(arrays["user_emb"])):
+        raise PackageError(bad.format("user embedding is not finite"))
+    if lay.report.total > lay.budget:
+        raise PackageError(bad.format(f"{lay.report.total:,} B exceed the recorded budget "
+                                      f"{lay.budget:,} B"))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def write_package(path: str | os.PathLike[str], lay: Layout,
+                  arrays: Mapping[str, np.ndarray | Iterable[np.ndarray]]) -> BudgetReport:
+    """Write a package atomically, streaming each array (or iterable of parts) once.
+
+    The digest is computed while writing and the preamble is written last, so a crash leaves
+    only the temporary file, never a package that looks valid.
+    """
+    if lay.report.total > lay.budget:
+        raise ValueError(f"internal error: layout exceeds its budget ({lay.report.total} > "
+                         f"{lay.budget})")
+    header = lay.header + b" " * (lay.data_start - PREAMBLE_BYTES - len(lay.header))
+    fields = (MAGIC, FORMAT_VERSION, len(lay.header), lay.payload_bytes, lay.budget)
+    digest = hashlib.sha256(PREAMBLE.pack(*fields, bytes(32))[:HASHED_PREAMBLE])
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(bytes(PREAMBLE_BYTES))
+        _emit(fh, digest, header)
+        position = 0
+        for slot in lay.slots:
+            _emit(fh, digest, bytes(slot.offset - position))
+            written = sum(_emit(fh, digest, np.ascontiguousarray(part, dtype=slot.dtype))
+                          for part in _parts(arrays[slot.name]))
+            if written != slot.nbytes:
+                raise ValueError(f"internal error: array {slot.name} has {written} bytes, the "
+                                 f"layout expects {slot.nbytes}")
+            position = slot.offset + slot.nbytes
+        if fh.tell() != lay.file_bytes:
+            raise ValueError("internal error: package size differs from its layout")
+        fh.seek(0)
+        fh.write(PREAMBLE.pack(*fields, digest.digest()))
+    return lay.report
+
+
+def _parts(value: np.ndarray | Iterable[np.ndarray]) -> Iterable[np.ndarray]:
+    return (value,) if isinstance(value, np.ndarray) else value
+
+
+def _emit(fh: Any, digest: Any, data: bytes | np.ndarray) -> int:
+    if (data.nbytes if isinstance(data, np.ndarray) else len(data)) == 0:
+        return 0  # an empty item group's block; memoryview cannot cast zero-size shapes
+    mv = memoryview(data).cast("B")
+    fh.write(mv)
+    digest.update(mv)
+    return mv.nbytes
+
+
+def shrink_file(src: str | os.PathLike[str], dst: str | os.PathLike[str],
+                budget: int | float | str, verify: bool = True) -> BudgetReport:
+    """Write ``src`` shrunk to ``budget`` as ``dst``: a prefix copy with a new header."""
+    return open_package(src, verify=verify).shrink(budget).save(dst)

@@ -1,0 +1,323 @@
+"""Server side: turn one user group's trained arrays into a package for a memory budget.
+
+Input contract (per user group, produced upstream): ``blocks`` float32 (n_items, N, d) in
+deployed form, ``alpha`` (G_v, N) non-negative block weights per item group, ``item_group``
+(n_items,) in [0, G_v), ``users`` (n_g,) and ``user_emb`` (n_g, D). A run folder holds them as
+``RUN/groups/group_{g:03d}.npz``.
+
+The package format (see ``peel.budget`` for the byte-exact layout and ``peel.device`` for the
+reader): a 64-byte binary preamble (magic, format version, header length, payload length,
+budget, sha256), a JSON header padded to 64 bytes, then little-endian arrays each starting on a
+64-byte boundary: ``group_offsets``, ``item_group``, optional ``item_ids``, ``user_emb`` and
+``seen``, the ``selection`` list of (item group, block) pairs and their ``weights`` (alpha),
+and last the ``blocks`` payload: for every selected pair in selection order, the
+(items in group, d) block of that group's items.
+Items are stored grouped (stable sort by item group), so each selected pair is one contiguous
+array and a smaller budget's package is a byte prefix of a larger one's payload. The row order
+is not stored as a permutation: ``item_group`` (one byte per item in item-index order) defines
+it, and the device derives the permutation once (4x smaller than int32 indices, which at
+91,599 items is 275 KB more budget for blocks).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from peel.budget import (
+    BudgetReport,
+    Layout,
+    PackageSpec,
+    check_alpha,
+    fit,
+    full_table_bytes,
+    parse_budget,
+    selection_order,
+)
+from peel.device import write_package
+
+#: How item blocks meet the user vector in Eq. 10 ("aligned" or "literal", see peel.device).
+#: Stored in every package; chosen by measurement, so change it here only.
+DEFAULT_SIMILARITY = "aligned"
+#: Whether kept blocks are scaled by their importance weight when scoring ("none": Eq. 10 as
+#: the paper writes it; "alpha": as the blocks entered training). Stored in every package.
+DEFAULT_WEIGHTING = "none"
+
+GROUP_FILE = "group_{:03d}.npz"
+_GROUP_RE = re.compile(r"group_(\d+)\.npz")
+
+
+@dataclass(frozen=True)
+class GroupArrays:
+    """One user group's validated arrays (the upstream contract)."""
+
+    blocks: np.ndarray
+    alpha: np.ndarray
+    item_group: np.ndarray
+    users: np.ndarray
+    user_emb: np.ndarray
+    source: str = "<arrays>"
+
+    @property
+    def n_items(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.blocks.shape[1] * self.blocks.shape[2])
+
+    def user_row(self, user: int) -> int:
+        """Row of ``user`` in this group's ``users``/``user_emb``."""
+        hits = np.flatnonzero(self.users == user)
+        if hits.size == 0:
+            raise ValueError(f"{self.source}: user {user} is not in this user group")
+        return int(hits[0])
+
+
+def check_group_arrays(blocks: np.ndarray, alpha: np.ndarray, item_group: np.ndarray,
+                       users: np.ndarray | None = None, user_emb: np.ndarray | None = None,
+                       source: str = "<arrays>") -> GroupArrays:
+    """Validate the upstream arrays once, at the boundary, naming the file and the problem."""
+    b = np.asarray(blocks)
+    if b.ndim != 3 or min(b.shape) < 1 or not np.issubdtype(b.dtype, np.floating):
+        raise ValueError(f"{source}: blocks must be a float array (n_items, N, d) with every "
+                         f"dimension >= 1, got {b.dtype} {b.shape}")
+    b = np.ascontiguousarray(b, dtype=np.float32)
+    if not np.all(np.isfinite(b)):
+        raise ValueError(f"{source}: blocks contain NaN or infinite values; check training")
+    a = check_alpha(alpha, f"{source}: alpha")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{source}: alpha has {a.shape[1]} blocks per item group but blocks "
+                         f"has N={b.shape[1]}")
+    g = np.asarray(item_group)
+    if g.shape != (b.shape[0],) or not np.issubdtype(g.dtype, np.integer):
+        raise ValueError(f"{source}: item_group must be {b.shape[0]} integers (one per item), "
+                         f"got {g.dtype} {g.shape}")
+    if g.size and (g.min() < 0 or g.max() >= a.shape[0]):
+        raise ValueError(f"{source}: item_group values must be in [0, {a.shape[0]}) (alpha has "
+                         f"{a.shape[0]} item groups)")
+    dim = b.shape[1] * b.shape[2]
+    u = np.zeros(0, dtype=np.int64) if users is None else np.asarray(users)
+    e = np.zeros((0, dim), dtype=np.float32) if user_emb is None else np.asarray(user_emb)
+    if u.ndim != 1 or (u.size and not np.issubdtype(u.dtype, np.integer)):
+        raise ValueError(f"{source}: users must be a 1-D integer array")
+    if e.shape != (u.size, dim) or not (e.size == 0 or np.issubdtype(e.dtype, np.floating)):
+        raise ValueError(f"{source}: user_emb must be float ({u.size}, {dim}) to match users "
+                         f"and blocks, got {e.dtype} {e.shape}")
+    e = np.ascontiguousarray(e, dtype=np.float32)
+    if not np.all(np.isfinite(e)):
+        raise ValueError(f"{source}: user_emb contains NaN or infinite values")
+    return GroupArrays(b, a, g.astype(np.int64), u.astype(np.int64), e, source)
+
+
+def synthetic_group(n_items: int = 1000, n_blocks: int = 16, block_dim: int = 8,
+                    n_item_groups: int = 20, n_users: int = 8, seed: int = 0) -> GroupArrays:
+    """Random arrays of the upstream contract, for tests, benchmarks and demos only.
+
+    Items get equal-sized item groups in shuffled item order (so the stored permutation is not
+    the identity), blocks are tanh of Gaussians like deployed blocks, alpha is a Dirichlet draw.
+    """
+    rng = np.random.default_rng(seed)
+    blocks = np.tanh(rng.standard_normal((n_items, n_blocks, block_dim), dtype=np.float32))
+    groups = rng.permutation(np.arange(n_items) * n_item_groups // n_items)
+    alpha = rng.dirichlet(np.ones(n_item_groups * n_blocks)).reshape(n_item_groups, n_blocks)
+    users = np.arange(n_users, dtype=np.int64)
+    user_emb = rng.standard_normal((n_users, n_blocks * block_dim), dtype=np.float32)
+    return check_group_arrays(blocks, alpha, groups, users, user_emb, source="synthetic")
+
+
+# --------------------------------------------------------------------------- run folders
+
+
+def group_path(run: str | os.PathLike[str], group: int) -> Path:
+    return Path(run) / "groups" / GROUP_FILE.format(group)
+
+
+def group_files(run: str | os.PathLike[str]) -> list[tuple[int, Path]]:
+    """(group, path) for every group file of a run, in group order."""
+    folder = Path(run) / "groups"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder; a run folder holds "
+                         f"groups/{GROUP_FILE.format(0)} ... from the group training stage")
+    found = []
+    for path in folder.iterdir():
+        match = _GROUP_RE.fullmatch(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    if not found:
+        raise ValueError(f"{folder}: no group_NNN.npz files; run the group training stage first")
+    return sorted(found)
+
+
+def _load_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        with open(path, "rb") as fh:
+            is_zip = fh.read(4) == b"PK\x03\x04"
+        if not is_zip:
+            raise ValueError(f"{path}: not a readable .npz file (no zip signature); write it "
+                             f"with numpy.savez")
+        with np.load(path, allow_pickle=False) as npz:
+            missing = [n for n in names if n not in npz.files]
+            if missing:
+                raise ValueError(f"{path}: missing array(s) {', '.join(missing)}; expected "
+                                 f"{', '.join(names)}")
+            return {n: npz[n] for n in names}
+    except FileNotFoundError as err:
+        raise ValueError(f"{path}: no such file") from err
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"{path}: not a readable .npz file ({err})") from err
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: holds object (pickled) arrays, which peel never loads; "
+                         f"save plain numeric arrays with numpy.savez") from err
+
+
+def load_group(run: str | os.PathLike[str], group: int) -> GroupArrays:
+    """A user group's arrays from a run folder, validated."""
+    path = group_path(run, group)
+    if not path.exists():
+        groups = [g for g, _ in group_files(run)]
+        raise ValueError(f"{path}: no such file; this run has groups "
+                         f"{groups[0]}..{groups[-1]} ({len(groups)} files)")
+    arrays = _load_npz(path, ("blocks", "alpha", "item_group", "users", "user_emb"))
+    return check_group_arrays(**arrays, source=str(path))
+
+
+def find_user_group(run: str | os.PathLike[str], user: int) -> int:
+    """The user group whose ``users`` array holds ``user`` (reads only that array per file)."""
+    owners = [g for g, path in group_files(run)
+              if np.any(_load_npz(path, ("users",))["users"] == user)]
+    if not owners:
+        raise ValueError(f"user {user} is in no group of {Path(run) / 'groups'}; check the "
+                         f"user index")
+    if len(owners) > 1:
+        raise ValueError(f"user {user} appears in several groups ({owners}); the run folder "
+                         f"is inconsistent")
+    return owners[0]
+
+
+# --------------------------------------------------------------------------- building
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """How a package is built, apart from the budget and whose it is.
+
+    ``similarity`` / ``weighting`` of ``None`` take :data:`DEFAULT_SIMILARITY` /
+    :data:`DEFAULT_WEIGHTING` when the package is built (so changing the constants is enough).
+    ``seed`` only matters to ``selection="random"`` and is recorded only then.
+    """
+
+    similarity: str | None = None
+    weighting: str | None = None
+    selection: str = "importance"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    layout: Layout
+    order: np.ndarray  # the kept (group, block) pairs, in selection order
+    rows: np.ndarray  # item indices in stored order (grouped)
+    offsets: np.ndarray
+
+
+def _plan(arrays: GroupArrays, budget: int | float | str, user: int | None,
+          group: int | None, options: DeployOptions, item_ids: np.ndarray | None,
+          seen: np.ndarray | None) -> _Plan:
+    n_groups, n_blocks = arrays.alpha.shape
+    counts = np.bincount(arrays.item_group, minlength=n_groups)
+    nbytes = parse_budget(budget, full_table_bytes(arrays.n_items, arrays.dim))
+    random = options.selection == "random"
+    spec = PackageSpec(
+        n_items=arrays.n_items, n_blocks=n_blocks, block_dim=int(arrays.blocks.shape[2]),
+        group_counts=tuple(int(c) for c in counts),
+        similarity=options.similarity or DEFAULT_SIMILARITY,
+        weighting=options.weighting or DEFAULT_WEIGHTING,
+        selection=options.selection, seed=int(options.seed) if random else None,
+        group=group, user=user, user_stored=user is not None,
+        n_seen=0 if seen is None else int(seen.size), item_ids=item_ids is not None)
+    order = selection_order(arrays.alpha, options.selection, options.seed)
+    lay = fit(spec, order, nbytes)
+    rows = np.argsort(arrays.item_group, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    return _Plan(lay, order[: lay.n_selected], rows, offsets)
+
+
+def _block_parts(arrays: GroupArrays, plan: _Plan) -> Iterator[np.ndarray]:
+    """The payload in selection order, one (items in group, d) block at a time."""
+    for g, n in plan.order.tolist():
+        items = plan.rows[plan.offsets[g]: plan.offsets[g + 1]]
+        yield arrays.blocks[items, n, :]
+
+
+def _check_optional(arrays: GroupArrays, user: int | None, item_ids: np.ndarray | None,
+                    seen: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    ids = None
+    if item_ids is not None:
+        ids = np.asarray(item_ids)
+        if ids.shape != (arrays.n_items,) or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"item_ids: expected {arrays.n_items} integers (one per item)")
+    s = None
+    if seen is not None:
+        if user is None:
+            raise ValueError("seen: a seen list belongs to one user; give user= as well")
+        s = np.unique(np.asarray(seen).astype(np.int64))
+        if s.size and (s[0] < 0 or s[-1] >= arrays.n_items):
+            raise ValueError(f"seen: item indices must be in [0, {arrays.n_items})")
+        s = s if s.size else None
+    if user is not None:
+        arrays.user_row(user)  # fail before any work if the user is not in the group
+    return ids, s
+
+
+def plan_package(arrays: GroupArrays, budget: int | float | str, *, user: int | None = None,
+                 group: int | None = None, options: DeployOptions | None = None,
+                 item_ids: np.ndarray | None = None,
+                 seen: np.ndarray | None = None) -> BudgetReport:
+    """The accounting of :func:`build_package` with the same arguments, without writing."""
+    ids, s = _check_optional(arrays, user, item_ids, seen)
+    return _plan(arrays, budget, user, group, options or DeployOptions(), ids,
+                 s).layout.report
+
+
+def build_package(path: str | os.PathLike[str], arrays: GroupArrays,
+                  budget: int | float | str, *, user: int | None = None,
+                  group: int | None = None, options: DeployOptions | None = None,
+                  item_ids: np.ndarray | None = None,
+                  seen: np.ndarray | None = None) -> BudgetReport:
+    """Write the package of one user group (and optionally one user) for ``budget``.
+
+    ``user`` (a value of ``arrays.users``) stores that user's embedding and makes the package
+    rank on its own; without it the package serves every user of the group and the device
+    supplies the embedding (its bytes are still reserved in the budget). ``group`` is recorded
+    in the header. ``seen`` (item indices the user already has) is stored for a user package
+    and excluded when ranking the stored user. ``item_ids`` (original ids, int64) are returned
+    with rankings but cost 8 bytes per item of the budget.
+    Raises ``BudgetError`` (a ``ValueError``) naming the minimum when the budget is too small;
+    nothing is written then.
+    """
+    ids, s = _check_optional(arrays, user, item_ids, seen)
+    plan = _plan(arrays, budget, user, group, options or DeployOptions(), ids, s)
+    label_dtype = plan.layout.spec.label_dtype
+    contents: dict[str, np.ndarray | Iterator[np.ndarray]] = {
+        "group_offsets": plan.offsets,
+        "item_group": arrays.item_group.astype(label_dtype),
+        "selection": plan.order.astype("<u2"),
+        "weights": arrays.alpha[plan.order[:, 0], plan.order[:, 1]].astype("<f4"),
+        "blocks": _block_parts(arrays, plan),
+    }
+    if ids is not None:
+        contents["item_ids"] = ids.astype("<i8")
+    if user is not None:
+        contents["user_emb"] = arrays.user_emb[arrays.user_row(user)]
+    if s is not None:
+        contents["seen"] = s.astype("<i4")
+    return write_package(path, plan.layout, contents)

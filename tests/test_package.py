@@ -1,0 +1,290 @@
+"""Package files (peel.package): layout, budgets, integrity, run folders and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from peel import cli_device
+from peel.budget import MB, BudgetError, full_table_bytes
+from peel.device import PackageError, open_package, read_package
+from peel.package import (
+    DEFAULT_SIMILARITY,
+    DEFAULT_WEIGHTING,
+    DeployOptions,
+    GroupArrays,
+    build_package,
+    check_group_arrays,
+    find_user_group,
+    load_group,
+    plan_package,
+    synthetic_group,
+)
+
+
+@pytest.fixture(scope="module")
+def group() -> GroupArrays:
+    return synthetic_group(n_items=600, n_blocks=8, block_dim=4, n_item_groups=6, n_users=5)
+
+
+def test_file_size_matches_the_accounting(group: GroupArrays, tmp_path: Path) -> None:
+    for budget in ("40KB", 0.3, 1.0):
+        for user in (None, 2):
+            path = tmp_path / f"p_{budget}_{user}.peel"
+            report = build_package(path, group, budget, user=user)
+            size = path.stat().st_size
+            assert size == report.file_bytes
+            assert abs(size - report.total) <= 0.03 * report.total  # within a few percent
+            assert report.total <= report.budget
+            assert report == plan_package(group, budget, user=user)
+
+
+def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Path) -> None:
+    build_package(tmp_path / "p.peel", group, 0.5, user=3, group=7)
+    pkg = open_package(tmp_path / "p.peel")
+    assert pkg.spec.user == 3 and pkg.spec.group == 7
+    assert pkg.similarity == DEFAULT_SIMILARITY and pkg.weighting == DEFAULT_WEIGHTING
+    np.testing.assert_array_equal(pkg.weights, group.alpha[pkg.selection[:, 0],
+                                                            pkg.selection[:, 1]].astype(np.float32))
+    np.testing.assert_array_equal(pkg.user_emb, group.user_emb[3])
+    for g, n in pkg.selection.tolist():
+        items = np.flatnonzero(group.item_group == g)  # stored grouped, by item index
+        np.testing.assert_array_equal(pkg.item_blocks(g, n), group.blocks[items, n, :])
+    for arr in (pkg.blocks, pkg.selection, pkg.item_group):
+        assert not arr.flags.writeable and not arr.flags.owndata  # views of the mapping
+
+
+def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path) -> None:
+    build_package(tmp_path / "big.peel", group, 0.8)
+    build_package(tmp_path / "small.peel", group, 0.3)
+    big, small = open_package(tmp_path / "big.peel"), open_package(tmp_path / "small.peel")
+    assert small.n_selected < big.n_selected
+    np.testing.assert_array_equal(small.selection, big.selection[: small.n_selected])
+    np.testing.assert_array_equal(small.blocks, big.blocks[: small.blocks.size])
+
+
+def test_builds_are_deterministic(group: GroupArrays, tmp_path: Path) -> None:
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        build_package(tmp_path / f"{name}.peel", group, "50KB",
+                      options=DeployOptions(selection="random", seed=seed))
+    a, b, c = ((tmp_path / f"{x}.peel").read_bytes() for x in "abc")
+    assert a == b and a != c
+    assert open_package(tmp_path / "a.peel").spec.seed == 3
+
+
+def test_minimum_budget_is_refused_without_writing(group: GroupArrays, tmp_path: Path) -> None:
+    with pytest.raises(BudgetError, match=r"minimum [\d,]+ B \([\d.]+ MB\)"):
+        build_package(tmp_path / "p.peel", group, 1000)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, not even a temporary
+
+
+def test_item_ids_and_seen_are_stored_and_counted(group: GroupArrays, tmp_path: Path) -> None:
+    ids = np.arange(group.n_items, dtype=np.int64) * 10 + 5
+    plain = build_package(tmp_path / "a.peel", group, 1.0, user=1)
+    report = build_package(tmp_path / "b.peel", group, 1.0, user=1, item_ids=ids,
+                           seen=[4, 2, 2, 9])
+    assert report.item_ids == group.n_items * 8 and report.seen == 3 * 4
+    assert report.item_blocks < plain.item_blocks  # the ids take budget from blocks
+    pkg = open_package(tmp_path / "b.peel")
+    np.testing.assert_array_equal(pkg.item_ids, ids)
+    np.testing.assert_array_equal(pkg.seen, [2, 4, 9])
+    with pytest.raises(ValueError, match="user="):
+        build_package(tmp_path / "c.peel", group, 1.0, seen=[1])
+    with pytest.raises(ValueError, match="item_ids"):
+        build_package(tmp_path / "c.peel", group, 1.0, item_ids=ids[:3])
+
+
+@pytest.mark.parametrize(("mutate", "message"), [
+    (lambda b: b[:-1], "truncated"),
+    (lambda b: b[:100], "truncated"),
+    (lambda b: b + b"\0", "trailing"),
+    (lambda b: b[:-5] + bytes([b[-5] ^ 1]) + b[-4:], "checksum mismatch"),
+    (lambda b: b[:70] + b"X" + b[71:], "checksum mismatch"),
+    (lambda b: b"NOTPEEL!" + b[8:], "not a peel package"),
+    (lambda b: b[:8] + (99).to_bytes(4, "little") + b[12:], "version 99"),
+    (lambda b: b[:10], "not a peel package"),
+    (lambda b: b"", "not a peel package"),
+])
+def test_corruption_gives_a_clear_error(group: GroupArrays, tmp_path: Path, mutate: object,
+                                        message: str) -> None:
+    path = tmp_path / "p.peel"
+    build_package(path, group, 0.5, user=0)
+    bad = tmp_path / "bad.peel"
+    bad.write_bytes(mutate(path.read_bytes()))  # type: ignore[operator]
+    with pytest.raises(PackageError, match=message) as err:
+        open_package(bad)
+    assert str(bad) in str(err.value)
+
+
+def test_missing_file_is_a_package_error(tmp_path: Path) -> None:
+    with pytest.raises(PackageError, match="cannot read"):
+        open_package(tmp_path / "nope.peel")
+
+
+def test_read_package_from_bytes(group: GroupArrays, tmp_path: Path) -> None:
+    build_package(tmp_path / "p.peel", group, 0.5, user=4)
+    pkg = read_package((tmp_path / "p.peel").read_bytes(), "in-memory")
+    assert pkg.rank(k=5).items.size == 5
+
+
+def test_check_group_arrays_names_the_problem(group: GroupArrays) -> None:
+    cases = [
+        (dict(blocks=group.blocks[:, :, 0]), "blocks must be"),
+        (dict(blocks=np.where(group.blocks > 0.9, np.nan, group.blocks)), "NaN"),
+        (dict(alpha=group.alpha[:, :3]), "alpha has 3 blocks"),
+        (dict(alpha=-group.alpha), "non-negative"),
+        (dict(item_group=group.item_group + 1), r"\[0, 6\)"),
+        (dict(item_group=group.item_group[:5]), "one per item"),
+        (dict(user_emb=group.user_emb[:, :3]), "user_emb must be"),
+    ]
+    base = dict(blocks=group.blocks, alpha=group.alpha, item_group=group.item_group,
+                users=group.users, user_emb=group.user_emb)
+    for change, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_group_arrays(**{**base, **change}, source="x.npz")
+
+
+# --------------------------------------------------------------------------- run folders + CLI
+
+
+def _write_run(root: Path, groups: list[GroupArrays]) -> Path:
+    (root / "groups").mkdir(parents=True)
+    for g, arrays in enumerate(groups):
+        np.savez(root / "groups" / f"group_{g:03d}.npz", blocks=arrays.blocks,
+                 alpha=arrays.alpha, item_group=arrays.item_group, users=arrays.users,
+                 user_emb=arrays.user_emb)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    a = synthetic_group(n_items=500, n_blocks=8, block_dim=4, n_item_groups=5, n_users=4, seed=1)
+    b = synthetic_group(n_items=500, n_blocks=8, block_dim=4, n_item_groups=5, n_users=4, seed=2)
+    b = GroupArrays(b.blocks, b.alpha, b.item_group, b.users + 100, b.user_emb)
+    return _write_run(tmp_path_factory.mktemp("run"), [a, b])
+
+
+def test_run_folder_lookup(run_dir: Path) -> None:
+    assert find_user_group(run_dir, 102) == 1
+    assert load_group(run_dir, 1).user_row(102) == 2
+    with pytest.raises(ValueError, match="no group"):
+        find_user_group(run_dir, 55)
+    with pytest.raises(ValueError, match=r"groups 0\.\.1"):
+        load_group(run_dir, 7)
+
+
+def test_bad_group_files_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "groups").mkdir()
+    np.savez(tmp_path / "groups" / "group_000.npz", blocks=np.array([object()]), alpha=[1],
+             item_group=[0], users=[0], user_emb=[0])
+    with pytest.raises(ValueError, match=r"group_000\.npz"):
+        load_group(tmp_path, 0)
+    (tmp_path / "groups" / "group_001.npz").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"not a readable \.npz"):
+        load_group(tmp_path, 1)
+    np.savez(tmp_path / "groups" / "group_002.npz", blocks=np.zeros((2, 2, 2)))
+    with pytest.raises(ValueError, match="missing array"):
+        load_group(tmp_path, 2)
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    parser = argparse.ArgumentParser(prog="peel")
+    cli_device.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    code = args.func(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_deploy_recommend_shrink(run_dir: Path, tmp_path: Path,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    pkg = tmp_path / "u102.peel"
+    code, out, _ = _cli(["deploy", str(run_dir), "--budget", "0.5", "--user", "102", "--out",
+                         str(pkg), "--json"], capsys)
+    assert code == 0
+    info = json.loads(out)
+    assert info["group"] == 1 and info["user"] == 102
+    assert info["report"]["total"] <= info["report"]["budget"] == full_table_bytes(500, 32) // 2
+
+    code, out, _ = _cli(["recommend", str(pkg), "--k", "7", "--exclude", "1,2,3", "--json"],
+                        capsys)
+    assert code == 0
+    ranked = json.loads(out)
+    direct = open_package(pkg).rank(k=7, exclude=[1, 2, 3])
+    assert ranked["items"] == direct.items.tolist()
+    assert not {1, 2, 3} & set(ranked["items"])
+
+    small = tmp_path / "small.peel"
+    code, out, _ = _cli(["shrink", str(pkg), "--budget", "0.2", "--out", str(small)], capsys)
+    assert code == 0 and "blocks kept" in out
+    code, out, _ = _cli(["recommend", str(pkg), "--budget", "0.2", "--k", "5", "--json"], capsys)
+    assert json.loads(out)["items"] == open_package(small).rank(k=5).items.tolist()
+
+    code, out, _ = _cli(["recommend", str(small), "--k", "3"], capsys)
+    assert code == 0 and "rank" in out and len(out.strip().splitlines()) == 5
+
+    group_pkg = tmp_path / "g0.peel"
+    code, out, _ = _cli(["deploy", str(run_dir), "--budget", "20KB", "--group", "0", "--out",
+                         str(group_pkg), "--selection", "random", "--seed", "5",
+                         "--similarity", "literal", "--weighting", "alpha"], capsys)
+    assert code == 0 and "group 0" in out
+    spec = open_package(group_pkg).spec
+    assert (spec.selection, spec.seed, spec.similarity, spec.weighting) == (
+        "random", 5, "literal", "alpha")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["deploy", "{run}", "--budget", "5XB", "--group", "0", "--out", "{tmp}/x"], "5XB"),
+    (["deploy", "{run}", "--budget", "100", "--group", "0", "--out", "{tmp}/x"], "minimum"),
+    (["deploy", "{tmp}/none", "--budget", "1MB", "--group", "0", "--out", "{tmp}/x"],
+     "no such folder"),
+    (["deploy", "{run}", "--budget", "1MB", "--user", "77", "--out", "{tmp}/x"], "user 77"),
+    (["recommend", "{tmp}/missing.peel"], "cannot read"),
+    (["recommend", "{tmp}/group.peel"], "--user"),
+    (["recommend", "{tmp}/user.peel", "--exclude", "a,b"], "--exclude"),
+    (["recommend", "{tmp}/user.peel", "--exclude", "99999"], "outside"),
+    (["recommend", "{tmp}/user.peel", "--budget", "1GB"], "cannot grow"),
+    (["shrink", "{tmp}/user.peel", "--budget", "10", "--out", "{tmp}/y"], "minimum"),
+    (["shrink", "{tmp}/corrupt.peel", "--budget", "10KB", "--out", "{tmp}/y"], "checksum"),
+])
+def test_cli_errors_are_clean(run_dir: Path, tmp_path: Path, argv: list[str], message: str,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    build_package(tmp_path / "group.peel", load_group(run_dir, 0), 0.5)
+    build_package(tmp_path / "user.peel", load_group(run_dir, 0), 0.5, user=1)
+    data = bytearray((tmp_path / "user.peel").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "corrupt.peel").write_bytes(bytes(data))
+    argv = [a.format(run=run_dir, tmp=tmp_path) for a in argv]
+    code, out, err = _cli(argv, capsys)
+    assert code == 2 and out == ""
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@settings(max_examples=25, deadline=None)
+@given(n_items=st.integers(1, 80), n_blocks=st.integers(1, 5), block_dim=st.integers(1, 4),
+       n_groups=st.integers(1, 6), seed=st.integers(0, 1000), data=st.data())
+def test_no_package_exceeds_its_budget(n_items: int, n_blocks: int, block_dim: int,
+                                       n_groups: int, seed: int, data: st.DataObject) -> None:
+    arrays = synthetic_group(n_items, n_blocks, block_dim, n_groups, 2, seed)
+    budget = data.draw(st.integers(1, full_table_bytes(n_items, n_blocks * block_dim) + 4096))
+    user = data.draw(st.sampled_from([None, 1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "p.peel"
+        try:
+            report = build_package(path, arrays, budget, user=user)
+        except BudgetError as err:
+            assert "minimum" in str(err) and not path.exists()
+            return
+        pkg = open_package(path)
+        assert report.total <= budget and path.stat().st_size == report.file_bytes
+        assert all(s.size >= 1 for s in pkg.block_sets())  # every item group keeps a block
+        assert pkg.report == report
+        assert report.total / MB < budget / MB + 1e-12

@@ -1,0 +1,174 @@
+"""Stage 1: LightGCN/MF pretraining with the diversity regularizer."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from peel.eval import dot_scorer, evaluate
+from peel.pretrain import (
+    NegativeSampler,
+    PretrainConfig,
+    Propagator,
+    block_pairwise_sq_distance,
+    load_embeddings,
+    mean_block_distance,
+    normalized_interactions,
+    pretrain,
+    save_result,
+)
+from peel.synthetic import SyntheticConfig, make_demo
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_demo(SyntheticConfig(n_users=300, n_items=200, n_communities=4, n_topics=8,
+                                     mean_interactions=25, seed=1))
+
+
+def fast_cfg(**kw):
+    base = dict(dim=32, block_dim=8, layers=2, epochs=6, batch_size=512, lr=0.01,
+                patience=100, seed=7)
+    base.update(kw)
+    return PretrainConfig(**base)
+
+
+def test_propagation_matches_dense_lightgcn():
+    rng = np.random.default_rng(0)
+    dense = (rng.random((6, 5)) < 0.4).astype(np.float32)
+    dense[0, 0] = 1.0
+    r = sp.csr_matrix(dense)
+    n_u, n_i = r.shape
+    adj = np.zeros((n_u + n_i, n_u + n_i), dtype=np.float64)
+    adj[:n_u, n_u:] = r.toarray()
+    adj[n_u:, :n_u] = r.toarray().T
+    deg = adj.sum(1)
+    inv = np.zeros_like(deg)
+    inv[deg > 0] = deg[deg > 0] ** -0.5
+    a_hat = inv[:, None] * adj * inv[None, :]
+    e0 = rng.standard_normal((n_u + n_i, 4))
+    layers = [e0]
+    for _ in range(3):
+        layers.append(a_hat @ layers[-1])
+    expected_mean = np.mean(layers, axis=0)
+    prop = Propagator(r, 3, "mean", torch.device("cpu"))
+    u = torch.tensor(e0[:n_u], dtype=torch.float32)
+    i = torch.tensor(e0[n_u:], dtype=torch.float32)
+    pu, pi = prop(u, i)
+    np.testing.assert_allclose(pu.numpy(), expected_mean[:n_u], atol=1e-5)
+    np.testing.assert_allclose(pi.numpy(), expected_mean[n_u:], atol=1e-5)
+    last = Propagator(r, 3, "last", torch.device("cpu"))
+    lu, li = last(u, i)
+    np.testing.assert_allclose(li.numpy(), layers[-1][n_u:], atol=1e-5)
+    np.testing.assert_allclose(normalized_interactions(r).toarray(), a_hat[:n_u, n_u:],
+                               atol=1e-6)
+
+
+def test_propagation_gradient_matches_autograd_dense():
+    rng = np.random.default_rng(1)
+    r = sp.csr_matrix((rng.random((5, 7)) < 0.5).astype(np.float32))
+    prop = Propagator(r, 2, "mean", torch.device("cpu"))
+    u = torch.randn(5, 3, requires_grad=True)
+    i = torch.randn(7, 3, requires_grad=True)
+    pu, pi = prop(u, i)
+    (pu.sum() * 2 + (pi**2).sum()).backward()
+    rd = torch.tensor(normalized_interactions(r).toarray())
+    u2 = u.detach().clone().requires_grad_(True)
+    i2 = i.detach().clone().requires_grad_(True)
+    cu, ci, su, si = u2, i2, u2, i2
+    for _ in range(2):
+        cu, ci = rd @ ci, rd.T @ cu
+        su, si = su + cu, si + ci
+    ((su / 3).sum() * 2 + ((si / 3) ** 2).sum()).backward()
+    np.testing.assert_allclose(u.grad.numpy(), u2.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(i.grad.numpy(), i2.grad.numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_block_distance_equals_pairwise_sum(normalized):
+    x = torch.randn(11, 24, dtype=torch.float64)
+    blocks = [x[:, k * 6 : (k + 1) * 6] for k in range(4)]
+    if normalized:
+        blocks = [b / b.norm() for b in blocks]
+    brute = np.mean([float(((a - b) ** 2).sum()) for a, b in itertools.combinations(blocks, 2)])
+    assert float(block_pairwise_sq_distance(x, 4, normalized)) == pytest.approx(brute)
+
+
+def test_negative_sampler_avoids_positives():
+    r = sp.csr_matrix(np.array([[1, 1, 1, 0], [0, 1, 0, 0]], dtype=np.float32))
+    sampler = NegativeSampler(r)
+    rng = np.random.default_rng(0)
+    neg = sampler.sample(np.array([0] * 50 + [1] * 50), 3, rng)
+    assert (neg[:50] == 3).all()
+    assert not (neg[50:] == 1).any()
+
+
+def test_training_is_deterministic_and_learns(small):
+    a = pretrain(small, fast_cfg(), progress=False)
+    b = pretrain(small, fast_cfg(), progress=False)
+    np.testing.assert_array_equal(a.item_emb, b.item_emb)
+    np.testing.assert_array_equal(a.user_emb, b.user_emb)
+    learned = evaluate(dot_scorer(a.user_emb, a.item_emb), small, "test")["recall@20"]
+    rng = np.random.default_rng(0)
+    rand = evaluate(dot_scorer(rng.standard_normal(a.user_emb.shape),
+                               rng.standard_normal(a.item_emb.shape)), small, "test")
+    assert learned > 2 * rand["recall@20"]
+    assert a.best_epoch >= 1 and a.history[-1]["valid"]["recall@20"] > 0
+
+
+def test_resume_equals_uninterrupted(small, tmp_path):
+    straight = pretrain(small, fast_cfg(epochs=4), progress=False)
+    pretrain(small, fast_cfg(epochs=2), out_dir=tmp_path / "ck", progress=False)
+    resumed = pretrain(small, fast_cfg(epochs=4), out_dir=tmp_path / "ck", progress=False)
+    np.testing.assert_allclose(resumed.item_emb, straight.item_emb, rtol=1e-5, atol=1e-6)
+    assert [h["epoch"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_different_config(small, tmp_path):
+    pretrain(small, fast_cfg(epochs=1), out_dir=tmp_path / "ck", progress=False)
+    with pytest.raises(ValueError, match="different config"):
+        pretrain(small, fast_cfg(epochs=2, lr=0.5), out_dir=tmp_path / "ck", progress=False)
+
+
+def test_mf_baseline_and_dns_run(small):
+    mf = pretrain(small, fast_cfg(layers=0, epochs=3), progress=False)
+    dns = pretrain(small, fast_cfg(epochs=3, sampling="dns", dns_candidates=4), progress=False)
+    for res in (mf, dns):
+        assert np.isfinite(res.item_emb).all()
+        assert evaluate(dot_scorer(res.user_emb, res.item_emb), small, "test")["recall@20"] > 0
+
+
+def test_diversity_regularizer_diversifies_blocks_at_equal_quality(small):
+    plain = pretrain(small, fast_cfg(epochs=10), progress=False)
+    diverse = pretrain(small, fast_cfg(epochs=10, diversity=0.1), progress=False)
+    d0 = mean_block_distance(plain.item_emb, 8)
+    d1 = mean_block_distance(diverse.item_emb, 8)
+    assert d1 > d0 * 1.05
+    r0 = evaluate(dot_scorer(plain.user_emb, plain.item_emb), small, "valid")["recall@20"]
+    r1 = evaluate(dot_scorer(diverse.user_emb, diverse.item_emb), small, "valid")["recall@20"]
+    assert r1 >= 0.9 * r0
+
+
+def test_literal_regularizer_stays_finite(small):
+    res = pretrain(small, fast_cfg(epochs=5, diversity=0.1, diversity_mode="literal"),
+                   progress=False)
+    assert np.isfinite(res.item_emb).all()
+
+
+def test_save_and_load_roundtrip(small, tmp_path):
+    res = pretrain(small, fast_cfg(epochs=1), progress=False)
+    save_result(res, tmp_path)
+    u, i = load_embeddings(tmp_path)
+    np.testing.assert_array_equal(u, res.user_emb)
+    np.testing.assert_array_equal(i, res.item_emb)
+    assert (tmp_path / "pretrain_log.json").exists()
+    assert (tmp_path / "pretrain_config.json").exists()
+
+
+def test_bad_config_is_refused():
+    with pytest.raises(ValueError, match="multiple of block_dim"):
+        PretrainConfig(dim=30, block_dim=8).validate()
