@@ -31,7 +31,7 @@ def small():
 
 
 def fast_cfg(**kw):
-    base = dict(dim=32, block_dim=8, layers=2, epochs=6, batch_size=512, lr=0.01,
+    base = dict(dim=32, block_dim=8, layers=2, epochs=6, batch_size=512, lr=0.01, diversity=0.0,
                 patience=100, seed=7)
     base.update(kw)
     return PretrainConfig(**base)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -182,26 +181,126 @@ def metrics_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# peel demo
+# peel train / evaluate / report / demo
 # ---------------------------------------------------------------------------------------------
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from peel.eval import dot_scorer, evaluate
-    from peel.pretrain import PretrainConfig, pretrain, save_result
-    from peel.synthetic import SyntheticConfig, make_demo
+def apply_sets(cfg: Any, pairs: list[str]) -> Any:
+    """``--set section.key=value`` overrides, typed by the field's default."""
+    for pair in pairs:
+        name, sep, raw = pair.partition("=")
+        sect, dot, key = name.partition(".")
+        if not sep or not dot or not hasattr(cfg, sect):
+            raise UsageError(f"--set {pair!r}: expected section.key=value, e.g."
+                             " groups.item_grouping=random")
+        obj = getattr(cfg, sect)
+        fields = {f.name: f for f in dataclasses.fields(obj)}
+        if key not in fields:
+            raise UsageError(f"--set {pair!r}: [{sect}] has no key {key!r}; valid: "
+                             + ", ".join(fields))
+        value = _typed(raw, getattr(obj, key), pair)
+        cfg = dataclasses.replace(cfg, **{sect: dataclasses.replace(obj, **{key: value})})
+    return cfg
 
+
+def _typed(raw: str, current: Any, pair: str) -> Any:
+    try:
+        if raw.lower() == "none":
+            return None
+        if isinstance(current, bool):
+            return raw.lower() in ("1", "true", "yes", "on")
+        if isinstance(current, int):
+            return int(raw)
+        if isinstance(current, float):
+            return float(raw)
+        if isinstance(current, tuple):
+            return tuple(x.strip() for x in raw.split(",") if x.strip())
+        if current is None and raw.replace(".", "", 1).lstrip("-").isdigit():
+            return float(raw) if "." in raw else int(raw)
+    except ValueError:
+        raise UsageError(f"--set {pair!r}: {raw!r} is not a valid {type(current).__name__}"
+                         ) from None
+    return raw
+
+
+def _run_config(args: argparse.Namespace) -> Any:
+    from peel.pipeline import load_config
+
+    cfg = load_config(args.config)
+    cfg = apply_sets(cfg, args.set or [])
+    if args.data is not None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=args.data))
+    if args.label is not None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, label=args.label))
+    if args.workers is not None:
+        cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, workers=args.workers))
+    if args.seed is not None:
+        cfg = cfg.with_seed(args.seed)
+    cfg.validate()
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from peel.pipeline import train
+
+    cfg = _run_config(args)
+    summary = train(cfg, args.out, progress=not args.quiet)
+    if args.json:
+        print(to_json({"seconds": summary["seconds"], "out": args.out,
+                       "user_group_sizes": summary["user_group_sizes"]}))
+    else:
+        secs = ", ".join(f"{k} {v:.1f}s" for k, v in summary["seconds"].items())
+        print(f"trained {args.out}: {secs}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from peel.pipeline import evaluate
+
+    budgets = args.budgets.split(",") if args.budgets else None
+    selections = args.selection.split(",") if args.selection else []
+    rows = evaluate(args.run, budgets, baselines=args.baselines, selections=selections,
+                    progress=not args.quiet)
+    if args.json:
+        print(to_json([dataclasses.asdict(r) for r in rows]))
+    else:
+        print(rows_table(rows))
+    return 0
+
+
+def rows_table(rows: list[Any]) -> str:
+    keys = ["recall@20", "ndcg@20", "recall@50", "ndcg@50"]
+    lines = [f"{'method':<28}{'budget':>8}{'MB':>8}" + "".join(f"{k:>11}" for k in keys)]
+    for r in rows:
+        lines.append(f"{r.method:<28}{r.budget:>8}{r.budget_bytes / 1e6:>8.2f}"
+                     + "".join(f"{r.metrics.get(k, float('nan')):>11.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from peel.report import write_report
+
+    info = write_report(args.runs, args.out)
+    if args.json:
+        print(to_json(info))
+    else:
+        print((Path(args.out) / "results.md").read_text())
+        print(f"wrote {args.out}/results.md, results.csv, results.json"
+              + (", " + ", ".join(f"{p.replace('@', '')}.png" for p in info["plots"])
+                 if info["plots"] else ""))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from peel.pipeline import demo_config, evaluate, train
+
+    cfg = demo_config(args.seed)
     out = Path(args.out)
-    scfg = SyntheticConfig(seed=args.seed)
-    data = make_demo(scfg)
-    pcfg = PretrainConfig(dim=128, layers=3, epochs=60, batch_size=4096, lr=5e-3,
-                          diversity=0.1, seed=args.seed, patience=5)
-    write_run_metadata(out, "demo", {"synthetic": scfg, "pretrain": pcfg}, args.seed)
-    print(f"demo data: {json.dumps({k: v for k, v in data.stats().items() if k != 'dropped'})}")
-    result = pretrain(data, pcfg, out_dir=out / "checkpoint", progress=not args.quiet)
-    test = evaluate(dot_scorer(result.user_emb, result.item_emb), data, "test").metrics
-    save_result(result, out, test)
-    print(metrics_table({"LightGCN": test}))
+    t0 = time.perf_counter()
+    train(cfg, out, progress=not args.quiet)
+    rows = evaluate(out, baselines=True, selections=["random"], progress=not args.quiet)
+    print(rows_table(rows))
+    print(f"demo finished in {time.perf_counter() - t0:.0f}s; run folder: {out}")
     return 0
 
 
@@ -236,6 +335,35 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(pre)
     add_pretrain_options(pre)
     pre.set_defaults(func=cmd_pretrain)
+
+    tr = sub.add_parser("train", help="all server stages: pretrain, groups, fine-tuning")
+    tr.add_argument("data", nargs="?", default=None, help="dataset folder/file, or 'demo'")
+    tr.add_argument("--out", required=True, help="run folder (re-run to resume)")
+    tr.add_argument("--config", default=None, help="TOML file with every hyper-parameter")
+    tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                    help="override one config value, e.g. groups.item_grouping=random")
+    tr.add_argument("--label", default=None, help="method name in reports")
+    tr.add_argument("--workers", type=int, default=None, help="parallel group workers")
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--json", action="store_true")
+    tr.add_argument("--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="deploy every group at every budget, rank on device")
+    ev.add_argument("run")
+    ev.add_argument("--budgets", default=None, help="e.g. 5MB,10MB,0.5 (default: config)")
+    ev.add_argument("--baselines", action="store_true", help="also train PMF/LightGCN per budget")
+    ev.add_argument("--selection", default=None,
+                    help="extra block selections to evaluate, e.g. random (ablation)")
+    ev.add_argument("--json", action="store_true")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    rep = sub.add_parser("report", help="Table III-style Markdown/CSV/JSON and plots")
+    rep.add_argument("runs", nargs="+")
+    rep.add_argument("--out", required=True)
+    rep.add_argument("--json", action="store_true")
+    rep.set_defaults(func=cmd_report)
 
     demo = sub.add_parser("demo", help="the whole method on built-in synthetic data")
     demo.add_argument("--out", default="runs/demo")

@@ -1,0 +1,1082 @@
+"""Stage 2: personalized elastic embedding learning (paper Section IV-C, Eq. 4-10, Alg. 1).
+
+For every user group a copy of the pretrained item table is seen as |V| x N blocks of d. Each
+block is batch-normalised and squashed by tanh (Eq. 4) so blocks are magnitude-comparable; a
+controller (Eq. 7) turns the group's interaction share per item group plus the current loss into
+importance weights alpha (G_v x N); the item representation is the alpha-weighted blocks. The
+scorer is either the paper's MLP (Eq. 5-6) or the deployment similarity itself (Eq. 10 on
+alpha-weighted blocks). W (item table, group users, scorer) and V (controller) are trained by
+the bi-level scheme of Algorithm 1: V descends the validation loss through the one-step
+unrolled W - xi * grad_W L_train(W, V) (second order, exact), then W descends the training
+loss with the current alpha.
+
+Why it is fast enough for gowalla-sized groups on a CPU:
+
+* Every step works on the rows its mini-batches touch. The unrolled step is exact on that
+  sub-table because rows outside the training batch have zero gradient (W' = W there), so the
+  validation loss sees the same W' as with the full table. Item and user tables are updated by
+  a lazy (row-wise) Adam, so a step never streams the full table.
+* Batch-norm statistics are taken over the batch's items (as in training); the deployed blocks
+  (running statistics, tanh) are computed once per evaluation and once at the end.
+
+Outputs per user group (``RUN/groups/group_{g:03d}.npz``; see :func:`save_group`):
+``blocks`` (n_items, N, d) float32 as deployed (eval-mode BN + tanh; alpha NOT folded in),
+``alpha`` (G_v, N) float32 exactly as used in training (see ``alpha_scale``), ``item_group``
+int32, ``users`` int64, ``user_emb`` (n_g, D) float32; plus a JSON log next to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from peel.data import InteractionData, from_splits
+from peel.eval import EvalResult, evaluate
+from peel.io import load_npz, read_json, save_npz, write_json
+
+log = logging.getLogger(__name__)
+
+SCORERS = ("dot", "mlp")
+SIMILARITIES = ("aligned", "literal")
+ALPHA_SCALES = ("global", "literal", "per_group")
+HYPERGRADIENTS = ("second_order", "first_order")
+EARLY_STOP = ("recall", "loss")
+GROUP_ARRAYS = ("blocks", "alpha", "item_group", "users", "user_emb")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Group-level fine-tuning. Paper defaults: N=16, d=8, Adam lr 1e-3, early stopping.
+
+    The choices the paper leaves open (see docs/paper-notes.md, "Stage 2") are fields:
+    ``alpha_scale`` (how the softmax over all G_v*N weights is scaled), ``scorer`` (MLP of
+    Eq. 5-6 or the deployment similarity), ``similarity`` (how Eq. 10 pairs user chunks with
+    item blocks) and ``hypergradient`` (exact unrolled second-order step or first-order).
+    """
+
+    n_blocks: int = 16  # N
+    block_dim: int = 8  # d
+    scorer: str = "mlp"  # "mlp": Eq. 5-6 | "dot": Eq. 10 on alpha-weighted blocks
+    similarity: str = "aligned"  # "aligned": block n vs user chunk n | "literal": vs sum
+    alpha_scale: str = "global"  # "literal" (sum 1) | "global" (x G_v*N) | "per_group" (x N)
+    hypergradient: str = "second_order"  # | "first_order" (DARTS first order, xi = 0)
+    mlp_layers: int = 2  # L2 tanh layers of Eq. 5
+    mlp_hidden: int = 64
+    controller_layers: int = 2  # L3 tanh layers of Eq. 7
+    controller_hidden: int = 64
+    lr: float = 1e-3  # Adam, for W (item table, users, scorer)
+    controller_lr: float = 1e-3  # Adam, for V
+    xi: float | None = None  # step of the unrolled update; None = lr (as in DARTS)
+    l2: float = 0.0  # weight decay on the batch's user/item rows
+    batch_size: int = 1024
+    max_epochs: int = 40
+    patience: int = 3  # evaluations without improvement before stopping
+    early_stop: str = "recall"  # "recall": deployed valid Recall@20 | "loss": valid BPR loss
+    # budgets (fractions of the full item table) whose deployed Recall@20 is averaged for the
+    # "recall" criterion; more than 1.0 makes early stopping care about the elastic use too
+    early_stop_budgets: tuple[float, ...] = (1.0, 0.2)
+    eval_users: int = 2000  # validation users evaluated per group (seeded sample), 0 = all
+    val_loss_samples: int = 20000  # fixed validation triples for the loss criterion/log
+    bn_eps: float = 1e-5
+    bn_momentum: float = 0.1
+    # torch threads inside one group's training. Fixed (not taken from the worker) because
+    # intra-op parallel reductions round differently with different thread counts; a fixed
+    # value makes outputs bitwise identical for any number of workers. Parallelism comes from
+    # training groups in parallel, which suits these small per-step tensors better anyway.
+    threads: int = 1
+
+    @property
+    def dim(self) -> int:
+        return self.n_blocks * self.block_dim
+
+    @property
+    def unroll_step(self) -> float:
+        return self.lr if self.xi is None else self.xi
+
+    def validate(self) -> None:
+        checks = {"scorer": SCORERS, "similarity": SIMILARITIES, "alpha_scale": ALPHA_SCALES,
+                  "hypergradient": HYPERGRADIENTS, "early_stop": EARLY_STOP}
+        for name, allowed in checks.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.n_blocks < 1 or self.block_dim < 1:
+            raise ValueError("n_blocks and block_dim must be >= 1")
+        if self.batch_size < 1 or self.max_epochs < 0 or self.patience < 1:
+            raise ValueError("batch_size >= 1, max_epochs >= 0 and patience >= 1 are required")
+        if self.mlp_layers < 0 or self.controller_layers < 0:
+            raise ValueError("mlp_layers and controller_layers must be >= 0")
+        if self.threads < 1:
+            raise ValueError("threads must be >= 1")
+        if not self.early_stop_budgets or not all(0 < b <= 1 for b in self.early_stop_budgets):
+            raise ValueError("early_stop_budgets must be fractions in (0, 1]")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small functional building blocks (functional so the unrolled step can swap in W')
+# ---------------------------------------------------------------------------------------------
+
+
+def init_mlp(sizes: Sequence[int], gen: torch.Generator, dtype: torch.dtype,
+             zero_last: bool = False) -> list[torch.Tensor]:
+    """Weights/biases [W0, b0, W1, b1, ...] with PyTorch's default uniform(+-1/sqrt(fan_in))."""
+    params: list[torch.Tensor] = []
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
+        bound = 1.0 / math.sqrt(fan_in)
+        w = (torch.rand(fan_out, fan_in, generator=gen, dtype=dtype) * 2 - 1) * bound
+        b = (torch.rand(fan_out, generator=gen, dtype=dtype) * 2 - 1) * bound
+        if zero_last and i == len(sizes) - 2:
+            w.zero_()
+            b.zero_()
+        params += [w.requires_grad_(), b.requires_grad_()]
+    return params
+
+
+def mlp_forward(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """tanh hidden layers (Eq. 5 / Eq. 7) and a linear output layer."""
+    n_layers = len(params) // 2
+    for i in range(n_layers):
+        x = torch.nn.functional.linear(x, params[2 * i], params[2 * i + 1])
+        if i < n_layers - 1:
+            x = torch.tanh(x)
+    return x
+
+
+def alpha_from_logits(logits: torch.Tensor, n_item_groups: int, n_blocks: int,
+                      scale: str) -> torch.Tensor:
+    """(G_v, N) weights from the controller's G_v*N outputs, laid out as in Eq. 7.
+
+    The paper indexes alpha^n_g = e_c[G_v * n + g] (block-major), so logits are read as
+    (N, G_v) and transposed. ``scale``: "literal" = plain softmax (all weights sum to 1);
+    "global" = the same softmax times G_v*N (mean weight 1, cross-group allocation kept);
+    "per_group" = a softmax within each item group times N (each row sums to N).
+    """
+    table = logits.reshape(n_blocks, n_item_groups).T
+    if scale == "per_group":
+        return torch.softmax(table, dim=1) * n_blocks
+    flat = torch.softmax(table.reshape(-1), dim=0).reshape(n_item_groups, n_blocks)
+    if scale == "global":
+        return flat * (n_item_groups * n_blocks)
+    return flat
+
+
+def normalise_blocks(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, n_blocks: int,
+                     eps: float) -> torch.Tensor:
+    """Eq. 4: per-block, per-dimension batch-norm (no affine, as written) then tanh."""
+    x = torch.tanh((rows - mean) * torch.rsqrt(var + eps))
+    return x.reshape(rows.shape[0], n_blocks, -1)
+
+
+def pair_scores(user: torch.Tensor, items: torch.Tensor, similarity: str) -> torch.Tensor:
+    """Eq. 10 at full budget between matching rows: user (B, D), items (B, N, d) -> (B,).
+
+    "aligned" compares block n with the user's n-th chunk of d; "literal" repeats the block N
+    times as Eq. 10 writes it, i.e. compares every block with the sum of the user's chunks.
+    """
+    u = user.reshape(items.shape)
+    if similarity == "aligned":
+        return (u * items).sum(dim=(1, 2))
+    return (u.sum(dim=1) * items.sum(dim=1)).sum(dim=1)
+
+
+def bpr(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """-ln sigma(y_pos - y_neg), averaged (the scorer's logits; Eq. 6's sigma is monotone)."""
+    return torch.nn.functional.softplus(neg - pos).mean()
+
+
+# ---------------------------------------------------------------------------------------------
+# Mini-batches on the rows they touch
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Triples:
+    """(user, positive, negative) in group-local user ids and global item ids."""
+
+    users: np.ndarray
+    pos: np.ndarray
+    neg: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+@dataclass
+class LocalBatch:
+    """A set of triples re-indexed into the unique rows of the tables they touch."""
+
+    item_rows: torch.Tensor  # unique global item ids
+    user_rows: torch.Tensor  # unique local user ids
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # (u, p, n) into those rows
+
+
+def localise(*triples: Triples) -> LocalBatch:
+    """Gather the union of touched rows once so several losses can share one sub-table."""
+    items = np.concatenate([a for t in triples for a in (t.pos, t.neg)])
+    users = np.concatenate([t.users for t in triples])
+    item_rows, item_inv = np.unique(items, return_inverse=True)
+    user_rows, user_inv = np.unique(users, return_inverse=True)
+    parts = []
+    i_off = u_off = 0
+    for t in triples:
+        b = len(t)
+        parts.append((torch.from_numpy(user_inv[u_off:u_off + b]),
+                      torch.from_numpy(item_inv[i_off:i_off + b]),
+                      torch.from_numpy(item_inv[i_off + b:i_off + 2 * b])))
+        i_off += 2 * b
+        u_off += b
+    return LocalBatch(torch.from_numpy(item_rows), torch.from_numpy(user_rows), parts)
+
+
+class PositiveSet:
+    """Membership test for (user, item) pairs, vectorised with one sorted key array."""
+
+    def __init__(self, matrices: Sequence[sp.csr_matrix], n_items: int) -> None:
+        keys = []
+        for m in matrices:
+            coo = m.tocoo()
+            keys.append(coo.row.astype(np.int64) * n_items + coo.col.astype(np.int64))
+        self.keys = np.unique(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+        self.n_items = n_items
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        if len(self.keys) == 0:
+            return np.zeros(len(users), dtype=bool)
+        q = users.astype(np.int64) * self.n_items + items
+        pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
+        return self.keys[pos] == q
+
+    def sample_negatives(self, users: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Uniform items, redrawn (a few rounds) where they hit a positive."""
+        items = rng.integers(0, self.n_items, size=len(users))
+        for _ in range(10):
+            bad = self.contains(users, items)
+            if not bad.any():
+                break
+            items[bad] = rng.integers(0, self.n_items, size=int(bad.sum()))
+        return items
+
+
+class RowAdam:
+    """Lazy Adam for embedding tables: only the rows in a step are read and written.
+
+    Same update as torch.optim.SparseAdam (bias correction with the global step count), which
+    keeps a step's cost proportional to the batch rather than to |V|.
+    """
+
+    def __init__(self, table: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        self.table = table
+        self.m = torch.zeros_like(table)
+        self.v = torch.zeros_like(table)
+        self.lr, self.betas, self.eps = lr, betas, eps
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grad: torch.Tensor) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        m = self.m[rows].mul_(b1).add_(grad, alpha=1 - b1)
+        v = self.v[rows].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        self.m[rows] = m
+        self.v[rows] = v
+        step = self.lr * math.sqrt(1 - b2**self.t) / (1 - b1**self.t)
+        self.table[rows] -= step * m / (v.sqrt() + self.eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# One user group's model
+# ---------------------------------------------------------------------------------------------
+
+
+class GroupModel:
+    """W = (item table, group users' table, scorer MLP) and V = controller, as plain tensors.
+
+    Plain tensors rather than nn.Modules because the unrolled step needs to evaluate the loss
+    at W' = W - xi * grad, which is simplest with explicit functional forward passes.
+    """
+
+    def __init__(self, item_emb: np.ndarray, user_emb: np.ndarray, item_group: np.ndarray,
+                 context: np.ndarray, cfg: FinetuneConfig, gen: torch.Generator,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if item_emb.shape[1] != cfg.dim or user_emb.shape[1] != cfg.dim:
+            raise ValueError(f"embeddings have {item_emb.shape[1]}/{user_emb.shape[1]} columns"
+                             f" but n_blocks*block_dim = {cfg.dim}")
+        self.cfg = cfg
+        self.items = torch.tensor(item_emb, dtype=dtype)
+        self.users = torch.tensor(user_emb, dtype=dtype)
+        self.item_group = torch.as_tensor(np.asarray(item_group, dtype=np.int64))
+        self.n_item_groups = int(self.item_group.max()) + 1 if len(item_group) else 1
+        self.context = torch.tensor(np.asarray(context), dtype=dtype)  # interaction shares
+        # Running statistics start from the pretrained table so epoch-0 evaluation is sane.
+        self.run_mean = self.items.mean(0)
+        self.run_var = self.items.var(0)
+        mlp_in = 2 * cfg.dim
+        self.mlp = (init_mlp([mlp_in] + [cfg.mlp_hidden] * cfg.mlp_layers + [1], gen, dtype)
+                    if cfg.scorer == "mlp" else [])
+        ctrl_sizes = ([self.n_item_groups + 1] + [cfg.controller_hidden] * cfg.controller_layers
+                      + [self.n_item_groups * cfg.n_blocks])
+        # Zero output layer: alpha starts uniform, so no block is preferred before any evidence.
+        self.controller = init_mlp(ctrl_sizes, gen, dtype, zero_last=True)
+        self.last_loss = math.log(2.0)  # BPR loss of an untrained scorer; controller input
+
+    # -- controller ------------------------------------------------------------------------
+
+    def alpha(self, controller: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """Eq. 7: alpha from [p_1..p_Gv, L_rec] (the loss enters as a detached scalar)."""
+        params = self.controller if controller is None else controller
+        loss = torch.tensor([self.last_loss], dtype=self.context.dtype)
+        logits = mlp_forward(params, torch.cat([self.context, loss]))
+        return alpha_from_logits(logits, self.n_item_groups, self.cfg.n_blocks,
+                                 self.cfg.alpha_scale)
+
+    # -- recommendation loss -------------------------------------------------------------
+
+    def loss(self, item_rows: torch.Tensor, user_rows: torch.Tensor,
+             mlp: Sequence[torch.Tensor], alpha: torch.Tensor, groups: torch.Tensor,
+             part: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """BPR loss of one part of a :class:`LocalBatch`, plus its BN batch statistics.
+
+        ``item_rows``/``user_rows`` are the gathered sub-tables (possibly W' of the unrolled
+        step) and ``groups`` the item group of each gathered item row.
+        """
+        u, p, n = part
+        idx = torch.cat([p, n])
+        x = item_rows[idx]
+        mean = x.mean(0)
+        var = x.var(0, unbiased=False)
+        blocks = normalise_blocks(x, mean, var, self.cfg.n_blocks, self.cfg.bn_eps)
+        weighted = blocks * alpha[groups[idx]].unsqueeze(-1)
+        uv = user_rows[u]
+        scores = self._score(torch.cat([uv, uv]), weighted, mlp)
+        b = len(u)
+        loss = bpr(scores[:b], scores[b:])
+        if self.cfg.l2 > 0:
+            loss = loss + self.cfg.l2 * (uv.pow(2).sum() + x.pow(2).sum()) / b
+        return loss, mean, var
+
+    def _score(self, user: torch.Tensor, items: torch.Tensor,
+               mlp: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.cfg.scorer == "dot":
+            return pair_scores(user, items, self.cfg.similarity)
+        h = torch.cat([user, items.reshape(items.shape[0], -1)], dim=1)
+        return mlp_forward(mlp, h).squeeze(-1)
+
+    def gather(self, lb: LocalBatch, requires_grad: bool) -> list[torch.Tensor]:
+        """W restricted to the batch's rows, as fresh leaves: [items, users, *mlp]."""
+        rows = [self.items[lb.item_rows].clone(), self.users[lb.user_rows].clone()]
+        if requires_grad:
+            rows = [r.requires_grad_() for r in rows]
+            return rows + list(self.mlp)
+        return rows + [p.detach() for p in self.mlp]
+
+    # -- Algorithm 1 ----------------------------------------------------------------------
+
+    def unrolled_objective(self, lb: LocalBatch, controller: Sequence[torch.Tensor] | None = None,
+                           second_order: bool = True) -> torch.Tensor:
+        """L_val(W - xi * grad_W L_train(W, V), V) (Eq. 9b), differentiable w.r.t. V.
+
+        ``lb.parts`` = [train part, validation part]. With ``second_order`` the inner gradient
+        keeps its graph (create_graph), so d/dV includes the -xi * d2L_train/dVdW term; the
+        first-order variant evaluates L_val at the current W (DARTS first order, xi = 0).
+        """
+        alpha = self.alpha(controller)
+        groups = self.item_group[lb.item_rows]
+        train_part, val_part = lb.parts
+        if second_order:
+            w = self.gather(lb, requires_grad=True)
+            inner, _, _ = self.loss(w[0], w[1], w[2:], alpha, groups, train_part)
+            grads = torch.autograd.grad(inner, w, create_graph=True, allow_unused=True)
+            xi = self.cfg.unroll_step
+            w = [p if g is None else p - xi * g for p, g in zip(w, grads, strict=True)]
+        else:
+            w = self.gather(lb, requires_grad=False)
+        outer, _, _ = self.loss(w[0], w[1], w[2:], alpha, groups, val_part)
+        return outer
+
+    def train_loss(self, lb: LocalBatch, w: Sequence[torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            alpha = self.alpha()
+        return self.loss(w[0], w[1], w[2:], alpha, self.item_group[lb.item_rows], lb.parts[0])
+
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        m = self.cfg.bn_momentum
+        unbiased = var * (n / max(n - 1, 1))
+        self.run_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+        self.run_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+
+    # -- deployment ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def deployed_blocks(self) -> torch.Tensor:
+        """(n_items, N, d): eval-mode batch-norm (running statistics) and tanh; no alpha."""
+        return normalise_blocks(self.items, self.run_mean, self.run_var, self.cfg.n_blocks,
+                                self.cfg.bn_eps)
+
+    def snapshot(self) -> dict[str, Any]:
+        with torch.no_grad():
+            return {
+                "items": self.items.clone(), "users": self.users.clone(),
+                "run_mean": self.run_mean.clone(), "run_var": self.run_var.clone(),
+                "mlp": [p.detach().clone() for p in self.mlp],
+                "controller": [p.detach().clone() for p in self.controller],
+                "last_loss": self.last_loss,
+            }
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.items.copy_(snap["items"])
+            self.users.copy_(snap["users"])
+            self.run_mean.copy_(snap["run_mean"])
+            self.run_var.copy_(snap["run_var"])
+            for p, s in zip(self.mlp, snap["mlp"], strict=True):
+                p.copy_(s)
+            for p, s in zip(self.controller, snap["controller"], strict=True):
+                p.copy_(s)
+        self.last_loss = snap["last_loss"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Deployed ranking (Section IV-C4 block selection + Eq. 10), used for early stopping and reports
+# ---------------------------------------------------------------------------------------------
+
+
+def blocks_for_budget(n_item_groups: int, n_blocks: int, fraction: float) -> int:
+    """Blocks (item group x block pairs) that fit in ``fraction`` of the full item table.
+
+    Item groups are equal-sized, so every (group, block) pair costs the same memory.
+    """
+    total = n_item_groups * n_blocks
+    return int(min(total, max(n_item_groups, math.floor(fraction * total + 1e-9))))
+
+
+def select_blocks(alpha: np.ndarray, n_keep: int) -> np.ndarray:
+    """Section IV-C4: the best block of every item group, then the rest by alpha, descending.
+
+    Returns a boolean (G_v, N) mask; ties are broken by (group, block) index for determinism.
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    n_groups, n_blocks = alpha.shape
+    if not n_groups <= n_keep <= n_groups * n_blocks:
+        raise ValueError(f"n_keep={n_keep} must be within [{n_groups}, {n_groups * n_blocks}]")
+    mask = np.zeros(alpha.shape, dtype=bool)
+    best = np.argmax(alpha, axis=1)  # first maximum: lowest block index on ties
+    mask[np.arange(n_groups), best] = True
+    flat = alpha.ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))
+    rest = order[~mask.ravel()[order]][: n_keep - n_groups]
+    mask.ravel()[rest] = True
+    return mask
+
+
+class Eq10Scorer:
+    """Eq. 10 over all items for users of one group, given a block selection.
+
+    r_ij = max_k |S_k| / |S_j| * sum_{n in S_j} sim(u_i, e_j^n); the item-side matrix is built
+    once so scoring a batch of users is a single matrix product.
+    """
+
+    def __init__(self, blocks: np.ndarray | torch.Tensor, item_group: np.ndarray,
+                 mask: np.ndarray, similarity: str, weights: np.ndarray | None = None) -> None:
+        if similarity not in SIMILARITIES:
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        b = torch.as_tensor(blocks, dtype=torch.float32)
+        groups = torch.as_tensor(np.asarray(item_group, np.int64))
+        item_mask = torch.as_tensor(mask)[groups]
+        counts = item_mask.sum(1).to(torch.float32)
+        factor = counts.max() / counts
+        keep = item_mask.to(torch.float32)
+        if weights is not None:  # experimental: alpha-weighted deployment (not the paper's)
+            keep = keep * torch.as_tensor(weights, dtype=torch.float32)[groups]
+        kept = b * keep.unsqueeze(-1)
+        self.n_blocks = b.shape[1]
+        self.similarity = similarity
+        if similarity == "aligned":
+            self.item_side = (kept.reshape(b.shape[0], -1) * factor[:, None]).T.contiguous()
+        else:
+            self.item_side = (kept.sum(1) * factor[:, None]).T.contiguous()
+
+    def __call__(self, user_vecs: np.ndarray | torch.Tensor) -> torch.Tensor:
+        u = torch.as_tensor(user_vecs, dtype=torch.float32)
+        if self.similarity == "literal":
+            u = u.reshape(u.shape[0], self.n_blocks, -1).sum(1)
+        return u @ self.item_side
+
+
+def evaluate_group_deployed(data: InteractionData, users: np.ndarray, user_emb: np.ndarray,
+                            blocks: np.ndarray | torch.Tensor, alpha: np.ndarray,
+                            item_group: np.ndarray, similarity: str, fraction: float = 1.0,
+                            split: str = "valid", eval_users: np.ndarray | None = None,
+                            alpha_weighted: bool = False) -> EvalResult:
+    """Rank one group's users with Eq. 10 on deployed blocks under a budget; peel.eval metrics.
+
+    ``users`` are the rows of ``data`` that ``user_emb`` belongs to (in order); ``eval_users``
+    (positions into ``users``) restricts the evaluation to a subset. ``alpha_weighted``
+    multiplies each kept block by its alpha (a measured alternative, not Eq. 10).
+    """
+    n_keep = blocks_for_budget(alpha.shape[0], alpha.shape[1], fraction)
+    scorer = Eq10Scorer(blocks, item_group, select_blocks(alpha, n_keep), similarity,
+                        alpha if alpha_weighted else None)
+    emb = torch.as_tensor(user_emb, dtype=torch.float32)
+    pos_of = np.full(data.n_users, -1, dtype=np.int64)
+    pos_of[users] = np.arange(len(users))
+    chosen = users if eval_users is None else users[eval_users]
+
+    def score(batch: np.ndarray) -> torch.Tensor:
+        return scorer(emb[torch.from_numpy(pos_of[batch])])
+
+    return evaluate(score, data, split, ks=(20, 50), users=chosen)
+
+
+def evaluate_run(data: InteractionData, out_dir: str | Path, similarity: str,
+                 fraction: float = 1.0, split: str = "valid", alpha_weighted: bool = False
+                 ) -> dict[str, float]:
+    """Deployed metrics of every group file in ``out_dir`` (each user ranked by its group)."""
+    paths = sorted((Path(out_dir) / "groups").glob("group_*.npz"))
+    if not paths:
+        raise FileNotFoundError(f"{out_dir}/groups: no group files; run fine-tuning first")
+    results = []
+    for path in paths:
+        g = load_group(path)
+        results.append(evaluate_group_deployed(
+            data, g["users"], g["user_emb"], g["blocks"], g["alpha"], g["item_group"],
+            similarity, fraction, split, alpha_weighted=alpha_weighted))
+    return merge_results(results)
+
+
+def merge_results(results: Sequence[EvalResult]) -> dict[str, float]:
+    """User-weighted means over groups (each user counted once, as peel.eval averages)."""
+    keys = results[0].per_user.keys() if results else []
+    out = {}
+    for k in keys:
+        vals = np.concatenate([r.per_user[k] for r in results])
+        out[k] = float(vals.mean()) if len(vals) else 0.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one group (runs inside an executor worker)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GroupTask:
+    """Everything one group's training needs; shipped to a worker process."""
+
+    group: int
+    users: np.ndarray  # global user ids, sorted
+    train: sp.csr_matrix  # rows = the group's users, all items
+    valid: sp.csr_matrix
+    user_emb: np.ndarray  # (n_g, D) pretrained
+    item_emb: np.ndarray  # (n_items, D) pretrained
+    item_group: np.ndarray
+    cfg: FinetuneConfig
+    seed: int
+    npz_path: str
+    json_path: str
+    fingerprint: str
+
+
+@dataclass
+class GroupSummary:
+    """What the caller needs to know about one finished (or resumed) group."""
+
+    group: int
+    n_users: int
+    n_train: int
+    n_valid: int
+    epochs: int
+    best_epoch: int
+    valid: dict[str, float]
+    seconds: float
+    path: str
+    skipped: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list, repr=False)
+
+
+def interaction_shares(train: sp.csr_matrix, item_group: np.ndarray, n_groups: int) -> np.ndarray:
+    """p_g of Eq. 7: the group's share of training interactions falling in each item group."""
+    counts = np.bincount(np.asarray(item_group)[train.indices], minlength=n_groups)
+    total = counts.sum()
+    return counts / total if total else np.full(n_groups, 1.0 / n_groups)
+
+
+def _triples_of(m: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
+    coo = m.tocoo()
+    order = np.lexsort((coo.col, coo.row))
+    return coo.row[order].astype(np.int64), coo.col[order].astype(np.int64)
+
+
+class _Trainer:
+    """The epoch loop of Algorithm 1 for one group, with early stopping on validation."""
+
+    def __init__(self, task: GroupTask, dtype: torch.dtype = torch.float32) -> None:
+        cfg = task.cfg
+        self.task, self.cfg = task, cfg
+        self.rng = np.random.default_rng([task.seed, task.group])
+        gen = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
+        n_groups = int(np.max(task.item_group)) + 1
+        context = interaction_shares(task.train, task.item_group, n_groups)
+        self.model = GroupModel(task.item_emb, task.user_emb, task.item_group, context, cfg, gen,
+                                dtype)
+        self.n_items = task.item_emb.shape[0]
+        self.train_u, self.train_i = _triples_of(task.train)
+        self.val_u, self.val_i = _triples_of(task.valid)
+        self.train_pos = PositiveSet([task.train], self.n_items)
+        self.all_pos = PositiveSet([task.train, task.valid], self.n_items)
+        self.data = from_splits(task.train, task.valid,
+                                sp.csr_matrix(task.train.shape, dtype=np.float32))
+        self.local_users = np.arange(len(task.users), dtype=np.int64)
+        self.eval_subset = self._eval_subset()
+        self.val_fixed = self._fixed_val_triples()
+        self.mlp_opt = torch.optim.Adam(self.model.mlp, lr=cfg.lr) if self.model.mlp else None
+        self.ctrl_opt = torch.optim.Adam(self.model.controller, lr=cfg.controller_lr)
+        self.item_opt = RowAdam(self.model.items, cfg.lr)
+        self.user_opt = RowAdam(self.model.users, cfg.lr)
+
+    def _eval_subset(self) -> np.ndarray | None:
+        has_valid = np.flatnonzero(self.task.valid.getnnz(axis=1) > 0)
+        if self.cfg.eval_users and len(has_valid) > self.cfg.eval_users:
+            return np.sort(self.rng.choice(has_valid, self.cfg.eval_users, replace=False))
+        return None
+
+    def _fixed_val_triples(self) -> Triples | None:
+        if len(self.val_u) == 0:
+            return None
+        rng = np.random.default_rng([self.task.seed, self.task.group, 1])
+        k = min(self.cfg.val_loss_samples, len(self.val_u))
+        idx = np.sort(rng.choice(len(self.val_u), k, replace=False))
+        u = self.val_u[idx]
+        return Triples(u, self.val_i[idx], self.all_pos.sample_negatives(u, rng))
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _val_batch(self, size: int) -> Triples:
+        idx = self.rng.integers(0, len(self.val_u), size=size)
+        u = self.val_u[idx]
+        return Triples(u, self.val_i[idx], self.all_pos.sample_negatives(u, self.rng))
+
+    def _controller_step(self, train_b: Triples) -> None:
+        val_b = self._val_batch(len(train_b))
+        lb = localise(train_b, val_b)
+        second = self.cfg.hypergradient == "second_order"
+        obj = self.model.unrolled_objective(lb, second_order=second)
+        grads = torch.autograd.grad(obj, self.model.controller)
+        for p, g in zip(self.model.controller, grads, strict=True):
+            p.grad = g
+        self.ctrl_opt.step()
+
+    def _weight_step(self, train_b: Triples) -> float:
+        lb = localise(train_b)
+        w = self.model.gather(lb, requires_grad=True)
+        loss, mean, var = self.model.train_loss(lb, w)
+        grads = torch.autograd.grad(loss, w)
+        self.item_opt.step(lb.item_rows, grads[0])
+        self.user_opt.step(lb.user_rows, grads[1])
+        if self.mlp_opt is not None:
+            for p, g in zip(self.model.mlp, grads[2:], strict=True):
+                p.grad = g
+            self.mlp_opt.step()
+        self.model.update_running_stats(mean, var, 2 * len(train_b))
+        value = float(loss.detach())
+        self.model.last_loss = value
+        return value
+
+    def run_epoch(self, epoch: int) -> float:
+        order = self.rng.permutation(len(self.train_u))
+        bs = self.cfg.batch_size
+        total, steps = 0.0, 0
+        for start in range(0, len(order), bs):
+            idx = order[start:start + bs]
+            u = self.train_u[idx]
+            batch = Triples(u, self.train_i[idx], self.train_pos.sample_negatives(u, self.rng))
+            if len(self.val_u):
+                self._controller_step(batch)
+            total += self._weight_step(batch)
+            steps += 1
+        return total / max(steps, 1)
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def val_loss(self) -> float | None:
+        if self.val_fixed is None:
+            return None
+        lb = localise(self.val_fixed)
+        alpha = self.model.alpha()
+        blocks = self.model.deployed_blocks()[lb.item_rows]
+        u, p, n = lb.parts[0]
+        weighted = blocks * alpha[self.model.item_group[lb.item_rows]].unsqueeze(-1)
+        users = self.model.users[lb.user_rows][u]
+        scores_p = self.model._score(users, weighted[p], self.model.mlp)
+        scores_n = self.model._score(users, weighted[n], self.model.mlp)
+        return float(bpr(scores_p, scores_n))
+
+    @torch.no_grad()
+    def deployed_metrics(self, fraction: float = 1.0) -> dict[str, float]:
+        if self.task.valid.nnz == 0:
+            return {}
+        res = evaluate_group_deployed(
+            self.data, self.local_users, self.model.users.float().numpy(),
+            self.model.deployed_blocks().float(), self.model.alpha().float().numpy(),
+            self.task.item_group, self.cfg.similarity, fraction, "valid", self.eval_subset)
+        return res.metrics
+
+    def fit(self) -> dict[str, Any]:
+        """Train with early stopping; leaves the model at its best state. Returns the log."""
+        cfg = self.cfg
+        history: list[dict[str, Any]] = [{"epoch": 0, "valid": self.deployed_metrics(),
+                                          "valid_loss": self.val_loss()}]
+        has_valid = len(self.val_u) > 0
+        best_score, best_epoch, bad, best = -math.inf, 0, 0, None
+        for epoch in range(1, cfg.max_epochs + 1):
+            t0 = time.perf_counter()
+            train_loss = self.run_epoch(epoch)
+            rec: dict[str, Any] = {"epoch": epoch, "loss": train_loss,
+                                   "train_seconds": time.perf_counter() - t0,
+                                   "valid_loss": self.val_loss()}
+            if cfg.early_stop == "recall" and has_valid:
+                rec["valid"] = self.deployed_metrics()
+                rec["budget_recall@20"] = {
+                    str(b): (rec["valid"]["recall@20"] if b == 1.0
+                             else self.deployed_metrics(b)["recall@20"])
+                    for b in cfg.early_stop_budgets}
+            history.append(rec)
+            if not has_valid:
+                best, best_epoch = self.model.snapshot(), epoch
+                continue
+            score = (float(np.mean(list(rec["budget_recall@20"].values())))
+                     if cfg.early_stop == "recall" else -rec["valid_loss"])
+            if score > best_score:
+                best_score, best_epoch, bad, best = score, epoch, 0, self.model.snapshot()
+            else:
+                bad += 1
+                if bad >= cfg.patience:
+                    break
+        if best is not None:
+            self.model.restore(best)
+        return {"history": history, "best_epoch": best_epoch,
+                "valid": self.deployed_metrics(),
+                "valid_budget20": self.deployed_metrics(0.2),
+                "epochs": len(history) - 1}
+
+
+def train_group(task: GroupTask) -> GroupSummary:
+    """Fine-tune one user group and write its npz + JSON atomically (the executor's task)."""
+    from peel.executor import torch_threads
+
+    t0 = time.perf_counter()
+    task.cfg.validate()
+    with torch_threads(task.cfg.threads):
+        trainer = _Trainer(task)
+        result = trainer.fit()
+        model = trainer.model
+        arrays = {
+            "blocks": model.deployed_blocks().numpy().astype(np.float32),
+            "alpha": model.alpha().detach().numpy().astype(np.float32),
+            "item_group": np.asarray(task.item_group, dtype=np.int32),
+            "users": np.asarray(task.users, dtype=np.int64),
+            "user_emb": model.users.numpy().astype(np.float32),
+        }
+    seconds = time.perf_counter() - t0
+    save_npz(task.npz_path, arrays)
+    write_json(task.json_path, {
+        "group": task.group,
+        "fingerprint": task.fingerprint,
+        "seed": task.seed,
+        "n_users": len(task.users),
+        "n_train": int(task.train.nnz),
+        "n_valid": int(task.valid.nnz),
+        "config": asdict(task.cfg),
+        "alpha_note": _ALPHA_NOTE[task.cfg.alpha_scale],
+        "blocks_note": "eval-mode batch-norm (running statistics) + tanh; alpha not folded in",
+        "context": trainer.model.context.tolist(),
+        "best_epoch": result["best_epoch"],
+        "epochs": result["epochs"],
+        "valid": result["valid"],
+        "valid_budget20": result["valid_budget20"],
+        "valid_users_evaluated": (len(trainer.eval_subset) if trainer.eval_subset is not None
+                                  else int((task.valid.getnnz(axis=1) > 0).sum())),
+        "seconds": seconds,
+        "history": result["history"],
+    })
+    return GroupSummary(task.group, len(task.users), int(task.train.nnz), int(task.valid.nnz),
+                        result["epochs"], result["best_epoch"], result["valid"], seconds,
+                        task.npz_path, False, result["history"])
+
+
+_ALPHA_NOTE = {
+    "literal": "softmax over all G_v*N weights; alpha.sum() == 1",
+    "global": "softmax over all G_v*N weights times G_v*N; alpha.sum() == G_v*N (mean 1)",
+    "per_group": "softmax within each item group times N; every row sums to N",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# All groups
+# ---------------------------------------------------------------------------------------------
+
+
+def group_paths(out_dir: str | Path, group: int) -> tuple[Path, Path]:
+    base = Path(out_dir) / "groups" / f"group_{group:03d}"
+    return base.with_suffix(".npz"), base.with_suffix(".json")
+
+
+def array_digest(*arrays: np.ndarray) -> str:
+    """Content hash of arrays (dtype, shape and bytes)."""
+    h = hashlib.sha256()
+    for arr in arrays:
+        a = np.ascontiguousarray(arr)
+        h.update(str((a.dtype.str, a.shape)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def task_fingerprint(cfg: FinetuneConfig, seed: int, shared_digest: str, users: np.ndarray,
+                     user_emb: np.ndarray) -> str:
+    """Hash of everything that determines a group's output, so resume never reuses stale work.
+
+    ``shared_digest`` covers the inputs all groups share (item table, item groups), hashed once.
+    """
+    h = hashlib.sha256()
+    h.update(json.dumps({"cfg": asdict(cfg), "seed": seed, "shared": shared_digest},
+                        sort_keys=True).encode())
+    h.update(array_digest(users, user_emb).encode())
+    return h.hexdigest()[:32]
+
+
+def load_group(path: str | Path) -> dict[str, np.ndarray]:
+    """Arrays of one group file (no pickle), checked for the documented keys and shapes."""
+    arrays = load_npz(path)
+    missing = [k for k in GROUP_ARRAYS if k not in arrays]
+    if missing:
+        raise ValueError(f"{path}: missing arrays {missing}; expected {list(GROUP_ARRAYS)}")
+    blocks, alpha = arrays["blocks"], arrays["alpha"]
+    n_items = blocks.shape[0]
+    ok = (blocks.ndim == 3 and alpha.ndim == 2 and alpha.shape[1] == blocks.shape[1]
+          and arrays["item_group"].shape == (n_items,)
+          and arrays["user_emb"].shape == (len(arrays["users"]), blocks.shape[1] * blocks.shape[2])
+          and int(arrays["item_group"].max(initial=0)) < alpha.shape[0])
+    if not ok:
+        shapes = {k: v.shape for k, v in arrays.items()}
+        raise ValueError(f"{path}: inconsistent array shapes {shapes}")
+    return arrays
+
+
+def _is_complete(npz: Path, js: Path, fingerprint: str) -> bool:
+    if not (npz.exists() and js.exists()):
+        return False
+    try:
+        meta = read_json(js)
+        load_group(npz)
+    except (OSError, ValueError, KeyError):
+        return False
+    return meta.get("fingerprint") == fingerprint
+
+
+def _summary_from_disk(npz: Path, js: Path) -> GroupSummary:
+    meta = read_json(js)
+    return GroupSummary(meta["group"], meta["n_users"], meta["n_train"], meta["n_valid"],
+                        meta["epochs"], meta["best_epoch"], meta["valid"], meta["seconds"],
+                        str(npz), True, meta.get("history", []))
+
+
+def build_tasks(data: InteractionData, user_emb: np.ndarray, item_emb: np.ndarray,
+                user_groups: np.ndarray, item_groups: np.ndarray, cfg: FinetuneConfig,
+                out_dir: str | Path, seed: int) -> list[GroupTask]:
+    """One task per non-empty user group; only train/valid rows travel (never test)."""
+    user_groups = np.asarray(user_groups, dtype=np.int64)
+    item_groups = np.asarray(item_groups, dtype=np.int64)
+    if len(user_groups) != data.n_users or len(item_groups) != data.n_items:
+        raise ValueError("user_groups/item_groups must have one entry per user/item")
+    if user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items:
+        raise ValueError(f"embeddings {user_emb.shape}/{item_emb.shape} do not match the data"
+                         f" ({data.n_users} users, {data.n_items} items)")
+    item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)
+    shared = array_digest(item_emb, item_groups)
+    tasks = []
+    for g in np.unique(user_groups):
+        users = np.flatnonzero(user_groups == g).astype(np.int64)
+        u_emb = np.ascontiguousarray(user_emb[users], dtype=np.float32)
+        npz, js = group_paths(out_dir, int(g))
+        fp = task_fingerprint(cfg, seed, shared, users, u_emb)
+        tasks.append(GroupTask(int(g), users, data.train[users], data.valid[users], u_emb,
+                               item_emb, item_groups, cfg, seed, str(npz), str(js), fp))
+    return tasks
+
+
+def finetune_groups(data: InteractionData, user_emb: np.ndarray, item_emb: np.ndarray,
+                    user_groups: np.ndarray, item_groups: np.ndarray, cfg: FinetuneConfig,
+                    out_dir: str | Path, executor: Any = None, seed: int = 2024
+                    ) -> list[GroupSummary]:
+    """Fine-tune every user group (in parallel through ``executor``), resuming finished ones.
+
+    A group whose files exist with the same fingerprint (config, seed, inputs) is skipped.
+    Groups are submitted largest first so parallel workers finish close together; summaries
+    come back ordered by group id.
+    """
+    from peel.executor import SerialExecutor
+
+    cfg.validate()
+    tasks = build_tasks(data, user_emb, item_emb, user_groups, item_groups, cfg, out_dir, seed)
+    done: dict[int, GroupSummary] = {}
+    todo = []
+    for t in tasks:
+        npz, js = Path(t.npz_path), Path(t.json_path)
+        if _is_complete(npz, js, t.fingerprint):
+            done[t.group] = _summary_from_disk(npz, js)
+        else:
+            todo.append(t)
+    if done:
+        log.info("resuming: %d of %d groups already complete", len(done), len(tasks))
+    todo.sort(key=lambda t: (-t.train.nnz, t.group))
+    executor = executor if executor is not None else SerialExecutor()
+    labels = [f"g{t.group:03d}" for t in todo]
+    for summary in executor.map(train_group, todo, labels=labels):
+        done[summary.group] = summary
+    return [done[g] for g in sorted(done)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurement entry point: python -m peel.elastic (the numbers in docs/paper-notes.md)
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_overrides(pairs: Sequence[str], cls: type, where: str) -> dict[str, Any]:
+    """key=value strings to typed dataclass fields (int/float/str/tuple of floats/None)."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"{where}: bad override {pair!r}; valid keys: {', '.join(fields)}")
+        default = fields[key].default
+        if raw.lower() == "none":
+            out[key] = None
+        elif isinstance(default, tuple):
+            out[key] = tuple(float(x) for x in raw.split(",") if x)
+        elif isinstance(default, bool):
+            out[key] = raw.lower() in ("1", "true", "yes")
+        elif isinstance(default, int):
+            out[key] = int(raw)
+        elif isinstance(default, float) or default is None:
+            out[key] = float(raw)
+        else:
+            out[key] = raw
+    return out
+
+
+def deployed_recall_with_device(data: InteractionData, out_dir: str | Path, budget: str,
+                                similarity: str, split: str = "valid") -> dict[str, float]:
+    """The same numbers through the real device runtime (package build + Eq. 10 ranking)."""
+    import tempfile
+
+    from peel.device import open_package
+    from peel.eval import metrics_from_topk
+    from peel.package import DeployOptions, build_package, group_files
+    from peel.package import load_group as load_group_arrays
+
+    truth, seen = data.split_matrix(split), data.seen_matrix(split)
+    per_user: dict[str, list[np.ndarray]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for g, _ in group_files(out_dir):
+            arrays = load_group_arrays(out_dir, g)
+            pkg_path = Path(tmp) / f"g{g}.peel"
+            build_package(pkg_path, arrays, budget, group=g,
+                          options=DeployOptions(similarity=similarity))
+            pkg = open_package(pkg_path)
+            users = arrays.users[truth.getnnz(axis=1)[arrays.users] > 0]
+            if len(users) == 0:
+                continue
+            rows = seen[users]
+            ranked = pkg.rank_batch(arrays.user_emb[np.searchsorted(arrays.users, users)], k=50,
+                                    exclude_indptr=rows.indptr, exclude_indices=rows.indices)
+            for k, v in metrics_from_topk(ranked.items, users, truth, (20, 50)).items():
+                per_user.setdefault(k, []).append(v)
+    return {k: float(np.concatenate(v).mean()) for k, v in per_user.items()}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Fine-tune all groups of a dataset with overrides and print deployed validation recall."""
+    import argparse
+    import sys
+
+    from peel.executor import make_executor
+    from peel.groups import GroupConfig, make_item_groups, make_user_groups
+
+    ap = argparse.ArgumentParser(prog="python -m peel.elastic", description=main.__doc__)
+    ap.add_argument("--data", default="demo", help="'demo' or a dataset path (peel.data)")
+    ap.add_argument("--pretrained", required=True,
+                    help="folder with embeddings.safetensors; pretrained there if missing")
+    ap.add_argument("--out", required=True, help="run folder (groups/ is written here)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value")
+    ap.add_argument("--groups", nargs="*", default=[], help="GroupConfig overrides key=value")
+    ap.add_argument("--pretrain", nargs="*", default=[], help="PretrainConfig overrides")
+    ap.add_argument("--budgets", default="1.0,0.2", help="fractions of the full item table")
+    ap.add_argument("--device-check", action="store_true",
+                    help="also rank through peel.package/peel.device (byte budgets)")
+    ap.add_argument("--log", default=None, help="append the result as one JSON line here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
+
+    if args.data == "demo":
+        from peel.synthetic import make_demo
+
+        data = make_demo()
+    else:
+        from peel.data import load_dataset
+
+        data = load_dataset(args.data)
+    emb_file = Path(args.pretrained) / "embeddings.safetensors"
+    if not emb_file.exists():
+        pcfg = PretrainConfig(**_parse_overrides(args.pretrain, PretrainConfig, "--pretrain"))
+        save_result(pretrain(data, pcfg, progress=False), args.pretrained)
+    user_emb, item_emb = load_embeddings(args.pretrained)
+    gcfg = GroupConfig(**_parse_overrides(args.groups, GroupConfig, "--groups"))
+    cfg = FinetuneConfig(**_parse_overrides(args.set, FinetuneConfig, "--set"))
+    user_groups = make_user_groups(user_emb, gcfg, args.seed)
+    item_groups = make_item_groups(data.item_popularity, gcfg, args.seed)
+    t0 = time.perf_counter()
+    summaries = finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg,
+                                args.out, make_executor(args.workers, progress=False), args.seed)
+    row: dict[str, Any] = {
+        "data": args.data, "seed": args.seed, "set": args.set, "groups": args.groups,
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+        "group_seconds": [round(s.seconds, 2) for s in summaries],
+        "epochs": [s.epochs for s in summaries], "best_epoch": [s.best_epoch for s in summaries],
+    }
+    for frac in (float(b) for b in args.budgets.split(",")):
+        for sim in SIMILARITIES:
+            row[f"R@20 {sim} {frac:g}"] = round(
+                evaluate_run(data, args.out, sim, frac)["recall@20"], 4)
+        if args.device_check:
+            row[f"device R@20 {cfg.similarity} {frac:g}"] = round(deployed_recall_with_device(
+                data, args.out, f"{frac * 100:g}%", cfg.similarity)["recall@20"], 4)
+    line = json.dumps(row)
+    print(line)
+    if args.log:
+        with open(args.log, "a", encoding="utf-8") as fh:
+            fh.write(line + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

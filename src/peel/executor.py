@@ -1,0 +1,178 @@
+"""Where independent jobs (one per user group) run: in-process or in worker processes.
+
+Training code only calls ``executor.map(fn, tasks, labels=...)`` and gets results back in task
+order, so another backend (a cluster scheduler, Ray, ...) can be added by implementing the same
+one-method interface without touching the training code. ``fn`` must be a module-level function
+and tasks plain data, because worker processes are started with the *spawn* method (no state
+inherited by fork, identical behaviour on every OS).
+
+Results do not depend on the executor: each task seeds itself from its own data (seed, group
+id), and workers run a fixed number of torch threads so that parallel workers never
+oversubscribe the cores.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol, TypeVar
+
+import torch
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Executor(Protocol):
+    """Runs ``fn`` over ``tasks`` and returns the results in task order."""
+
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T],
+            labels: Sequence[str] | None = None) -> list[R]: ...
+
+
+def available_cores() -> int:
+    """Cores this process may use (respects CPU affinity / container limits where visible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Temporarily run torch with ``n`` intra-op threads (None: leave unchanged)."""
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _labels(tasks: Sequence[Any], labels: Sequence[str] | None) -> list[str]:
+    if labels is None:
+        return [f"task{i}" for i in range(len(tasks))]
+    if len(labels) != len(tasks):
+        raise ValueError(f"{len(labels)} labels for {len(tasks)} tasks")
+    return list(labels)
+
+
+class _Progress:
+    """One tqdm line: done/total plus which tasks are running and the last finished one."""
+
+    def __init__(self, desc: str, labels: list[str], enabled: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.labels = labels
+        self.status = ["queued"] * len(labels)
+        self.bar = tqdm(total=len(labels), desc=desc, unit="group", disable=not enabled,
+                        dynamic_ncols=True)
+        self.last = ""
+
+    def set(self, i: int, status: str, seconds: float | None = None) -> None:
+        previous, self.status[i] = self.status[i], status
+        if status == "done" and previous != "done":
+            self.bar.update(1)
+            self.last = f"{self.labels[i]} {seconds:.1f}s" if seconds is not None else ""
+        running = [lab for lab, s in zip(self.labels, self.status, strict=True) if s == "running"]
+        queued = sum(s == "queued" for s in self.status)
+        post = f"running {','.join(running) or '-'} | queued {queued}"
+        if self.last:
+            post += f" | last {self.last}"
+        self.bar.set_postfix_str(post, refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class SerialExecutor:
+    """Runs tasks one after another in this process (debugging, tests, 1 worker)."""
+
+    def __init__(self, threads: int | None = None, progress: bool = True,
+                 desc: str = "groups") -> None:
+        self.threads = threads
+        self.progress = progress
+        self.desc = desc
+
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T],
+            labels: Sequence[str] | None = None) -> list[R]:
+        bar = _Progress(self.desc, _labels(tasks, labels), self.progress)
+        out: list[R] = []
+        try:
+            with torch_threads(self.threads):
+                for i, task in enumerate(tasks):
+                    bar.set(i, "running")
+                    t0 = time.perf_counter()
+                    out.append(fn(task))
+                    bar.set(i, "done", time.perf_counter() - t0)
+        finally:
+            bar.close()
+        return out
+
+
+def _init_worker(threads: int) -> None:
+    """Cap each worker's threads so workers x threads <= cores."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # already set in this process
+        torch.set_num_interop_threads(1)
+
+
+class ProcessExecutor:
+    """Runs tasks in ``workers`` spawned processes (default: one per available core)."""
+
+    def __init__(self, workers: int | None = None, threads_per_worker: int | None = None,
+                 progress: bool = True, desc: str = "groups") -> None:
+        cores = available_cores()
+        self.workers = max(1, workers if workers is not None else cores)
+        self.threads = (threads_per_worker if threads_per_worker is not None
+                        else max(1, cores // self.workers))
+        self.progress = progress
+        self.desc = desc
+
+    def map(self, fn: Callable[[T], R], tasks: Sequence[T],
+            labels: Sequence[str] | None = None) -> list[R]:
+        names = _labels(tasks, labels)
+        if not tasks:
+            return []
+        bar = _Progress(self.desc, names, self.progress)
+        results: dict[int, R] = {}
+        workers = min(self.workers, len(tasks))
+        ctx = multiprocessing.get_context("spawn")
+        try:
+            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                        initargs=(self.threads,)) as pool:
+                futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+                started: dict[int, float] = {}
+                pending = set(futures)
+                while pending:
+                    finished, pending = cf.wait(pending, timeout=1.0,
+                                                return_when=cf.FIRST_COMPLETED)
+                    now = time.perf_counter()
+                    for fut in pending:
+                        i = futures[fut]
+                        if fut.running() and i not in started:
+                            started[i] = now
+                            bar.set(i, "running")
+                    for fut in finished:
+                        i = futures[fut]
+                        results[i] = fut.result()  # re-raises a worker's exception here
+                        bar.set(i, "done", now - started.get(i, now))
+        finally:
+            bar.close()
+        return [results[i] for i in range(len(tasks))]
+
+
+def make_executor(workers: int | None = None, progress: bool = True) -> Executor:
+    """1 worker: in-process (no spawn cost, all cores to torch); more: a process pool."""
+    if workers == 1:
+        return SerialExecutor(threads=available_cores(), progress=progress)
+    return ProcessExecutor(workers, progress=progress)

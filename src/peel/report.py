@@ -1,0 +1,134 @@
+"""Reports in the layout of the paper's Table III, from one or more evaluated runs.
+
+`peel report RUN... --out DIR` merges every run's `eval.json` and writes `results.md` (Markdown
+table: methods x budgets, Recall@50 / NDCG@50 like Table III, plus @20), `results.csv` and
+`results.json` (every figure), and `recall50.png` / `ndcg50.png` (metric against budget for every
+method). Plots are optional: without matplotlib the tables are still written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from peel.io import read_json, write_json, write_text
+
+METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
+METHOD_ORDER = ("PMF", "LightGCN", "PEEL")
+
+
+def collect(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for run in runs:
+        path = Path(run) / "eval.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: run not evaluated yet; run `peel evaluate {run}`")
+        doc = read_json(path)
+        for row in doc["rows"]:
+            rows.append({**row, "dataset": doc["dataset"], "run": str(run),
+                         "full_table_bytes": doc["full_table_bytes"]})
+    return rows
+
+
+def _method_key(name: str) -> tuple[int, str]:
+    base = name.split(" ")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), name)
+
+
+def _budgets(rows: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    return sorted({(r["budget_bytes"], r["budget"]) for r in rows})
+
+
+def _budget_label(nbytes: int, label: str, full: int) -> str:
+    return f"{label} ({nbytes / 1e6:.2f} MB, {100 * nbytes / full:.1f}%)"
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """One table per dataset; bold marks the best value of each column."""
+    out = []
+    for dataset in sorted({r["dataset"] for r in rows}):
+        sub = [r for r in rows if r["dataset"] == dataset]
+        budgets = _budgets(sub)
+        full = sub[0]["full_table_bytes"]
+        methods = sorted({r["method"] for r in sub}, key=_method_key)
+        cell = {(r["method"], r["budget_bytes"]): r["metrics"] for r in sub}
+        out.append(f"### {dataset}\n")
+        head = "| method | " + " | ".join(
+            f"{_budget_label(b, lab, full)} R@50 | N@50 | R@20 | N@20" for b, lab in budgets)
+        out.append(head + " |")
+        out.append("|---" * (1 + 4 * len(budgets)) + "|")
+        best = {(b, m): max((cell.get((meth, b), {}).get(m, float("-inf"))
+                             for meth in methods), default=0.0)
+                for b, _ in budgets for m in METRICS}
+        for meth in methods:
+            vals = []
+            for b, _ in budgets:
+                metrics = cell.get((meth, b))
+                for m in ("recall@50", "ndcg@50", "recall@20", "ndcg@20"):
+                    if metrics is None or m not in metrics:
+                        vals.append("-")
+                        continue
+                    text = f"{metrics[m]:.4f}"
+                    vals.append(f"**{text}**" if metrics[m] == best[(b, m)] else text)
+            out.append(f"| {meth} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["dataset", "method", "budget", "budget_bytes", "bytes_used", *METRICS, "run"])
+    for r in sorted(rows, key=lambda r: (r["dataset"], _method_key(r["method"]),
+                                         r["budget_bytes"])):
+        w.writerow([r["dataset"], r["method"], r["budget"], r["budget_bytes"], r["bytes_used"],
+                    *[f"{r['metrics'].get(m, float('nan')):.6f}" for m in METRICS], r["run"]])
+    return buf.getvalue()
+
+
+def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
+    """Metric against budget (MB) for every method and dataset; False if no matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    datasets = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        sub = [r for r in rows if r["dataset"] == dataset]
+        for meth in sorted({r["method"] for r in sub}, key=_method_key):
+            pts = sorted((r["budget_bytes"] / 1e6, r["metrics"][metric])
+                         for r in sub if r["method"] == meth and metric in r["metrics"])
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", label=meth)
+        ax.set_title(dataset)
+        ax.set_xlabel("memory budget (MB)")
+        ax.set_ylabel(metric.replace("@", "@"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    from peel.io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+    return True
+
+
+def write_report(runs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    rows = collect(runs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "results.md", markdown(rows) + "\n")
+    write_text(out / "results.csv", to_csv(rows))
+    write_json(out / "results.json", rows)
+    plots = [m for m in ("recall@50", "ndcg@50")
+             if plot(rows, m, out / f"{m.replace('@', '')}.png")]
+    return {"rows": len(rows), "out": str(out), "plots": plots}
