@@ -33,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampling", default=PretrainConfig.sampling)
     ap.add_argument("--dns-candidates", type=int, default=PretrainConfig.dns_candidates)
     ap.add_argument("--lr", type=float, default=PretrainConfig.lr)
-    ap.add_argument("--lr-decay", type=float, default=PretrainConfig.lr_decay)
+    ap.add_argument("--lr-half-life", type=int, default=PretrainConfig.lr_half_life,
+                    help="optimiser steps; 0 = constant learning rate")
     ap.add_argument("--l2", type=float, default=PretrainConfig.l2)
     ap.add_argument("--diversity", type=float, default=0.0)
     ap.add_argument("--combination", default=PretrainConfig.layer_combination)
-    ap.add_argument("--epochs", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--eval-every", type=int, default=1)
     ap.add_argument("--minutes", type=float, default=60.0)
     ap.add_argument("--test-every", type=int, default=1, help="print test metrics every n evals")
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     data = load_dataset(args.data)
     cfg = PretrainConfig(dim=args.dim, layers=args.layers, batch_size=args.batch_size,
                          negatives=args.negatives, sampling=args.sampling,
-                         dns_candidates=args.dns_candidates, lr=args.lr, lr_decay=args.lr_decay,
+                         dns_candidates=args.dns_candidates, lr=args.lr,
+                         lr_half_life=args.lr_half_life or None,
                          l2=args.l2, diversity=args.diversity,
                          layer_combination=args.combination, epochs=args.epochs,
                          eval_every=args.eval_every, max_minutes=args.minutes, seed=args.seed,

@@ -24,7 +24,8 @@ from peel.pretrain import PretrainConfig, mean_block_distance, pretrain
 FIELDS = {"combination": ("layer_combination", str), "diversity": ("diversity", float),
           "mode": ("diversity_mode", str), "layers": ("layers", int), "lr": ("lr", float),
           "l2": ("l2", float), "sampling": ("sampling", str), "dim": ("dim", int),
-          "epochs": ("epochs", int), "batch": ("batch_size", int)}
+          "epochs": ("epochs", int), "batch": ("batch_size", int),
+          "dns": ("dns_candidates", int), "halflife": ("lr_half_life", int)}
 
 
 def parse_variant(text: str) -> dict:

@@ -90,6 +90,20 @@ def test_alpha_layout_is_block_major_as_in_eq7() -> None:
     assert tuple(np.unravel_index(int(alpha.argmax()), (5, 4))) == (1, 3)
 
 
+def test_bn_scaled_user_init_matches_the_batch_norm_scale() -> None:
+    rng = np.random.default_rng(0)
+    items, users = rng.normal(size=(30, 6)) * 3, rng.normal(size=(4, 6))
+    cfg = FinetuneConfig(n_blocks=3, block_dim=2, user_init="bn_scaled")
+    model = GroupModel(items, users, np.arange(30) % 3, np.ones(3) / 3, cfg,
+                       torch.Generator().manual_seed(0), torch.float64)
+    std = np.sqrt(items.var(0, ddof=1) + cfg.bn_eps)
+    np.testing.assert_allclose(model.users.numpy(), users * std, rtol=1e-12)
+    # so before tanh, u' . BN(v) = u . (v - mean): the pretrained ranking of every user
+    pre = (items - items.mean(0)) / std
+    np.testing.assert_allclose(model.users.numpy() @ pre.T,
+                               users @ (items - items.mean(0)).T, rtol=1e-9)
+
+
 def test_controller_starts_uniform() -> None:
     model = _tiny_model("dot", torch.float32)
     np.testing.assert_allclose(model.alpha().detach().numpy(), np.ones((3, 3)), rtol=1e-6)
@@ -247,7 +261,13 @@ def test_group_files_have_exactly_the_documented_arrays(demo_run: dict) -> None:
         assert arrays["blocks"].shape == (data.n_items, 4, 4)
         assert np.abs(arrays["blocks"]).max() <= 1.0  # tanh output
         assert arrays["alpha"].dtype == np.float32 and arrays["alpha"].shape == (5, 4)
-        assert arrays["alpha"].sum() == pytest.approx(20.0, rel=1e-4)  # "global" scale
+        assert (arrays["alpha"] >= 0).all()
+        scale = SMALL.alpha_scale
+        if scale == "per_group":
+            np.testing.assert_allclose(arrays["alpha"].sum(1), 4.0, rtol=1e-4)
+        else:
+            assert arrays["alpha"].sum() == pytest.approx(1.0 if scale == "literal" else 20.0,
+                                                          rel=1e-4)
         assert arrays["item_group"].dtype == np.int32
         np.testing.assert_array_equal(arrays["item_group"], demo_run["item_groups"])
         assert arrays["users"].dtype == np.int64
@@ -308,16 +328,22 @@ def test_test_split_is_never_used(demo_run: dict, tmp_path: Path) -> None:
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_planted_communities_get_different_alpha_and_blocks_stay_diverse(
-        tmp_path: Path) -> None:
+def test_planted_communities_get_different_alpha(tmp_path: Path) -> None:
+    """Groups from different communities learn different weights; halves of one do not.
+
+    Uses the dot scorer with "global" weights, where the controller's effect on the loss is
+    direct and its signal is strong enough for a 2-second test; the default configuration's
+    weights are checked end to end by the measurements in docs/paper-notes.md.
+    """
     data, community = tiered_communities()
     user_emb, item_emb = svd_embeddings(data)
     item_groups = make_item_groups(data.item_popularity, GroupConfig(n_item_groups=5), 0)
     # community 0 split in two halves (groups 0 and 2), community 1 is group 1
     user_groups = community.copy()
     user_groups[np.flatnonzero(community == 0)[1::2]] = 2
-    cfg = FinetuneConfig(n_blocks=4, block_dim=4, scorer="dot", controller_hidden=16,
-                         batch_size=128, max_epochs=8, patience=8, controller_lr=1e-2)
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, scorer="dot", alpha_scale="global",
+                         controller_hidden=16, batch_size=128, max_epochs=8, patience=8,
+                         controller_lr=1e-2, early_stop_budgets=(1.0,))
     finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg, tmp_path,
                     SerialExecutor(progress=False), seed=1)
     arrays = [load_group(tmp_path / "groups" / f"group_{g:03d}.npz") for g in range(3)]
@@ -329,9 +355,34 @@ def test_planted_communities_get_different_alpha_and_blocks_stay_diverse(
     same, different = dist(0, 2), min(dist(0, 1), dist(2, 1))
     assert different > 0.5
     assert different > 2 * same
-    # block diversity (normalised Eq. 2 distance) of the deployed table is kept
-    start = torch.from_numpy(item_emb)
-    before = normalise_blocks(start, start.mean(0), start.var(0), 4, 1e-5).reshape(160, -1)
-    div_before = mean_block_distance(before.numpy(), 4)
-    for a in arrays:
-        assert mean_block_distance(a["blocks"].reshape(160, -1), 4) > 0.9 * div_before
+
+
+def test_block_diversity_is_kept_after_fine_tuning(demo_run: dict) -> None:
+    """Mean pairwise distance between blocks (normalised Eq. 2 term) does not collapse."""
+    start = torch.from_numpy(demo_run["item_emb"])
+    before = normalise_blocks(start, start.mean(0), start.var(0), 4, 1e-5)
+    div_before = mean_block_distance(before.reshape(len(start), -1).numpy(), 4)
+    assert div_before > 1.0
+    for g in (0, 1):
+        blocks = load_group(Path(demo_run["out"]) / "groups" / f"group_{g:03d}.npz")["blocks"]
+        assert mean_block_distance(blocks.reshape(len(blocks), -1), 4) > 0.9 * div_before
+
+
+def test_group_without_validation_interactions_still_trains(tmp_path: Path) -> None:
+    data = make_demo(SyntheticConfig(n_users=120, n_items=80, seed=2))
+    user_groups = (np.arange(data.n_users) >= 100).astype(np.int64)
+    valid = data.valid.tolil()
+    valid[100:] = 0  # group 1 has no validation data: no controller steps, no early stopping
+    blind = from_splits(data.train, sp.csr_matrix(valid), data.test)
+    user_emb, item_emb = svd_embeddings(blind)
+    item_groups = make_item_groups(blind.item_popularity, GroupConfig(n_item_groups=4), 0)
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, mlp_hidden=8, controller_hidden=8,
+                         batch_size=256, max_epochs=2)
+    summaries = finetune_groups(blind, user_emb, item_emb, user_groups, item_groups, cfg,
+                                tmp_path, SerialExecutor(progress=False), seed=0)
+    assert summaries[1].n_valid == 0 and summaries[1].valid == {}
+    assert summaries[1].epochs == 2
+    alpha = load_group(tmp_path / "groups" / "group_001.npz")["alpha"]
+    np.testing.assert_allclose(alpha, 1.0, rtol=1e-6)  # never updated: uniform
+    with pytest.raises(ValueError, match="early_stop_budgets"):
+        FinetuneConfig(early_stop_budgets=(0.0,)).validate()

@@ -34,13 +34,15 @@ def test_serial_executor_keeps_order_and_restores_threads() -> None:
 
 
 def test_process_executor_keeps_order_caps_threads_and_reraises() -> None:
-    ex = ProcessExecutor(workers=2, threads_per_worker=1, progress=False)
-    out = ex.map(square_and_threads, [5, 0, 7, 2], labels=["a", "b", "c", "d"])
-    assert [r[0] for r in out] == [25, 0, 49, 4]
-    assert {r[1] for r in out} == {1}
-    assert ex.map(square_and_threads, []) == []
-    with pytest.raises(ValueError, match="negative task"):
-        ProcessExecutor(workers=1, progress=False).map(square_and_threads, [1, -3])
+    with ProcessExecutor(workers=2, threads_per_worker=1, progress=False) as ex:
+        out = ex.map(square_and_threads, [5, 0, 7, 2], labels=["a", "b", "c", "d"])
+        assert [r[0] for r in out] == [25, 0, 49, 4]
+        assert {r[1] for r in out} == {1}
+        assert ex.map(square_and_threads, []) == []
+        with pytest.raises(ValueError, match="negative task"):
+            ex.map(square_and_threads, [1, -3, 4])
+        # the pool survives a task's exception and is reused
+        assert [r[0] for r in ex.map(square_and_threads, [3])] == [9]
 
 
 def test_default_threads_do_not_oversubscribe() -> None:

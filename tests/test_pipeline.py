@@ -108,3 +108,23 @@ def test_evaluate_and_report(run_dir, capsys):
 def test_set_override_validation(capsys, tmp_path):
     code = main(["train", "demo", "--out", str(tmp_path / "r"), "--set", "groups.nope=1"])
     assert code == 2 and "has no key 'nope'" in capsys.readouterr().err
+
+
+def test_deploy_user_package_excludes_seen_items_and_shrinks(run_dir, capsys):
+    from peel.pipeline import load_data
+
+    root, out = run_dir
+    data = load_data(load_run_config(out))
+    user = 7
+    pkg = root / "u7.peel"
+    assert main(["deploy", str(out), "--budget", "0.8", "--user", str(user), "--out", str(pkg),
+                 "--json"]) == 0
+    capsys.readouterr()
+    assert main(["recommend", str(pkg), "--k", "20", "--budget", "0.4", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    seen = set(data.seen_matrix("test")[user].indices.tolist())
+    assert len(rec["items"]) == 20 and not seen & set(rec["items"])
+    assert rec["ids"] == [int(data.item_ids[i]) for i in rec["items"]]
+    small = root / "u7-small.peel"
+    assert main(["shrink", str(pkg), "--budget", "0.4", "--out", str(small)]) == 0
+    assert small.stat().st_size < pkg.stat().st_size

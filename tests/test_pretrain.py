@@ -62,7 +62,7 @@ def test_propagation_matches_dense_lightgcn():
     np.testing.assert_allclose(pu.numpy(), expected_mean[:n_u], atol=1e-5)
     np.testing.assert_allclose(pi.numpy(), expected_mean[n_u:], atol=1e-5)
     last = Propagator(r, 3, "last", torch.device("cpu"))
-    lu, li = last(u, i)
+    _, li = last(u, i)
     np.testing.assert_allclose(li.numpy(), layers[-1][n_u:], atol=1e-5)
     np.testing.assert_allclose(normalized_interactions(r).toarray(), a_hat[:n_u, n_u:],
                                atol=1e-6)

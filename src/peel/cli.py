@@ -113,6 +113,8 @@ def add_pretrain_options(p: argparse.ArgumentParser) -> None:
                    help="negative sampling: uniform, or hardest of --dns-candidates draws")
     g.add_argument("--dns-candidates", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr-half-life", type=int, default=None,
+                   help="learning-rate half-life in optimiser steps")
     g.add_argument("--l2", type=float, default=None)
     g.add_argument("--diversity", type=float, default=None, help="lambda of Eq. 2")
     g.add_argument("--diversity-mode", default=None, choices=["normalized", "literal"])
@@ -126,6 +128,7 @@ def pretrain_config(args: argparse.Namespace, base: Any) -> Any:
         "dim": args.dim, "block_dim": args.block_dim, "layers": args.layers,
         "layer_combination": args.combination, "epochs": args.epochs,
         "batch_size": args.batch_size, "negatives": args.negatives, "lr": args.lr,
+        "lr_half_life": args.lr_half_life,
         "sampling": args.sampling, "dns_candidates": args.dns_candidates,
         "l2": args.l2, "diversity": args.diversity, "diversity_mode": args.diversity_mode,
         "patience": args.patience, "eval_every": args.eval_every, "device": args.device,

@@ -105,10 +105,11 @@ def deploy(args: argparse.Namespace) -> int:
     """Build one package from a run folder."""
     group = args.group if args.user is None else find_user_group(args.run, args.user)
     arrays = load_group(args.run, group)
-    options = DeployOptions(similarity=args.similarity, weighting=args.weighting,
+    similarity, seen, item_ids = _run_context(args.run, args.user)
+    options = DeployOptions(similarity=args.similarity or similarity, weighting=args.weighting,
                             selection=args.selection, seed=args.seed)
     report = build_package(args.out, arrays, args.budget, user=args.user, group=group,
-                           options=options)
+                           options=options, item_ids=item_ids, seen=seen)
     pkg = open_package(args.out)
     if args.json:
         print(to_json({"out": str(args.out), **pkg.describe()}))
@@ -118,6 +119,29 @@ def deploy(args: argparse.Namespace) -> int:
               f"{pkg.similarity} similarity, weighting {pkg.weighting}")
         print(report.table())
     return 0
+
+
+def _run_context(run: str, user: int | None
+                 ) -> tuple[str | None, np.ndarray | None, np.ndarray | None]:
+    """What a full run folder adds to a package: the Eq. 10 reading the groups were trained
+    with, and for a one-user package the items that user already has (so the device excludes
+    them) and the dataset's own item ids when they are integers. Bare group folders add none."""
+    from pathlib import Path
+
+    if not (Path(run) / "config.toml").exists():
+        return None, None, None
+    from peel.pipeline import load_data, load_run_config
+
+    cfg = load_run_config(run)
+    if user is None:
+        return cfg.finetune.similarity, None, None
+    data = load_data(cfg)
+    seen_rows = data.seen_matrix("test")[user]
+    try:
+        item_ids = data.item_ids.astype(np.int64)
+    except ValueError:
+        item_ids = None
+    return cfg.finetune.similarity, seen_rows.indices.astype(np.int64), item_ids
 
 
 def _parse_exclude(text: str) -> np.ndarray:

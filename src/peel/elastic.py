@@ -19,7 +19,7 @@ Why it is fast enough for gowalla-sized groups on a CPU:
 * Batch-norm statistics are taken over the batch's items (as in training); the deployed blocks
   (running statistics, tanh) are computed once per evaluation and once at the end.
 
-Outputs per user group (``RUN/groups/group_{g:03d}.npz``; see :func:`save_group`):
+Outputs per user group (``RUN/groups/group_{g:03d}.npz``; written by :func:`train_group`):
 ``blocks`` (n_items, N, d) float32 as deployed (eval-mode BN + tanh; alpha NOT folded in),
 ``alpha`` (G_v, N) float32 exactly as used in training (see ``alpha_scale``), ``item_group``
 int32, ``users`` int64, ``user_emb`` (n_g, D) float32; plus a JSON log next to it.
@@ -49,6 +49,7 @@ from peel.io import load_npz, read_json, save_npz, write_json
 log = logging.getLogger(__name__)
 
 SCORERS = ("dot", "mlp")
+USER_INITS = ("pretrained", "bn_scaled")
 SIMILARITIES = ("aligned", "literal")
 ALPHA_SCALES = ("global", "literal", "per_group")
 HYPERGRADIENTS = ("second_order", "first_order")
@@ -70,8 +71,14 @@ class FinetuneConfig:
     block_dim: int = 8  # d
     scorer: str = "mlp"  # "mlp": Eq. 5-6 | "dot": Eq. 10 on alpha-weighted blocks
     similarity: str = "aligned"  # "aligned": block n vs user chunk n | "literal": vs sum
-    alpha_scale: str = "global"  # "literal" (sum 1) | "global" (x G_v*N) | "per_group" (x N)
+    # "per_group": softmax within each item group x N (rows sum to N) | "global": softmax over
+    # all G_v*N x G_v*N | "literal": plain softmax over all (sums to 1, Eq. 7 as written)
+    alpha_scale: str = "per_group"
     hypergradient: str = "second_order"  # | "first_order" (DARTS first order, xi = 0)
+    # "pretrained": users start from the pretrained vectors (the paper); "bn_scaled": each
+    # dimension is multiplied by the item table's std, so that at the start u . BN(v) equals
+    # u . (v - mean) and Eq. 10 ranks (up to tanh) as the pretrained dot product did
+    user_init: str = "pretrained"
     mlp_layers: int = 2  # L2 tanh layers of Eq. 5
     mlp_hidden: int = 64
     controller_layers: int = 2  # L3 tanh layers of Eq. 7
@@ -107,7 +114,8 @@ class FinetuneConfig:
 
     def validate(self) -> None:
         checks = {"scorer": SCORERS, "similarity": SIMILARITIES, "alpha_scale": ALPHA_SCALES,
-                  "hypergradient": HYPERGRADIENTS, "early_stop": EARLY_STOP}
+                  "hypergradient": HYPERGRADIENTS, "early_stop": EARLY_STOP,
+                  "user_init": USER_INITS}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -322,6 +330,8 @@ class GroupModel:
         # Running statistics start from the pretrained table so epoch-0 evaluation is sane.
         self.run_mean = self.items.mean(0)
         self.run_var = self.items.var(0)
+        if cfg.user_init == "bn_scaled":
+            self.users *= torch.sqrt(self.run_var + cfg.bn_eps)
         mlp_in = 2 * cfg.dim
         self.mlp = (init_mlp([mlp_in] + [cfg.mlp_hidden] * cfg.mlp_layers + [1], gen, dtype)
                     if cfg.scorer == "mlp" else [])

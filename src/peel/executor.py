@@ -127,7 +127,12 @@ def _init_worker(threads: int) -> None:
 
 
 class ProcessExecutor:
-    """Runs tasks in ``workers`` spawned processes (default: one per available core)."""
+    """Runs tasks in ``workers`` spawned processes (default: one per available core).
+
+    Each :meth:`map` starts and stops its own pool, unless the executor is used as a context
+    manager (``with ProcessExecutor(2) as ex: ...``), which keeps one pool for every call and
+    saves the workers' start-up (importing torch) between stages.
+    """
 
     def __init__(self, workers: int | None = None, threads_per_worker: int | None = None,
                  progress: bool = True, desc: str = "groups") -> None:
@@ -137,35 +142,57 @@ class ProcessExecutor:
                         else max(1, cores // self.workers))
         self.progress = progress
         self.desc = desc
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _new_pool(self, workers: int) -> cf.ProcessPoolExecutor:
+        return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                      initializer=_init_worker, initargs=(self.threads,))
+
+    def __enter__(self) -> ProcessExecutor:
+        if self._pool is None:
+            self._pool = self._new_pool(self.workers)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     def map(self, fn: Callable[[T], R], tasks: Sequence[T],
             labels: Sequence[str] | None = None) -> list[R]:
         names = _labels(tasks, labels)
         if not tasks:
             return []
+        if self._pool is not None:
+            return self._run(self._pool, fn, tasks, names)
+        with self._new_pool(min(self.workers, len(tasks))) as pool:
+            return self._run(pool, fn, tasks, names)
+
+    def _run(self, pool: cf.ProcessPoolExecutor, fn: Callable[[T], R], tasks: Sequence[T],
+             names: list[str]) -> list[R]:
         bar = _Progress(self.desc, names, self.progress)
         results: dict[int, R] = {}
-        workers = min(self.workers, len(tasks))
-        ctx = multiprocessing.get_context("spawn")
+        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        started: dict[int, float] = {}
+        pending = set(futures)
         try:
-            with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.threads,)) as pool:
-                futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
-                started: dict[int, float] = {}
-                pending = set(futures)
-                while pending:
-                    finished, pending = cf.wait(pending, timeout=1.0,
-                                                return_when=cf.FIRST_COMPLETED)
-                    now = time.perf_counter()
-                    for fut in pending:
-                        i = futures[fut]
-                        if fut.running() and i not in started:
-                            started[i] = now
-                            bar.set(i, "running")
-                    for fut in finished:
-                        i = futures[fut]
-                        results[i] = fut.result()  # re-raises a worker's exception here
-                        bar.set(i, "done", now - started.get(i, now))
+            while pending:
+                finished, pending = cf.wait(pending, timeout=1.0,
+                                            return_when=cf.FIRST_COMPLETED)
+                now = time.perf_counter()
+                for fut in pending:
+                    i = futures[fut]
+                    if fut.running() and i not in started:
+                        started[i] = now
+                        bar.set(i, "running")
+                for fut in finished:
+                    i = futures[fut]
+                    results[i] = fut.result()  # re-raises a worker's exception here
+                    bar.set(i, "done", now - started.get(i, now))
+        except BaseException:
+            for fut in pending:  # do not leave queued work running behind an error
+                fut.cancel()
+            raise
         finally:
             bar.close()
         return [results[i] for i in range(len(tasks))]

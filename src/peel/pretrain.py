@@ -46,9 +46,11 @@ class PretrainConfig:
     negatives: int = 1  # sampled negatives per positive (BPR averaged over them)
     # "dns" = hardest of dns_candidates uniform draws; measured better than uniform (paper-notes)
     sampling: str = "dns"  # "uniform" | "dns"
-    dns_candidates: int = 8
-    lr: float = 5e-3
-    lr_decay: float = 1.0  # multiplicative per epoch
+    dns_candidates: int = 32
+    lr: float = 1e-2
+    # Exponential decay in optimiser steps (so it means the same on any dataset size); hard
+    # negatives overfit at a constant high rate. None = constant learning rate.
+    lr_half_life: int | None = 375
     l2: float = 1e-4  # LightGCN's weight on the batch's ego embeddings
     diversity: float = 0.1  # lambda of Eq. 2 (normalised mode; 0 = "w/o Regularizer")
     diversity_mode: str = "normalized"  # "normalized" | "literal" (unbounded, see docs)
@@ -76,6 +78,8 @@ class PretrainConfig:
             raise ValueError("sampling must be 'uniform' or 'dns'")
         if self.diversity_mode not in ("normalized", "literal"):
             raise ValueError("diversity_mode must be 'normalized' or 'literal'")
+        if self.lr_half_life is not None and self.lr_half_life < 1:
+            raise ValueError("lr_half_life must be >= 1 optimiser step (or None)")
         if self.batch_size < 1 or self.negatives < 1 or self.epochs < 0:
             raise ValueError("batch_size, negatives must be >= 1 and epochs >= 0")
 
@@ -318,8 +322,6 @@ def pretrain(data: InteractionData, cfg: PretrainConfig, out_dir: str | Path | N
     t_start = time.perf_counter() - state.elapsed
     while state.epoch < cfg.epochs:
         epoch = state.epoch
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * cfg.lr_decay**epoch
         t0 = time.perf_counter()
         loss = _train_epoch(model, opt, prop, sampler, pos_u, pos_i, cfg, epoch, device)
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss,
@@ -370,7 +372,10 @@ def _train_epoch(model: Model, opt: torch.optim.Optimizer, prop: Propagator,
     rng = np.random.default_rng([cfg.seed, epoch])
     order = rng.permutation(len(pos_u))
     total, steps = 0.0, 0
+    steps_per_epoch = -(-len(order) // cfg.batch_size)
     for start in range(0, len(order), cfg.batch_size):
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + steps)
         idx = order[start : start + cfg.batch_size]
         u_np, p_np = pos_u[idx], pos_i[idx]
         draws = cfg.negatives * (cfg.dns_candidates if cfg.sampling == "dns" else 1)
@@ -385,6 +390,12 @@ def _train_epoch(model: Model, opt: torch.optim.Optimizer, prop: Propagator,
         total += float(loss.detach())
         steps += 1
     return total / max(steps, 1)
+
+
+def learning_rate(cfg: PretrainConfig, step: int) -> float:
+    if cfg.lr_half_life is None:
+        return cfg.lr
+    return cfg.lr * 0.5 ** (step / cfg.lr_half_life)
 
 
 def _batch_loss(model: Model, prop: Propagator, u: torch.Tensor, p: torch.Tensor,
