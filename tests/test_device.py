@@ -71,7 +71,7 @@ def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str) -> None:
     arrays = check_group_arrays(np.tanh(rng.standard_normal((n_items, 4, 3))),
                                 rng.random((5, 4)), groups, np.arange(3),
                                 rng.standard_normal((3, 12)))
-    pkg = _build(tmp_path, arrays, 0.6, similarity=similarity, user=1)
+    pkg = _build(tmp_path, arrays, 0.6, similarity=similarity, weighting="none", user=1)
     assert pkg.similarity == similarity
     assert len({s.size for s in pkg.block_sets()}) > 1  # the Eq. 10 factor matters here
     for u in range(3):
@@ -108,7 +108,7 @@ def test_stored_alpha_weighting_is_used(tmp_path: Path) -> None:
 
 def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path) -> None:
     arrays = synthetic_group(n_items=50, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
-    pkg = _build(tmp_path, arrays, "1MB")
+    pkg = _build(tmp_path, arrays, "1MB", weighting="none")
     assert pkg.n_selected == 12  # every block fits, so every factor is 1
     full = arrays.blocks.reshape(50, 8) @ arrays.user_emb[0]
     np.testing.assert_allclose(pkg.scores(arrays.user_emb[0]), full, rtol=1e-5, atol=1e-6)

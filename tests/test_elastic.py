@@ -104,17 +104,21 @@ def test_bn_scaled_user_init_matches_the_batch_norm_scale() -> None:
                                users @ (items - items.mean(0)).T, rtol=1e-9)
 
 
-def test_controller_starts_uniform() -> None:
-    model = _tiny_model("dot", torch.float32)
-    np.testing.assert_allclose(model.alpha().detach().numpy(), np.ones((3, 3)), rtol=1e-6)
+@pytest.mark.parametrize(("scale", "value"), [("literal", 1 / 9), ("global", 1.0),
+                                              ("per_group", 1.0)])
+def test_controller_starts_uniform(scale: str, value: float) -> None:
+    model = _tiny_model("dot", torch.float32, alpha_scale=scale)
+    np.testing.assert_allclose(model.alpha().detach().numpy(), np.full((3, 3), value),
+                               rtol=1e-6)
 
 
 # --------------------------------------------------------------------------- bi-level step
 
 
-def _tiny_model(scorer: str, dtype: torch.dtype, xi: float = 0.5) -> GroupModel:
+def _tiny_model(scorer: str, dtype: torch.dtype, xi: float = 0.5,
+                alpha_scale: str = "literal") -> GroupModel:
     cfg = FinetuneConfig(n_blocks=3, block_dim=2, scorer=scorer, mlp_hidden=5,
-                         controller_hidden=4, xi=xi)
+                         controller_hidden=4, xi=xi, alpha_scale=alpha_scale)
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     model = GroupModel(rng.normal(size=(12, 6)), rng.normal(size=(5, 6)), np.arange(12) % 3,
@@ -128,9 +132,10 @@ def _tiny_batches(seed: int = 1) -> tuple[Triples, Triples]:
                  for _ in range(2))  # type: ignore[return-value]
 
 
+@pytest.mark.parametrize("scale", ["literal", "per_group"])
 @pytest.mark.parametrize("scorer", ["dot", "mlp"])
-def test_unrolled_hypergradient_matches_finite_differences(scorer: str) -> None:
-    model = _tiny_model(scorer, torch.float64)
+def test_unrolled_hypergradient_matches_finite_differences(scorer: str, scale: str) -> None:
+    model = _tiny_model(scorer, torch.float64, alpha_scale=scale)
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():  # move away from the uniform start so every term is non-trivial
         for p in model.controller:
@@ -154,7 +159,7 @@ def test_unrolled_hypergradient_matches_finite_differences(scorer: str) -> None:
     first = torch.autograd.grad(model.unrolled_objective(lb, second_order=False),
                                 model.controller)
     approx = sum(float((g * d).sum()) for g, d in zip(first, direction, strict=True))
-    assert abs(approx - analytic) > 1e-4
+    assert abs(approx - analytic) > 1e-3 * abs(analytic)
 
 
 def test_unrolled_step_on_touched_rows_equals_full_table() -> None:
@@ -328,12 +333,11 @@ def test_test_split_is_never_used(demo_run: dict, tmp_path: Path) -> None:
         np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_planted_communities_get_different_alpha(tmp_path: Path) -> None:
+@pytest.mark.parametrize("scale", ["literal", "global"])
+def test_planted_communities_get_different_alpha(tmp_path: Path, scale: str) -> None:
     """Groups from different communities learn different weights; halves of one do not.
 
-    Uses the dot scorer with "global" weights, where the controller's effect on the loss is
-    direct and its signal is strong enough for a 2-second test; the default configuration's
-    weights are checked end to end by the measurements in docs/paper-notes.md.
+    Dot scorer (the default), with the default "literal" softmax and the "global" rescaling.
     """
     data, community = tiered_communities()
     user_emb, item_emb = svd_embeddings(data)
@@ -341,7 +345,7 @@ def test_planted_communities_get_different_alpha(tmp_path: Path) -> None:
     # community 0 split in two halves (groups 0 and 2), community 1 is group 1
     user_groups = community.copy()
     user_groups[np.flatnonzero(community == 0)[1::2]] = 2
-    cfg = FinetuneConfig(n_blocks=4, block_dim=4, scorer="dot", alpha_scale="global",
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, scorer="dot", alpha_scale=scale,
                          controller_hidden=16, batch_size=128, max_epochs=8, patience=8,
                          controller_lr=1e-2, early_stop_budgets=(1.0,))
     finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg, tmp_path,
@@ -383,6 +387,6 @@ def test_group_without_validation_interactions_still_trains(tmp_path: Path) -> N
     assert summaries[1].n_valid == 0 and summaries[1].valid == {}
     assert summaries[1].epochs == 2
     alpha = load_group(tmp_path / "groups" / "group_001.npz")["alpha"]
-    np.testing.assert_allclose(alpha, 1.0, rtol=1e-6)  # never updated: uniform
+    np.testing.assert_allclose(alpha, 1 / alpha.size, rtol=1e-6)  # never updated: uniform
     with pytest.raises(ValueError, match="early_stop_budgets"):
         FinetuneConfig(early_stop_budgets=(0.0,)).validate()

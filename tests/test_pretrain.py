@@ -172,3 +172,16 @@ def test_save_and_load_roundtrip(small, tmp_path):
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="multiple of block_dim"):
         PretrainConfig(dim=30, block_dim=8).validate()
+
+
+def test_learning_rate_halves_every_half_life_and_zero_means_constant() -> None:
+    from peel.pretrain import learning_rate
+
+    cfg = PretrainConfig(lr=1e-2, lr_half_life=100)
+    assert learning_rate(cfg, 0) == pytest.approx(1e-2)
+    assert learning_rate(cfg, 100) == pytest.approx(5e-3)
+    assert learning_rate(cfg, 300) == pytest.approx(1.25e-3)
+    const = PretrainConfig(lr=1e-2, lr_half_life=0)
+    assert learning_rate(const, 10_000) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="lr_half_life"):
+        PretrainConfig(lr_half_life=-1).validate()

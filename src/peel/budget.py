@@ -31,7 +31,7 @@ import numpy as np
 
 # --- file format constants (shared by the writer in peel.package and the reader in peel.device)
 FORMAT_NAME = "peel-package"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # v2: blocks stored dimension-major (d, rows); v1 was (rows, d)
 MAGIC = b"PEELPKG\x00"
 #: magic, format version, JSON header length, payload length, budget in bytes, sha256 digest.
 PREAMBLE = struct.Struct("<8sIIQQ32s")

@@ -114,7 +114,7 @@ def add_pretrain_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dns-candidates", type=int, default=None)
     g.add_argument("--lr", type=float, default=None)
     g.add_argument("--lr-half-life", type=int, default=None,
-                   help="learning-rate half-life in optimiser steps")
+                   help="learning-rate half-life in optimiser steps (0 = constant)")
     g.add_argument("--l2", type=float, default=None)
     g.add_argument("--diversity", type=float, default=None, help="lambda of Eq. 2")
     g.add_argument("--diversity-mode", default=None, choices=["normalized", "literal"])

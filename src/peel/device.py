@@ -185,7 +185,7 @@ class Package:
     def item_blocks(self, group: int, block: int) -> np.ndarray | None:
         """The (items in group, d) view of one selected block, rows in stored item order."""
         hits = np.flatnonzero((self.selection[:, 0] == group) & (self.selection[:, 1] == block))
-        return None if hits.size == 0 else self._kernel()[int(hits[0])][2]
+        return None if hits.size == 0 else self._kernel()[int(hits[0])][2].T
 
     def describe(self) -> dict[str, Any]:
         """Header facts plus the budget report, for ``--json`` output and logs."""
@@ -228,7 +228,7 @@ class Package:
     # ----------------------------------------------------------------- scoring
 
     def _kernel(self) -> list[tuple[int, int, np.ndarray]]:
-        """(row start, row end, (rows, d) view) per selected block, built on first use."""
+        """(row start, row end, (d, rows) view) per selected block, built on first use."""
         if self._chunks is None:
             d, off = self.spec.block_dim, self.group_offsets
             chunks = []
@@ -236,7 +236,7 @@ class Package:
                 lo, hi = int(off[g]), int(off[g + 1])
                 start = int(self._rows[i]) * d
                 chunks.append((lo, hi, self.blocks[start: start + (hi - lo) * d]
-                               .reshape(hi - lo, d)))
+                               .reshape(d, hi - lo)))
             self._chunks = chunks
         return self._chunks
 
@@ -263,9 +263,9 @@ class Package:
         groups = self.spec.n_groups
         for i, (lo, hi, chunk) in enumerate(self._kernel()):
             if i < groups:  # the first G blocks cover each item group exactly once
-                np.matmul(chunk, q[i], out=scores[lo:hi])
+                np.matmul(q[i], chunk, out=scores[lo:hi])
             else:
-                scores[lo:hi] += chunk @ q[i]
+                scores[lo:hi] += q[i] @ chunk
         return scores
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
@@ -275,9 +275,9 @@ class Package:
         groups = self.spec.n_groups
         for i, (lo, hi, chunk) in enumerate(self._kernel()):
             if i < groups:
-                np.matmul(q[i], chunk.T, out=scores[:, lo:hi])
+                np.matmul(q[i], chunk, out=scores[:, lo:hi])
             else:
-                scores[:, lo:hi] += q[i] @ chunk.T
+                scores[:, lo:hi] += q[i] @ chunk
         return scores
 
     def scores(self, users: np.ndarray | None = None, similarity: str | None = None,

@@ -69,11 +69,13 @@ class FinetuneConfig:
 
     n_blocks: int = 16  # N
     block_dim: int = 8  # d
-    scorer: str = "mlp"  # "mlp": Eq. 5-6 | "dot": Eq. 10 on alpha-weighted blocks
+    # measured defaults (docs/paper-notes.md, "Stage 2"): "dot" trains with the similarity the
+    # device ranks with; "mlp" is the paper's Eq. 5-6 scorer
+    scorer: str = "dot"  # "mlp": Eq. 5-6 | "dot": Eq. 10 on alpha-weighted blocks
     similarity: str = "aligned"  # "aligned": block n vs user chunk n | "literal": vs sum
     # "per_group": softmax within each item group x N (rows sum to N) | "global": softmax over
     # all G_v*N x G_v*N | "literal": plain softmax over all (sums to 1, Eq. 7 as written)
-    alpha_scale: str = "per_group"
+    alpha_scale: str = "literal"
     hypergradient: str = "second_order"  # | "first_order" (DARTS first order, xi = 0)
     # "pretrained": users start from the pretrained vectors (the paper); "bn_scaled": each
     # dimension is multiplied by the item table's std, so that at the start u . BN(v) equals

@@ -49,7 +49,7 @@ class PretrainConfig:
     dns_candidates: int = 32
     lr: float = 1e-2
     # Exponential decay in optimiser steps (so it means the same on any dataset size); hard
-    # negatives overfit at a constant high rate. None = constant learning rate.
+    # negatives overfit at a constant high rate. 0 or None = constant (0 is TOML's spelling).
     lr_half_life: int | None = 375
     l2: float = 1e-4  # LightGCN's weight on the batch's ego embeddings
     diversity: float = 0.1  # lambda of Eq. 2 (normalised mode; 0 = "w/o Regularizer")
@@ -78,8 +78,8 @@ class PretrainConfig:
             raise ValueError("sampling must be 'uniform' or 'dns'")
         if self.diversity_mode not in ("normalized", "literal"):
             raise ValueError("diversity_mode must be 'normalized' or 'literal'")
-        if self.lr_half_life is not None and self.lr_half_life < 1:
-            raise ValueError("lr_half_life must be >= 1 optimiser step (or None)")
+        if self.lr_half_life is not None and self.lr_half_life < 0:
+            raise ValueError("lr_half_life must be >= 0 optimiser steps (0 = constant rate)")
         if self.batch_size < 1 or self.negatives < 1 or self.epochs < 0:
             raise ValueError("batch_size, negatives must be >= 1 and epochs >= 0")
 
@@ -393,7 +393,7 @@ def _train_epoch(model: Model, opt: torch.optim.Optimizer, prop: Propagator,
 
 
 def learning_rate(cfg: PretrainConfig, step: int) -> float:
-    if cfg.lr_half_life is None:
+    if not cfg.lr_half_life:
         return cfg.lr
     return cfg.lr * 0.5 ** (step / cfg.lr_half_life)
 
