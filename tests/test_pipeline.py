@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
 from peel.cli import main
-from peel.pipeline import load_run_config
+from peel.io import write_json
+from peel.pipeline import _check_pretrain_config, config_toml, demo_config, load_run_config
 from peel.synthetic import SyntheticConfig, make_demo, write_lightgcn_folder
 
 SMALL_CONFIG = """
@@ -128,3 +131,25 @@ def test_deploy_user_package_excludes_seen_items_and_shrinks(run_dir, capsys):
     small = root / "u7-small.peel"
     assert main(["shrink", str(pkg), "--budget", "0.4", "--out", str(small)]) == 0
     assert small.stat().st_size < pkg.stat().st_size
+
+
+def test_reuse_pretrain_copies_stage1_only_for_identical_settings(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from peel.pipeline import reuse_pretrain
+
+    src = tmp_path / "src"
+    (src / "pretrain").mkdir(parents=True)
+    cfg = demo_config(0)
+    (src / "config.toml").write_text(config_toml(cfg))
+    for name in ("embeddings.safetensors", "pretrain_log.json"):
+        (src / "pretrain" / name).write_bytes(b"x")
+    write_json(src / "pretrain" / "pretrain_config.json", asdict(cfg.pretrain))
+    ablation = replace(cfg, groups=replace(cfg.groups, item_grouping="random"))
+    reuse_pretrain(src, tmp_path / "ab", ablation)
+    assert (tmp_path / "ab" / "pretrain" / "embeddings.safetensors").read_bytes() == b"x"
+    other = replace(cfg, pretrain=replace(cfg.pretrain, diversity=0.0))
+    with pytest.raises(ValueError, match="pretrain"):
+        reuse_pretrain(src, tmp_path / "reg", other)
+    with pytest.raises(ValueError, match="diversity"):
+        _check_pretrain_config(tmp_path / "ab" / "pretrain", other.pretrain)

@@ -247,6 +247,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from peel.pipeline import train
 
     cfg = _run_config(args)
+    if args.reuse_pretrain:
+        from peel.pipeline import reuse_pretrain
+
+        reuse_pretrain(args.reuse_pretrain, args.out, cfg)
     summary = train(cfg, args.out, progress=not args.quiet)
     if args.json:
         print(to_json({"seconds": summary["seconds"], "out": args.out,
@@ -346,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
                     help="override one config value, e.g. groups.item_grouping=random")
     tr.add_argument("--label", default=None, help="method name in reports")
+    tr.add_argument("--reuse-pretrain", default=None, metavar="RUN",
+                    help="copy stage 1 from RUN (same data and [pretrain] settings required)")
     tr.add_argument("--workers", type=int, default=None, help="parallel group workers")
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--json", action="store_true")

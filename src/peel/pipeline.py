@@ -216,11 +216,49 @@ def pretrain_stage(data: InteractionData, cfg: RunConfig, out: Path,
                    progress: bool) -> tuple[np.ndarray, np.ndarray]:
     stage = out / "pretrain"
     if (stage / "embeddings.safetensors").exists():
+        _check_pretrain_config(stage, cfg.pretrain)
         log.info("pretrain: reusing %s", stage)
         return load_embeddings(stage)
     result = pretrain(data, cfg.pretrain, out_dir=stage / "checkpoint", progress=progress)
     save_result(result, stage)
     return result.user_emb, result.item_emb
+
+
+def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
+    """Stage-1 outputs are only reused when they were made with exactly this configuration."""
+    path = stage / "pretrain_config.json"
+    if not path.exists():
+        raise ValueError(f"{path}: missing; these embeddings cannot be checked against the "
+                         "configuration; delete the pretrain folder to retrain")
+    saved = json.loads(json.dumps(read_json(path), default=str))
+    wanted = json.loads(json.dumps(asdict(pcfg), default=str))
+    if saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "
+                         "use a new --out folder or the same [pretrain] settings")
+
+
+def reuse_pretrain(source_run: str | Path, out: str | Path, cfg: RunConfig) -> None:
+    """Copy stage 1 of another run into ``out`` when data and [pretrain] settings are identical.
+
+    Ablations that change only later stages (item grouping, user clustering) then skip the
+    most expensive stage instead of recomputing identical embeddings.
+    """
+    src = Path(source_run)
+    src_cfg = load_config(src / "config.toml")
+    same = (src_cfg.run.data == cfg.run.data and asdict(src_cfg.data) == asdict(cfg.data)
+            and asdict(src_cfg.pretrain) == asdict(cfg.pretrain))
+    if not same:
+        raise ValueError(f"{src}: its data or [pretrain] settings differ from this run's; "
+                         "stage 1 cannot be reused (drop --reuse-pretrain)")
+    stage = src / "pretrain"
+    _check_pretrain_config(stage, cfg.pretrain)
+    dest = Path(out) / "pretrain"
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("embeddings.safetensors", "pretrain_log.json", "pretrain_config.json"):
+        tmp = dest / f".{name}.tmp"
+        tmp.write_bytes((stage / name).read_bytes())
+        tmp.replace(dest / name)
 
 
 def partition_stage(data: InteractionData, cfg: RunConfig, out: Path,
