@@ -12,7 +12,6 @@ per variant. Validation data only: the test split is never read here.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -24,7 +23,6 @@ from peel.elastic import main as elastic_main
 def run_variant(args: argparse.Namespace, variant: str, index: int) -> dict:
     sets = [kv for kv in variant.split(",") if kv]
     log = Path(args.out) / "variants.jsonl"
-    before = log.read_text().count("\n") if log.exists() else 0
     argv = ["--data", args.data, "--pretrained", str(Path(args.out) / "pretrained"),
             "--out", str(Path(args.out) / f"v{index:02d}"), "--seed", str(args.seed),
             "--workers", str(args.workers), "--budgets", args.budgets, "--log", str(log)]
@@ -32,10 +30,7 @@ def run_variant(args: argparse.Namespace, variant: str, index: int) -> dict:
     argv += ["--groups", *args.groups] if args.groups else []
     argv += ["--pretrain", *args.pretrain] if args.pretrain else []
     print("# python -m peel.elastic " + shlex.join(argv), flush=True)
-    elastic_main(argv)
-    lines = log.read_text().splitlines()
-    assert len(lines) == before + 1
-    return json.loads(lines[-1])
+    return elastic_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PretrainConfig(dim=args.dim, layers=args.layers, batch_size=args.batch_size,
                          negatives=args.negatives, sampling=args.sampling,
                          dns_candidates=args.dns_candidates, lr=args.lr,
-                         lr_half_life=args.lr_half_life or None,
+                         lr_half_life=args.lr_half_life,
                          l2=args.l2, diversity=args.diversity,
                          layer_combination=args.combination, epochs=args.epochs,
                          eval_every=args.eval_every, max_minutes=args.minutes, seed=args.seed,

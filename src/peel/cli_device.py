@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -126,8 +127,6 @@ def _run_context(run: str, user: int | None
     """What a full run folder adds to a package: the Eq. 10 reading the groups were trained
     with, and for a one-user package the items that user already has (so the device excludes
     them) and the dataset's own item ids when they are integers. Bare group folders add none."""
-    from pathlib import Path
-
     if not (Path(run) / "config.toml").exists():
         return None, None, None
     from peel.pipeline import load_data, load_run_config

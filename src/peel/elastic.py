@@ -1023,7 +1023,7 @@ def deployed_recall_with_device(data: InteractionData, out_dir: str | Path, budg
     return {k: float(np.concatenate(v).mean()) for k, v in per_user.items()}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Fine-tune all groups of a dataset with overrides and print deployed validation recall."""
     import argparse
     import sys
@@ -1088,6 +1088,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         with open(args.log, "a", encoding="utf-8") as fh:
             fh.write(line + "\n")
     sys.stdout.flush()
+    return row
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,7 +34,15 @@ from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
-from peel.io import load_npz, read_json, save_npz, write_json, write_run_metadata, write_text
+from peel.io import (
+    atomic_path,
+    load_npz,
+    read_json,
+    save_npz,
+    write_json,
+    write_run_metadata,
+    write_text,
+)
 from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
 
 log = logging.getLogger(__name__)
@@ -230,7 +239,7 @@ def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
     if not path.exists():
         raise ValueError(f"{path}: missing; these embeddings cannot be checked against the "
                          "configuration; delete the pretrain folder to retrain")
-    saved = json.loads(json.dumps(read_json(path), default=str))
+    saved = read_json(path)
     wanted = json.loads(json.dumps(asdict(pcfg), default=str))
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
@@ -254,11 +263,9 @@ def reuse_pretrain(source_run: str | Path, out: str | Path, cfg: RunConfig) -> N
     stage = src / "pretrain"
     _check_pretrain_config(stage, cfg.pretrain)
     dest = Path(out) / "pretrain"
-    dest.mkdir(parents=True, exist_ok=True)
     for name in ("embeddings.safetensors", "pretrain_log.json", "pretrain_config.json"):
-        tmp = dest / f".{name}.tmp"
-        tmp.write_bytes((stage / name).read_bytes())
-        tmp.replace(dest / name)
+        with atomic_path(dest / name) as tmp:
+            shutil.copyfile(stage / name, tmp)
 
 
 def partition_stage(data: InteractionData, cfg: RunConfig, out: Path,

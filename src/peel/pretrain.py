@@ -49,8 +49,8 @@ class PretrainConfig:
     dns_candidates: int = 32
     lr: float = 1e-2
     # Exponential decay in optimiser steps (so it means the same on any dataset size); hard
-    # negatives overfit at a constant high rate. 0 or None = constant (0 is TOML's spelling).
-    lr_half_life: int | None = 375
+    # negatives overfit at a constant high rate. 0 = constant.
+    lr_half_life: int = 375
     l2: float = 1e-4  # LightGCN's weight on the batch's ego embeddings
     diversity: float = 0.1  # lambda of Eq. 2 (normalised mode; 0 = "w/o Regularizer")
     diversity_mode: str = "normalized"  # "normalized" | "literal" (unbounded, see docs)
@@ -78,7 +78,7 @@ class PretrainConfig:
             raise ValueError("sampling must be 'uniform' or 'dns'")
         if self.diversity_mode not in ("normalized", "literal"):
             raise ValueError("diversity_mode must be 'normalized' or 'literal'")
-        if self.lr_half_life is not None and self.lr_half_life < 0:
+        if self.lr_half_life < 0:
             raise ValueError("lr_half_life must be >= 0 optimiser steps (0 = constant rate)")
         if self.batch_size < 1 or self.negatives < 1 or self.epochs < 0:
             raise ValueError("batch_size, negatives must be >= 1 and epochs >= 0")
@@ -373,12 +373,12 @@ def _train_epoch(model: Model, opt: torch.optim.Optimizer, prop: Propagator,
     order = rng.permutation(len(pos_u))
     total, steps = 0.0, 0
     steps_per_epoch = -(-len(order) // cfg.batch_size)
+    draws = cfg.negatives * (cfg.dns_candidates if cfg.sampling == "dns" else 1)
     for start in range(0, len(order), cfg.batch_size):
         for group in opt.param_groups:
             group["lr"] = learning_rate(cfg, epoch * steps_per_epoch + steps)
         idx = order[start : start + cfg.batch_size]
         u_np, p_np = pos_u[idx], pos_i[idx]
-        draws = cfg.negatives * (cfg.dns_candidates if cfg.sampling == "dns" else 1)
         n_np = sampler.sample(u_np, draws, rng)
         u = torch.from_numpy(u_np).to(device)
         p = torch.from_numpy(p_np).to(device)
@@ -393,7 +393,7 @@ def _train_epoch(model: Model, opt: torch.optim.Optimizer, prop: Propagator,
 
 
 def learning_rate(cfg: PretrainConfig, step: int) -> float:
-    if not cfg.lr_half_life:
+    if cfg.lr_half_life == 0:
         return cfg.lr
     return cfg.lr * 0.5 ** (step / cfg.lr_half_life)
 
