@@ -788,11 +788,11 @@ class _Trainer:
 
 def train_group(task: GroupTask) -> GroupSummary:
     """Fine-tune one user group and write its npz + JSON atomically (the executor's task)."""
-    from peel.executor import torch_threads
+    from peel.executor import deterministic_torch, torch_threads
 
     t0 = time.perf_counter()
     task.cfg.validate()
-    with torch_threads(task.cfg.threads):
+    with torch_threads(task.cfg.threads), deterministic_torch():
         trainer = _Trainer(task)
         result = trainer.fit()
         model = trainer.model

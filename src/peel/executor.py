@@ -57,6 +57,25 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextmanager
+def deterministic_torch() -> Iterator[None]:
+    """Same seed, same bits, at any thread count.
+
+    With more than one intra-op thread, torch's CPU backward of ``x[idx]`` (index_put with
+    accumulate) adds into shared rows with racing atomic adds, so two runs of one command
+    differed in the last bits and the difference grew over epochs. Deterministic mode makes
+    those kernels accumulate in a fixed order. ``warn_only`` keeps accelerators without a
+    deterministic kernel for some op running (with a warning) instead of failing.
+    """
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_before)
+
+
 def _labels(tasks: Sequence[Any], labels: Sequence[str] | None) -> list[str]:
     if labels is None:
         return [f"task{i}" for i in range(len(tasks))]

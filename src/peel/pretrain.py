@@ -28,6 +28,7 @@ from safetensors.numpy import save_file as save_np_tensors
 
 from peel.data import InteractionData
 from peel.eval import dot_scorer, evaluate
+from peel.executor import deterministic_torch
 from peel.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -298,6 +299,12 @@ def pretrain(data: InteractionData, cfg: PretrainConfig, out_dir: str | Path | N
     Every epoch draws its samples from ``(seed, epoch)``, so a resumed run equals an
     uninterrupted one.
     """
+    with deterministic_torch():
+        return _pretrain(data, cfg, out_dir, progress, on_eval)
+
+
+def _pretrain(data: InteractionData, cfg: PretrainConfig, out_dir: str | Path | None,
+              progress: bool, on_eval: ProgressHook | None) -> PretrainResult:
     cfg.validate()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -519,8 +526,7 @@ def save_result(result: PretrainResult, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "embeddings.safetensors") as tmp:
         save_np_tensors({"user_emb": result.user_emb, "item_emb": result.item_emb}, str(tmp),
-                        metadata={"dim": str(result.config.dim),
-                                  "block_dim": str(result.config.block_dim)})
+                        metadata=_header(result.config))
     write_json(out / "pretrain_log.json", {
         "best_epoch": result.best_epoch,
         "valid": result.valid_metrics,
@@ -528,6 +534,12 @@ def save_result(result: PretrainResult, out_dir: str | Path,
         "history": result.history,
     })
     write_json(out / "pretrain_config.json", asdict(result.config))
+
+
+def _header(cfg: PretrainConfig) -> dict[str, str]:
+    """One metadata key: safetensors writes a multi-key map in hash order, so the same run
+    would give files that differ byte for byte."""
+    return {"peel": json.dumps({"dim": cfg.dim, "block_dim": cfg.block_dim}, sort_keys=True)}
 
 
 def load_embeddings(run_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
