@@ -3,7 +3,7 @@
 #   benchmarks/table3.sh ../shared/datasets/ml-1m runs/ml-1m docs/results/ml-1m
 # Trains PEEL (default config), evaluates it at the paper's budgets with the fixed-size PMF and
 # LightGCN baselines and the w/o Importance Weight ablation (random block selection), trains the
-# three training-time ablations, and writes the report (Markdown, CSV, JSON, PNG) to REPORT.
+# three training-time ablations (cheapest first), and writes the report (Markdown, CSV, JSON, PNG) to REPORT.
 # Every stage's wall-clock goes to REPORT/timings.txt. Re-running resumes finished stages.
 set -euo pipefail
 DATA=${1:?usage: table3.sh DATA RUNS_DIR REPORT_DIR [SEED]}
@@ -13,7 +13,7 @@ SEED=${4:-0}
 PEEL=${PEEL:-peel}
 mkdir -p "$RUNS" "$REPORT"
 TIMES="$REPORT/timings.txt"
-: > "$TIMES"
+echo "# $(date -u +%FT%TZ) table3.sh $*" >> "$TIMES"  # appends: a resumed run keeps earlier lines
 
 timed() {  # timed LABEL CMD...: run, append "LABEL seconds" to the timings file
   local label=$1; shift
@@ -23,17 +23,19 @@ timed() {  # timed LABEL CMD...: run, append "LABEL seconds" to the timings file
 }
 
 timed "train PEEL" "$PEEL" train "$DATA" --out "$RUNS/peel" --seed "$SEED" --quiet
+# Cheapest first: w/o PopSeg and w/o User Clustering change only later stages, so they reuse
+# PEEL's stage 1; the baselines (six full trainings) next; w/o Regularizer (its own stage 1) last.
+ablation() {  # ablation NAME SECTION.KEY=VALUE [train options...]
+  local name=$1 setting=$2; shift 2
+  timed "train w/o $name" "$PEEL" train "$DATA" --out "$RUNS/wo_$name" --set "$setting" "$@" \
+    --label "w/o $name" --seed "$SEED" --quiet
+  timed "evaluate w/o $name" "$PEEL" evaluate "$RUNS/wo_$name" --quiet
+}
+ablation popseg groups.item_grouping=random --reuse-pretrain "$RUNS/peel"
+ablation clustering groups.user_grouping=single --reuse-pretrain "$RUNS/peel"
 timed "evaluate PEEL + baselines + random selection" \
   "$PEEL" evaluate "$RUNS/peel" --baselines --selection random --quiet
-# w/o PopSeg and w/o User Clustering change only later stages: they reuse PEEL's stage 1
-for ablation in "popseg groups.item_grouping=random --reuse-pretrain $RUNS/peel" \
-                "reg pretrain.diversity=0" \
-                "clustering groups.user_grouping=single --reuse-pretrain $RUNS/peel"; do
-  set -- $ablation
-  timed "train w/o $1" "$PEEL" train "$DATA" --out "$RUNS/wo_$1" --set "$2" "${@:3}" \
-    --label "w/o $1" --seed "$SEED" --quiet
-  timed "evaluate w/o $1" "$PEEL" evaluate "$RUNS/wo_$1" --quiet
-done
+ablation reg pretrain.diversity=0
 "$PEEL" report "$RUNS/peel" "$RUNS/wo_popseg" "$RUNS/wo_reg" "$RUNS/wo_clustering" \
   --out "$REPORT"
 for run in peel wo_popseg wo_reg wo_clustering; do  # per-stage seconds of every train

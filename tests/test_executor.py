@@ -45,6 +45,30 @@ def test_process_executor_keeps_order_caps_threads_and_reraises() -> None:
         assert [r[0] for r in ex.map(square_and_threads, [3])] == [9]
 
 
+def nap(x: float) -> float:
+    import time
+
+    time.sleep(x)
+    return x
+
+
+def test_progress_shows_only_tasks_a_worker_is_running(monkeypatch) -> None:
+    """The pool pre-queues work; the display must not call queued tasks running."""
+    import peel.executor as executor
+
+    peaks = []
+
+    class Recording(executor._Progress):
+        def set(self, i: int, status: str, seconds: float | None = None) -> None:
+            super().set(i, status, seconds)
+            peaks.append(sum(s == "running" for s in self.status))
+
+    monkeypatch.setattr(executor, "_Progress", Recording)
+    with ProcessExecutor(workers=2, threads_per_worker=1, progress=False) as ex:
+        assert ex.map(nap, [0.2] * 6) == [0.2] * 6
+    assert max(peaks) == 2
+
+
 def test_default_threads_do_not_oversubscribe() -> None:
     ex = ProcessExecutor(workers=64, progress=False)
     assert ex.threads == 1

@@ -191,23 +191,28 @@ class ProcessExecutor:
              names: list[str]) -> list[R]:
         bar = _Progress(self.desc, names, self.progress)
         results: dict[int, R] = {}
-        futures = {pool.submit(fn, task): i for i, task in enumerate(tasks)}
+        # At most one task in flight per worker: the pool would otherwise pre-queue several and
+        # report them all as running, so the display and per-task seconds would be wrong.
+        queue = list(range(len(tasks)))[::-1]
+        futures: dict[cf.Future[R], int] = {}
         started: dict[int, float] = {}
-        pending = set(futures)
+        pending: set[cf.Future[R]] = set()
         try:
-            while pending:
+            while queue or pending:
+                while queue and len(pending) < self.workers:
+                    i = queue.pop()
+                    fut = pool.submit(fn, tasks[i])
+                    futures[fut] = i
+                    pending.add(fut)
+                    started[i] = time.perf_counter()
+                    bar.set(i, "running")
                 finished, pending = cf.wait(pending, timeout=1.0,
                                             return_when=cf.FIRST_COMPLETED)
                 now = time.perf_counter()
-                for fut in pending:
-                    i = futures[fut]
-                    if fut.running() and i not in started:
-                        started[i] = now
-                        bar.set(i, "running")
                 for fut in finished:
                     i = futures[fut]
                     results[i] = fut.result()  # re-raises a worker's exception here
-                    bar.set(i, "done", now - started.get(i, now))
+                    bar.set(i, "done", now - started[i])
         except BaseException:
             for fut in pending:  # do not leave queued work running behind an error
                 fut.cancel()
