@@ -57,7 +57,7 @@ class PretrainConfig:
     diversity_mode: str = "normalized"  # "normalized" | "literal" (unbounded, see docs)
     init_std: float = 0.1
     eval_every: int = 1
-    patience: int = 10  # evaluations without a new best validation Recall@20
+    patience: int = 5  # evaluations without a new best val. Recall@20 (paper-notes)
     eval_batch_size: int = 1024
     max_minutes: float | None = None  # wall-clock cap, for benchmarks
     device: str = "auto"  # auto | cpu | cuda
