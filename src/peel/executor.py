@@ -13,6 +13,7 @@ oversubscribe the cores.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import multiprocessing
@@ -193,28 +194,22 @@ class ProcessExecutor:
         results: dict[int, R] = {}
         # At most one task in flight per worker: the pool would otherwise pre-queue several and
         # report them all as running, so the display and per-task seconds would be wrong.
-        queue = list(range(len(tasks)))[::-1]
-        futures: dict[cf.Future[R], int] = {}
-        started: dict[int, float] = {}
-        pending: set[cf.Future[R]] = set()
+        todo = collections.deque(range(len(tasks)))
+        running: dict[cf.Future[R], tuple[int, float]] = {}  # future -> (task, start time)
         try:
-            while queue or pending:
-                while queue and len(pending) < self.workers:
-                    i = queue.pop()
-                    fut = pool.submit(fn, tasks[i])
-                    futures[fut] = i
-                    pending.add(fut)
-                    started[i] = time.perf_counter()
+            while todo or running:
+                while todo and len(running) < self.workers:
+                    i = todo.popleft()
+                    running[pool.submit(fn, tasks[i])] = (i, time.perf_counter())
                     bar.set(i, "running")
-                finished, pending = cf.wait(pending, timeout=1.0,
-                                            return_when=cf.FIRST_COMPLETED)
+                finished, _ = cf.wait(running, timeout=1.0, return_when=cf.FIRST_COMPLETED)
                 now = time.perf_counter()
                 for fut in finished:
-                    i = futures[fut]
+                    i, t0 = running.pop(fut)
                     results[i] = fut.result()  # re-raises a worker's exception here
-                    bar.set(i, "done", now - started[i])
+                    bar.set(i, "done", now - t0)
         except BaseException:
-            for fut in pending:  # do not leave queued work running behind an error
+            for fut in running:  # do not leave queued work running behind an error
                 fut.cancel()
             raise
         finally:
