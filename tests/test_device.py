@@ -31,15 +31,17 @@ def group() -> GroupArrays:
 
 def _build(tmp: Path, arrays: GroupArrays, budget: object, name: str = "p.peel",
            **kw: object) -> Package:
-    fields = ("similarity", "weighting", "selection", "seed")
+    fields = ("similarity", "weighting", "scale", "selection", "seed")
     options = DeployOptions(**{k: kw.pop(k) for k in fields if k in kw})  # type: ignore[arg-type]
     build_package(tmp / name, arrays, budget, options=options, **kw)  # type: ignore[arg-type]
     return open_package(tmp / name)
 
 
 def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndarray,
-                       similarity: str, weighting: str = "none") -> np.ndarray:
-    """Eq. 10 item by item, straight from the paper's text, in float64."""
+                       similarity: str, weighting: str = "none",
+                       scale: str = "eq10") -> np.ndarray:
+    """Eq. 10 item by item, straight from the paper's text, in float64 (``scale="none"``
+    leaves out the factor max_k |S_k| / |S_g|)."""
     n_groups, n_blocks = arrays.alpha.shape
     d = arrays.blocks.shape[2]
     chosen = {g: [int(n) for gg, n in selection if gg == g] for g in range(n_groups)}
@@ -58,12 +60,13 @@ def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndar
                 rep[n * d:(n + 1) * d] = e  # the block at its own position
             weight = arrays.alpha[int(arrays.item_group[j]), n] if weighting == "alpha" else 1
             total += weight * float(u @ rep)
-        out[j] = most / len(blocks) * total
+        out[j] = (most / len(blocks) if scale == "eq10" else 1.0) * total
     return out
 
 
+@pytest.mark.parametrize("scale", ["eq10", "none"])
 @pytest.mark.parametrize("similarity", ["aligned", "literal"])
-def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str) -> None:
+def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: str) -> None:
     rng = np.random.default_rng(5)
     n_items = 90
     groups = rng.integers(0, 5, n_items)
@@ -71,11 +74,13 @@ def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str) -> None:
     arrays = check_group_arrays(np.tanh(rng.standard_normal((n_items, 4, 3))),
                                 rng.random((5, 4)), groups, np.arange(3),
                                 rng.standard_normal((3, 12)))
-    pkg = _build(tmp_path, arrays, 0.6, similarity=similarity, weighting="none", user=1)
-    assert pkg.similarity == similarity
+    pkg = _build(tmp_path, arrays, 0.6, similarity=similarity, weighting="none", scale=scale,
+                 user=1)
+    assert (pkg.similarity, pkg.scale) == (similarity, scale)
     assert len({s.size for s in pkg.block_sets()}) > 1  # the Eq. 10 factor matters here
     for u in range(3):
-        expected = brute_force_scores(arrays, pkg.selection, arrays.user_emb[u], similarity)
+        expected = brute_force_scores(arrays, pkg.selection, arrays.user_emb[u], similarity,
+                                      scale=scale)
         np.testing.assert_allclose(pkg.scores(arrays.user_emb[u]), expected, rtol=1e-5,
                                    atol=1e-5)
         ranking = pkg.rank(arrays.user_emb[u], k=10)
@@ -85,25 +90,33 @@ def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str) -> None:
     other = "literal" if similarity == "aligned" else "aligned"
     np.testing.assert_allclose(
         pkg.scores(arrays.user_emb[0], similarity=other),
-        brute_force_scores(arrays, pkg.selection, arrays.user_emb[0], other), rtol=1e-5,
-        atol=1e-5)
+        brute_force_scores(arrays, pkg.selection, arrays.user_emb[0], other, scale=scale),
+        rtol=1e-5, atol=1e-5)
+    flipped = "none" if scale == "eq10" else "eq10"
+    np.testing.assert_allclose(
+        pkg.scores(arrays.user_emb[0], scale=flipped),
+        brute_force_scores(arrays, pkg.selection, arrays.user_emb[0], similarity, scale=flipped),
+        rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(pkg.scores(), pkg.scores(arrays.user_emb[1]))  # stored user
     for weighted in ("aligned", "literal"):
         np.testing.assert_allclose(
             pkg.scores(arrays.user_emb[2], similarity=weighted, weighting="alpha"),
-            brute_force_scores(arrays, pkg.selection, arrays.user_emb[2], weighted, "alpha"),
+            brute_force_scores(arrays, pkg.selection, arrays.user_emb[2], weighted, "alpha",
+                               scale),
             rtol=1e-5, atol=1e-5)
 
 
 def test_stored_alpha_weighting_is_used(tmp_path: Path) -> None:
     arrays = synthetic_group(n_items=120, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
-    pkg = _build(tmp_path, arrays, "2KB", weighting="alpha", user=0)
+    pkg = _build(tmp_path, arrays, "2KB", weighting="alpha", scale="eq10", user=0)
     assert pkg.weighting == "alpha"
     expected = brute_force_scores(arrays, pkg.selection, arrays.user_emb[0], "aligned", "alpha")
     np.testing.assert_allclose(pkg.scores(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pkg.rank(k=5).items, np.argsort(-expected, kind="stable")[:5])
     with pytest.raises(ValueError, match="weighting"):
         pkg.rank(k=5, weighting="softmax")
+    with pytest.raises(ValueError, match="scale"):
+        pkg.rank(k=5, scale="max")
 
 
 def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path) -> None:
@@ -207,18 +220,20 @@ sizes = st.tuples(st.integers(1, 60), st.integers(1, 5), st.integers(1, 4), st.i
 
 @settings(max_examples=30, deadline=None)
 @given(shape=sizes, similarity=st.sampled_from(["aligned", "literal"]),
-       weighting=st.sampled_from(["none", "alpha"]),
+       weighting=st.sampled_from(["none", "alpha"]), scale=st.sampled_from(["none", "eq10"]),
        selection=st.sampled_from(["importance", "random"]), user=st.sampled_from([None, 1]),
        data=st.data())
 def test_shrink_equals_a_direct_build(shape: tuple[int, int, int, int, int], similarity: str,
-                                      weighting: str, selection: str, user: int | None,
+                                      weighting: str, scale: str, selection: str,
+                                      user: int | None,
                                       data: st.DataObject) -> None:
     n_items, n_blocks, block_dim, n_groups, seed = shape
     arrays = synthetic_group(n_items, n_blocks, block_dim, n_groups, 2, seed)
     if data.draw(st.booleans()):  # ties in alpha
         arrays = GroupArrays(arrays.blocks, np.round(arrays.alpha * 4) / 4, arrays.item_group,
                              arrays.users, arrays.user_emb)
-    kw = dict(similarity=similarity, weighting=weighting, selection=selection, seed=seed % 7,
+    kw = dict(similarity=similarity, weighting=weighting, scale=scale, selection=selection,
+              seed=seed % 7,
               user=user)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)

@@ -214,20 +214,21 @@ def test_block_selection_follows_section_iv_c4() -> None:
     assert blocks_for_budget(20, 16, 1.0) == 320
 
 
+@pytest.mark.parametrize("scale", ["eq10", "none"])
 @pytest.mark.parametrize("similarity", ["aligned", "literal"])
-def test_eq10_scorer_matches_the_formula(similarity: str) -> None:
+def test_eq10_scorer_matches_the_formula(similarity: str, scale: str) -> None:
     rng = np.random.default_rng(0)
     n_items, n_blocks, d = 7, 3, 2
     blocks = rng.normal(size=(n_items, n_blocks, d)).astype(np.float32)
     item_group = np.array([0, 1, 0, 1, 1, 0, 1])
     mask = np.array([[True, True, True], [False, True, False]])
     users = rng.normal(size=(2, n_blocks * d)).astype(np.float32)
-    got = Eq10Scorer(blocks, item_group, mask, similarity)(users).numpy()
+    got = Eq10Scorer(blocks, item_group, mask, similarity, scale=scale)(users).numpy()
     for b in range(2):
         chunks = users[b].reshape(n_blocks, d)
         for j in range(n_items):
             kept = np.flatnonzero(mask[item_group[j]])
-            factor = 3 / len(kept)  # max_k |S_k| = 3
+            factor = 3 / len(kept) if scale == "eq10" else 1.0  # max_k |S_k| = 3
             total = 0.0
             for n in kept:
                 rep = np.tile(blocks[j, n], n_blocks)  # e-bar: the block repeated N times

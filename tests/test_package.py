@@ -16,6 +16,7 @@ from peel import cli_device
 from peel.budget import MB, BudgetError, full_table_bytes
 from peel.device import PackageError, open_package, read_package
 from peel.package import (
+    DEFAULT_SCALE,
     DEFAULT_SIMILARITY,
     DEFAULT_WEIGHTING,
     DeployOptions,
@@ -51,6 +52,7 @@ def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Pat
     pkg = open_package(tmp_path / "p.peel")
     assert pkg.spec.user == 3 and pkg.spec.group == 7
     assert pkg.similarity == DEFAULT_SIMILARITY and pkg.weighting == DEFAULT_WEIGHTING
+    assert pkg.scale == DEFAULT_SCALE
     np.testing.assert_array_equal(pkg.weights, group.alpha[pkg.selection[:, 0],
                                                             pkg.selection[:, 1]].astype(np.float32))
     np.testing.assert_array_equal(pkg.user_emb, group.user_emb[3])
@@ -233,11 +235,12 @@ def test_cli_deploy_recommend_shrink(run_dir: Path, tmp_path: Path,
     group_pkg = tmp_path / "g0.peel"
     code, out, _ = _cli(["deploy", str(run_dir), "--budget", "20KB", "--group", "0", "--out",
                          str(group_pkg), "--selection", "random", "--seed", "5",
-                         "--similarity", "literal", "--weighting", "alpha"], capsys)
-    assert code == 0 and "group 0" in out
+                         "--similarity", "literal", "--weighting", "alpha", "--scale", "eq10"],
+                        capsys)
+    assert code == 0 and "group 0" in out and "scale eq10" in out
     spec = open_package(group_pkg).spec
-    assert (spec.selection, spec.seed, spec.similarity, spec.weighting) == (
-        "random", 5, "literal", "alpha")
+    assert (spec.selection, spec.seed, spec.similarity, spec.weighting, spec.scale) == (
+        "random", 5, "literal", "alpha", "eq10")
 
 
 @pytest.mark.parametrize(("argv", "message"), [

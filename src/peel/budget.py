@@ -31,7 +31,7 @@ import numpy as np
 
 # --- file format constants (shared by the writer in peel.package and the reader in peel.device)
 FORMAT_NAME = "peel-package"
-FORMAT_VERSION = 2  # v2: blocks stored dimension-major (d, rows); v1 was (rows, d)
+FORMAT_VERSION = 3  # v3: the header records Eq. 10's scale; v2: blocks stored (d, rows)
 MAGIC = b"PEELPKG\x00"
 #: magic, format version, JSON header length, payload length, budget in bytes, sha256 digest.
 PREAMBLE = struct.Struct("<8sIIQQ32s")
@@ -42,6 +42,10 @@ SIMILARITIES = ("aligned", "literal")
 #: "none": Eq. 10 as written (blocks unweighted); "alpha": each kept block scaled by its weight,
 #: as the blocks were seen in training (a measured alternative, not the paper's deployment).
 WEIGHTINGS = ("none", "alpha")
+#: "eq10": Eq. 10's factor max_k |S_k| / |S_g| multiplies the scores of item group g (the
+#: paper); "none": the plain sum over the kept blocks, a partial dot product (measured better
+#: on validation: docs/paper-notes.md, "Deployment").
+SCALES = ("none", "eq10")
 SELECTIONS = ("importance", "random")
 MB = 1_000_000
 MAX_INDEX = 0xFFFF  # item groups and blocks are stored as uint16 in the selection list
@@ -192,6 +196,7 @@ class PackageSpec:
     weighting: str = "none"
     selection: str = "importance"
     seed: int | None = None
+    scale: str = "none"
     group: int | None = None
     user: int | None = None
     user_stored: bool = False
@@ -205,6 +210,8 @@ class PackageSpec:
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting {self.weighting!r}: choose one of "
                              f"{', '.join(WEIGHTINGS)}")
+        if self.scale not in SCALES:
+            raise ValueError(f"scale {self.scale!r}: choose one of {', '.join(SCALES)}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection {self.selection!r}: choose one of "
                              f"{', '.join(SELECTIONS)}")
@@ -355,6 +362,7 @@ def header_document(spec: PackageSpec, n_selected: int,
         "n_item_groups": spec.n_groups,
         "similarity": spec.similarity,
         "weighting": spec.weighting,
+        "scale": spec.scale,
         "selection": spec.selection,
         "seed": spec.seed,
         "group": spec.group,

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from peel.budget import SELECTIONS, SIMILARITIES, WEIGHTINGS
+from peel.budget import SCALES, SELECTIONS, SIMILARITIES, WEIGHTINGS
 from peel.device import Package, Ranking, open_package
 from peel.io import to_json
 from peel.package import (
+    DEFAULT_SCALE,
     DEFAULT_SIMILARITY,
     DEFAULT_WEIGHTING,
     DeployOptions,
@@ -55,6 +56,9 @@ def _add_deploy(subparsers: Any) -> None:
                    help=f"Eq. 10 reading stored in the package (default {DEFAULT_SIMILARITY})")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
                    help=f"scale kept blocks by their weight (default {DEFAULT_WEIGHTING})")
+    p.add_argument("--scale", choices=SCALES, default=None,
+                   help="multiply item group g's scores by Eq. 10's max_k |S_k| / |S_g| (eq10) "
+                        f"or not (none); default: the run's, else {DEFAULT_SCALE}")
     p.add_argument("--selection", choices=SELECTIONS, default="importance",
                    help="block order: by importance weight (the paper) or random (ablation)")
     p.add_argument("--seed", type=int, default=0, help="seed of --selection random")
@@ -74,6 +78,8 @@ def _add_recommend(subparsers: Any) -> None:
                    help="override the package's Eq. 10 reading")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
                    help="override the package's block weighting")
+    p.add_argument("--scale", choices=SCALES, default=None,
+                   help="override the package's Eq. 10 factor (eq10 or none)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_guard("recommend", recommend))
 
@@ -106,9 +112,9 @@ def deploy(args: argparse.Namespace) -> int:
     """Build one package from a run folder."""
     group = args.group if args.user is None else find_user_group(args.run, args.user)
     arrays = load_group(args.run, group)
-    similarity, seen, item_ids = _run_context(args.run, args.user)
+    (similarity, scale), seen, item_ids = _run_context(args.run, args.user)
     options = DeployOptions(similarity=args.similarity or similarity, weighting=args.weighting,
-                            selection=args.selection, seed=args.seed)
+                            scale=args.scale or scale, selection=args.selection, seed=args.seed)
     report = build_package(args.out, arrays, args.budget, user=args.user, group=group,
                            options=options, item_ids=item_ids, seen=seen)
     pkg = open_package(args.out)
@@ -117,30 +123,32 @@ def deploy(args: argparse.Namespace) -> int:
     else:
         who = f"user {args.user} (group {group})" if args.user is not None else f"group {group}"
         print(f"wrote {args.out}: {who}, {report.n_selected} of {report.n_candidates} blocks, "
-              f"{pkg.similarity} similarity, weighting {pkg.weighting}")
+              f"{pkg.similarity} similarity, weighting {pkg.weighting}, scale {pkg.scale}")
         print(report.table())
     return 0
 
 
 def _run_context(run: str, user: int | None
-                 ) -> tuple[str | None, np.ndarray | None, np.ndarray | None]:
-    """What a full run folder adds to a package: the Eq. 10 reading the groups were trained
-    with, and for a one-user package the items that user already has (so the device excludes
-    them) and the dataset's own item ids when they are integers. Bare group folders add none."""
+                 ) -> tuple[tuple[str | None, str | None], np.ndarray | None, np.ndarray | None]:
+    """What a full run folder adds to a package: the Eq. 10 reading and scale the groups were
+    trained and early-stopped with, and for a one-user package the items that user already has
+    (so the device excludes them) and the dataset's own item ids when they are integers. Bare
+    group folders add none."""
     if not (Path(run) / "config.toml").exists():
-        return None, None, None
+        return (None, None), None, None
     from peel.pipeline import load_data, load_run_config
 
     cfg = load_run_config(run)
+    reading = (cfg.finetune.similarity, cfg.deploy.scale or cfg.finetune.scale)
     if user is None:
-        return cfg.finetune.similarity, None, None
+        return reading, None, None
     data = load_data(cfg)
     seen_rows = data.seen_matrix("test")[user]
     try:
         item_ids = data.item_ids.astype(np.int64)
     except ValueError:
         item_ids = None
-    return cfg.finetune.similarity, seen_rows.indices.astype(np.int64), item_ids
+    return reading, seen_rows.indices.astype(np.int64), item_ids
 
 
 def _parse_exclude(text: str) -> np.ndarray:
@@ -158,7 +166,7 @@ def recommend(args: argparse.Namespace) -> int:
     if args.budget is not None:
         pkg = pkg.shrink(args.budget)
     ranking = pkg.rank(k=args.k, exclude=_parse_exclude(args.exclude),
-                       similarity=args.similarity, weighting=args.weighting)
+                       similarity=args.similarity, weighting=args.weighting, scale=args.scale)
     if args.json:
         print(to_json({"package": str(args.package), "user": pkg.spec.user,
                        "budget": pkg.budget, "n_selected": pkg.n_selected,

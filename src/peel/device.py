@@ -9,8 +9,12 @@ restricted to g); with u the user's D-vector split into N chunks u_1..u_N of siz
 
     r_j = max_k |S_k| / |S_g| * sum_{n in S_g} u . rep(e_j^n)
 
-where ``rep`` places the d-dim block in a D-vector. Two readings are supported, chosen when the
-package is built and overridable per call:
+where ``rep`` places the d-dim block in a D-vector. With ``scale="eq10"`` the factor
+max_k |S_k| / |S_g| is applied as written; with ``scale="none"`` (the default, by measurement:
+the factor multiplies the noisy one-block scores of tail item groups by up to N, and on gowalla
+they then fill the top-20; docs/paper-notes.md) the score is the plain sum over kept blocks.
+Two readings of ``rep`` are supported, chosen when the package is built and overridable per
+call:
 
 * ``"aligned"``: block n sits at chunk n, so the term is u_n . e_j^n (what a dot product with
   the full embedding computes when the other blocks are zero);
@@ -20,7 +24,7 @@ package is built and overridable per call:
 With ``weighting="alpha"`` each term is also multiplied by the block's importance weight (how
 the blocks entered training; a measured alternative to the paper's unweighted Eq. 10).
 
-The factor max_k |S_k| / |S_g| (and any weight) is folded into the per-block query, so the
+The factor (and any weight) is folded into the per-block query, so the
 kernel is one contiguous ``(items in group, d) @ (d,)`` product per selected block, accumulated
 into the score range of the block's item group (items are stored grouped). Items the user has are
 excluded: pass item indices to :meth:`Package.rank` / :meth:`Package.rank_batch`; a package
@@ -51,6 +55,7 @@ from peel.budget import (
     MAGIC,
     PREAMBLE,
     PREAMBLE_BYTES,
+    SCALES,
     SIMILARITIES,
     WEIGHTINGS,
     BudgetReport,
@@ -97,6 +102,7 @@ class _Mode:
 
     similarity: str
     weighting: str
+    scale: str
 
 
 class _ItemOrder:
@@ -153,7 +159,7 @@ class Package:
         self._rows = prefix_rows(self.spec, self.selection)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
-        """Eq. 10's max_k |S_k| / |S_g| for every item group g."""
+        """Eq. 10's max_k |S_k| / |S_g| for every item group g (applied when scale="eq10")."""
 
     # ----------------------------------------------------------------- description
 
@@ -177,6 +183,10 @@ class Package:
     def weighting(self) -> str:
         return self.spec.weighting
 
+    @property
+    def scale(self) -> str:
+        return self.spec.scale
+
     def block_sets(self) -> list[np.ndarray]:
         """The selected block indices of every item group, in selection order."""
         sel = self.selection.astype(np.int64)
@@ -194,7 +204,7 @@ class Package:
             "source": self.source, "n_items": spec.n_items, "n_blocks": spec.n_blocks,
             "block_dim": spec.block_dim, "n_item_groups": spec.n_groups,
             "similarity": spec.similarity, "weighting": spec.weighting,
-            "selection": spec.selection, "seed": spec.seed,
+            "scale": spec.scale, "selection": spec.selection, "seed": spec.seed,
             "group": spec.group, "user": spec.user, "n_seen": spec.n_seen,
             "has_item_ids": spec.item_ids, "report": self.report.to_dict(),
         }
@@ -242,11 +252,12 @@ class Package:
 
     def _queries(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
         """(k, B, d) float32: the user chunk each selected block is dotted with, times Eq. 10's
-        factor for the block's item group (and the block's weight)."""
+        factor for the block's item group (scale="eq10") and the block's weight ("alpha")."""
         spec = self.spec
         chunks = users.reshape(users.shape[0], spec.n_blocks, spec.block_dim)
         sel = self.selection.astype(np.int64)
-        scale = self.factors[sel[:, 0]]
+        scale = (self.factors[sel[:, 0]] if mode.scale == "eq10"
+                 else np.ones(sel.shape[0], dtype=np.float64))
         if mode.weighting == "alpha":
             scale = scale * self.weights
         scale = scale.astype(np.float32)[:, None, None]
@@ -281,9 +292,9 @@ class Package:
         return scores
 
     def scores(self, users: np.ndarray | None = None, similarity: str | None = None,
-               weighting: str | None = None) -> np.ndarray:
+               weighting: str | None = None, scale: str | None = None) -> np.ndarray:
         """Eq. 10 scores in item-index order: (n_items,) for a vector, (B, n_items) for rows."""
-        mode = self._mode(similarity, weighting)
+        mode = self._mode(similarity, weighting, scale)
         if users is None:
             return self._row_scores(self._stored_user(), mode)[self._order.inv]
         u = np.asarray(users)
@@ -295,14 +306,15 @@ class Package:
 
     def rank(self, user: np.ndarray | None = None, k: int = 50,
              exclude: Iterable[int] | np.ndarray | None = None,
-             similarity: str | None = None, weighting: str | None = None) -> Ranking:
+             similarity: str | None = None, weighting: str | None = None,
+             scale: str | None = None) -> Ranking:
         """Top-``k`` items for one user, never returning an excluded item.
 
         ``user=None`` ranks the stored user and also excludes the stored ``seen`` list; an
         explicit vector excludes only ``exclude``. Ties are broken by lower item index.
-        ``similarity`` / ``weighting`` override the package's stored scoring mode.
+        ``similarity`` / ``weighting`` / ``scale`` override the package's stored scoring mode.
         """
-        mode = self._mode(similarity, weighting)
+        mode = self._mode(similarity, weighting, scale)
         k = _check_k(k)
         if user is None:
             u = self._stored_user()
@@ -329,7 +341,7 @@ class Package:
                    exclude_indptr: np.ndarray | None = None,
                    exclude_indices: np.ndarray | None = None,
                    similarity: str | None = None, weighting: str | None = None,
-                   batch_size: int = 32) -> BatchRanking:
+                   scale: str | None = None, batch_size: int = 32) -> BatchRanking:
         """Top-``k`` for every row of ``users`` (B, D), e.g. all test users of one group.
 
         Exclusions are CSR-like: user b excludes item indices
@@ -337,7 +349,7 @@ class Package:
         ``indptr`` / ``indices`` can be passed as they are). The stored ``seen`` list is not
         applied: it belongs to the stored user only.
         """
-        mode = self._mode(similarity, weighting)
+        mode = self._mode(similarity, weighting, scale)
         k = min(_check_k(k), self.n_items)
         mat = self._check_users(np.asarray(users))
         indptr, indices = self._check_csr(exclude_indptr, exclude_indices, mat.shape[0])
@@ -369,14 +381,18 @@ class Package:
 
     # ----------------------------------------------------------------- input checks
 
-    def _mode(self, similarity: str | None, weighting: str | None) -> _Mode:
+    def _mode(self, similarity: str | None, weighting: str | None,
+              scale: str | None = None) -> _Mode:
         sim = self.spec.similarity if similarity is None else similarity
         if sim not in SIMILARITIES:
             raise ValueError(f"similarity {sim!r}: choose one of {', '.join(SIMILARITIES)}")
         weigh = self.spec.weighting if weighting is None else weighting
         if weigh not in WEIGHTINGS:
             raise ValueError(f"weighting {weigh!r}: choose one of {', '.join(WEIGHTINGS)}")
-        return _Mode(sim, weigh)
+        sc = self.spec.scale if scale is None else scale
+        if sc not in SCALES:
+            raise ValueError(f"scale {sc!r}: choose one of {', '.join(SCALES)}")
+        return _Mode(sim, weigh, sc)
 
     def _stored_user(self) -> np.ndarray:
         if self.user_emb is None:
@@ -549,7 +565,8 @@ def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int
         spec = PackageSpec(
             n_items=n_items, n_blocks=_int(doc["n_blocks"]), block_dim=_int(doc["block_dim"]),
             group_counts=tuple(int(c) for c in counts), similarity=doc["similarity"],
-            weighting=doc["weighting"], selection=doc["selection"], seed=_opt_int(doc["seed"]),
+            weighting=doc["weighting"], scale=doc["scale"], selection=doc["selection"],
+            seed=_opt_int(doc["seed"]),
             group=_opt_int(doc["group"]), user=_opt_int(doc["user"]),
             user_stored="user_emb" in arrays,
             n_seen=_int(arrays["seen"]["shape"][0]) if "seen" in arrays else 0,

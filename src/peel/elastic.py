@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 SCORERS = ("dot", "mlp")
 USER_INITS = ("pretrained", "bn_scaled")
 SIMILARITIES = ("aligned", "literal")
+SCALES = ("none", "eq10")  # as peel.budget.SCALES: Eq. 10's factor max_k |S_k|/|S_g| or not
 ALPHA_SCALES = ("global", "literal", "per_group")
 HYPERGRADIENTS = ("second_order", "first_order")
 EARLY_STOP = ("recall", "loss")
@@ -73,6 +74,9 @@ class FinetuneConfig:
     # device ranks with; "mlp" is the paper's Eq. 5-6 scorer
     scorer: str = "dot"  # "mlp": Eq. 5-6 | "dot": Eq. 10 on alpha-weighted blocks
     similarity: str = "aligned"  # "aligned": block n vs user chunk n | "literal": vs sum
+    # "none": deployed scores are plain sums over kept blocks | "eq10": times the paper's factor
+    # max_k |S_k| / |S_g|. Used by early stopping and stored in packages (docs/paper-notes.md)
+    scale: str = "none"
     # "per_group": softmax within each item group x N (rows sum to N) | "global": softmax over
     # all G_v*N x G_v*N | "literal": plain softmax over all (sums to 1, Eq. 7 as written)
     alpha_scale: str = "literal"
@@ -115,7 +119,8 @@ class FinetuneConfig:
         return self.lr if self.xi is None else self.xi
 
     def validate(self) -> None:
-        checks = {"scorer": SCORERS, "similarity": SIMILARITIES, "alpha_scale": ALPHA_SCALES,
+        checks = {"scorer": SCORERS, "similarity": SIMILARITIES, "scale": SCALES,
+                  "alpha_scale": ALPHA_SCALES,
                   "hypergradient": HYPERGRADIENTS, "early_stop": EARLY_STOP,
                   "user_init": USER_INITS}
         for name, allowed in checks.items():
@@ -497,19 +502,23 @@ def select_blocks(alpha: np.ndarray, n_keep: int) -> np.ndarray:
 class Eq10Scorer:
     """Eq. 10 over all items for users of one group, given a block selection.
 
-    r_ij = max_k |S_k| / |S_j| * sum_{n in S_j} sim(u_i, e_j^n); the item-side matrix is built
-    once so scoring a batch of users is a single matrix product.
+    r_ij = max_k |S_k| / |S_j| * sum_{n in S_j} sim(u_i, e_j^n) with ``scale="eq10"``, the plain
+    sum with ``scale="none"``; the item-side matrix is built once so scoring a batch of users is
+    a single matrix product.
     """
 
     def __init__(self, blocks: np.ndarray | torch.Tensor, item_group: np.ndarray,
-                 mask: np.ndarray, similarity: str, weights: np.ndarray | None = None) -> None:
+                 mask: np.ndarray, similarity: str, weights: np.ndarray | None = None,
+                 scale: str = "none") -> None:
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
         b = torch.as_tensor(blocks, dtype=torch.float32)
         groups = torch.as_tensor(np.asarray(item_group, np.int64))
         item_mask = torch.as_tensor(mask)[groups]
         counts = item_mask.sum(1).to(torch.float32)
-        factor = counts.max() / counts
+        factor = counts.max() / counts if scale == "eq10" else torch.ones_like(counts)
         keep = item_mask.to(torch.float32)
         if weights is not None:  # experimental: alpha-weighted deployment (not the paper's)
             keep = keep * torch.as_tensor(weights, dtype=torch.float32)[groups]
@@ -532,7 +541,7 @@ def evaluate_group_deployed(data: InteractionData, users: np.ndarray, user_emb: 
                             blocks: np.ndarray | torch.Tensor, alpha: np.ndarray,
                             item_group: np.ndarray, similarity: str, fraction: float = 1.0,
                             split: str = "valid", eval_users: np.ndarray | None = None,
-                            alpha_weighted: bool = False) -> EvalResult:
+                            alpha_weighted: bool = False, scale: str = "none") -> EvalResult:
     """Rank one group's users with Eq. 10 on deployed blocks under a budget; peel.eval metrics.
 
     ``users`` are the rows of ``data`` that ``user_emb`` belongs to (in order); ``eval_users``
@@ -541,7 +550,7 @@ def evaluate_group_deployed(data: InteractionData, users: np.ndarray, user_emb: 
     """
     n_keep = blocks_for_budget(alpha.shape[0], alpha.shape[1], fraction)
     scorer = Eq10Scorer(blocks, item_group, select_blocks(alpha, n_keep), similarity,
-                        alpha if alpha_weighted else None)
+                        alpha if alpha_weighted else None, scale)
     emb = torch.as_tensor(user_emb, dtype=torch.float32)
     pos_of = np.full(data.n_users, -1, dtype=np.int64)
     pos_of[users] = np.arange(len(users))
@@ -554,8 +563,8 @@ def evaluate_group_deployed(data: InteractionData, users: np.ndarray, user_emb: 
 
 
 def evaluate_run(data: InteractionData, out_dir: str | Path, similarity: str,
-                 fraction: float = 1.0, split: str = "valid", alpha_weighted: bool = False
-                 ) -> dict[str, float]:
+                 fraction: float = 1.0, split: str = "valid", alpha_weighted: bool = False,
+                 scale: str = "none") -> dict[str, float]:
     """Deployed metrics of every group file in ``out_dir`` (each user ranked by its group)."""
     paths = sorted((Path(out_dir) / "groups").glob("group_*.npz"))
     if not paths:
@@ -565,7 +574,7 @@ def evaluate_run(data: InteractionData, out_dir: str | Path, similarity: str,
         g = load_group(path)
         results.append(evaluate_group_deployed(
             data, g["users"], g["user_emb"], g["blocks"], g["alpha"], g["item_group"],
-            similarity, fraction, split, alpha_weighted=alpha_weighted))
+            similarity, fraction, split, alpha_weighted=alpha_weighted, scale=scale))
     return merge_results(results)
 
 
@@ -744,7 +753,8 @@ class _Trainer:
         res = evaluate_group_deployed(
             self.data, self.local_users, self.model.users.float().numpy(),
             self.model.deployed_blocks().float(), self.model.alpha().float().numpy(),
-            self.task.item_group, self.cfg.similarity, fraction, "valid", self.eval_subset)
+            self.task.item_group, self.cfg.similarity, fraction, "valid", self.eval_subset,
+            scale=self.cfg.scale)
         return res.metrics
 
     def fit(self) -> dict[str, Any]:
@@ -994,7 +1004,8 @@ def _parse_overrides(pairs: Sequence[str], cls: type, where: str) -> dict[str, A
 
 
 def deployed_recall_with_device(data: InteractionData, out_dir: str | Path, budget: str,
-                                similarity: str, split: str = "valid") -> dict[str, float]:
+                                similarity: str, split: str = "valid",
+                                scale: str = "none") -> dict[str, float]:
     """The same numbers through the real device runtime (package build + Eq. 10 ranking)."""
     import tempfile
 
@@ -1010,7 +1021,7 @@ def deployed_recall_with_device(data: InteractionData, out_dir: str | Path, budg
             arrays = load_group_arrays(out_dir, g)
             pkg_path = Path(tmp) / f"g{g}.peel"
             build_package(pkg_path, arrays, budget, group=g,
-                          options=DeployOptions(similarity=similarity))
+                          options=DeployOptions(similarity=similarity, scale=scale))
             pkg = open_package(pkg_path)
             users = arrays.users[truth.getnnz(axis=1)[arrays.users] > 0]
             if len(users) == 0:
@@ -1078,10 +1089,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for frac in (float(b) for b in args.budgets.split(",")):
         for sim in SIMILARITIES:
             row[f"R@20 {sim} {frac:g}"] = round(
-                evaluate_run(data, args.out, sim, frac)["recall@20"], 4)
+                evaluate_run(data, args.out, sim, frac, scale=cfg.scale)["recall@20"], 4)
         if args.device_check:
             row[f"device R@20 {cfg.similarity} {frac:g}"] = round(deployed_recall_with_device(
-                data, args.out, f"{frac * 100:g}%", cfg.similarity)["recall@20"], 4)
+                data, args.out, f"{frac * 100:g}%", cfg.similarity, scale=cfg.scale
+            )["recall@20"], 4)
     line = json.dumps(row)
     print(line)
     if args.log:

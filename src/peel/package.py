@@ -52,6 +52,11 @@ DEFAULT_SIMILARITY = "aligned"
 #: "none" by measurement: on ml-1m alpha weighting costs up to 0.06 validation Recall@20 with
 #: the default training (on the demo data it gained 0.02 at 10.7%); docs/paper-notes.md.
 DEFAULT_WEIGHTING = "none"
+#: Whether Eq. 10's factor max_k |S_k| / |S_g| multiplies each item group's scores ("eq10", the
+#: paper) or not ("none"). "none" by measurement: deployed validation Recall@20 at 10.7/21.3/53.3%
+#: of the table is 0.137/0.166/0.186 without the factor vs 0.024/0.020/0.054 with it on gowalla,
+#: 0.174/0.193/0.199 vs 0.133/0.157/0.194 on ml-1m (docs/paper-notes.md, "Deployment").
+DEFAULT_SCALE = "none"
 
 GROUP_FILE = "group_{:03d}.npz"
 _GROUP_RE = re.compile(r"group_(\d+)\.npz")
@@ -214,13 +219,15 @@ def find_user_group(run: str | os.PathLike[str], user: int) -> int:
 class DeployOptions:
     """How a package is built, apart from the budget and whose it is.
 
-    ``similarity`` / ``weighting`` of ``None`` take :data:`DEFAULT_SIMILARITY` /
-    :data:`DEFAULT_WEIGHTING` when the package is built (so changing the constants is enough).
+    ``similarity`` / ``weighting`` / ``scale`` of ``None`` take :data:`DEFAULT_SIMILARITY` /
+    :data:`DEFAULT_WEIGHTING` / :data:`DEFAULT_SCALE` when the package is built (so changing the
+    constants is enough).
     ``seed`` only matters to ``selection="random"`` and is recorded only then.
     """
 
     similarity: str | None = None
     weighting: str | None = None
+    scale: str | None = None
     selection: str = "importance"
     seed: int = 0
 
@@ -245,6 +252,7 @@ def _plan(arrays: GroupArrays, budget: int | float | str, user: int | None,
         group_counts=tuple(int(c) for c in counts),
         similarity=options.similarity or DEFAULT_SIMILARITY,
         weighting=options.weighting or DEFAULT_WEIGHTING,
+        scale=options.scale or DEFAULT_SCALE,
         selection=options.selection, seed=int(options.seed) if random else None,
         group=group, user=user, user_stored=user is not None,
         n_seen=0 if seen is None else int(seen.size), item_ids=item_ids is not None)

@@ -69,6 +69,7 @@ class DeployConfig:
     selection: str = "importance"  # "random" = ablation "w/o Importance Weight"
     similarity: str | None = None  # None: the reading the groups were trained with
     weighting: str | None = None  # None: peel.package.DEFAULT_WEIGHTING
+    scale: str | None = None  # Eq. 10 factor, "eq10" | "none"; None: what fine-tuning used
     baselines: tuple[str, ...] = ("pmf", "lightgcn")
     k: int = 50
 
@@ -94,6 +95,8 @@ class RunConfig:
             )
         if self.deploy.selection not in ("importance", "random"):
             raise ValueError("deploy.selection must be 'importance' or 'random'")
+        if self.deploy.scale not in (None, "eq10", "none"):
+            raise ValueError("deploy.scale must be 'eq10' or 'none' (or left out)")
 
     def with_seed(self, seed: int) -> RunConfig:
         """One seed drives every stage (split, init, sampling, K-Means, fine-tuning)."""
@@ -322,7 +325,8 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     truth, seen = data.split_matrix(split), data.seen_matrix(split)
     options = DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
-                            weighting=dcfg.weighting, selection=selection or dcfg.selection,
+                            weighting=dcfg.weighting, scale=dcfg.scale or cfg.finetune.scale,
+                            selection=selection or dcfg.selection,
                             seed=cfg.run.seed)
     per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for _, b in sized}
     used: dict[str, int] = {b: 0 for _, b in sized}
