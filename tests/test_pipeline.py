@@ -184,3 +184,18 @@ def test_same_seed_gives_identical_runs_with_parallel_workers(run_dir, capsys):
     assert runs[0][1] == runs[1][1]
     # the worker count is a speed knob, not a result knob
     assert _stage_arrays(first) == runs[0][0]
+
+
+def test_deploy_takes_the_runs_eq10_scale_and_rejects_unknown_ones(run_dir, capsys, tmp_path):
+    from peel.device import open_package
+
+    _, out = run_dir
+    pkg = tmp_path / "g0.peel"
+    assert main(["deploy", str(out), "--budget", "0.4", "--group", "0", "--out", str(pkg)]) == 0
+    assert open_package(pkg).scale == load_run_config(out).finetune.scale == "none"
+    assert main(["deploy", str(out), "--budget", "0.4", "--group", "0", "--out", str(pkg),
+                 "--scale", "eq10"]) == 0
+    assert open_package(pkg).scale == "eq10"
+    capsys.readouterr()
+    code = main(["train", "demo", "--out", str(tmp_path / "r"), "--set", "deploy.scale=max"])
+    assert code == 2 and "deploy.scale" in capsys.readouterr().err
