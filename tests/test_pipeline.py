@@ -87,12 +87,12 @@ def test_train_refuses_a_different_config_in_same_folder(run_dir, capsys):
 
 def test_evaluate_and_report(run_dir, capsys):
     root, out = run_dir
-    code = main(["evaluate", str(out), "--baselines", "--selection", "random", "--json",
-                 "--quiet"])
+    code = main(["evaluate", str(out), "--baselines", "--selection", "random", "--scale",
+                 "eq10", "--json", "--quiet"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     methods = {r["method"] for r in rows}
-    assert methods == {"PEEL", "PEEL (selection=random)", "PMF"}
+    assert methods == {"PEEL", "PEEL (selection=random)", "PEEL (scale=eq10)", "PMF"}
     for r in rows:
         assert r["bytes_used"] <= r["budget_bytes"]
         for v in r["metrics"].values():

@@ -267,7 +267,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     budgets = args.budgets.split(",") if args.budgets else None
     selections = args.selection.split(",") if args.selection else []
     rows = evaluate(args.run, budgets, baselines=args.baselines, selections=selections,
-                    progress=not args.quiet)
+                    scales=[args.scale] if args.scale else [], progress=not args.quiet)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
@@ -364,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", action="store_true", help="also train PMF/LightGCN per budget")
     ev.add_argument("--selection", default=None,
                     help="extra block selections to evaluate, e.g. random (ablation)")
+    ev.add_argument("--scale", default=None, choices=["eq10", "none"],
+                    help="also evaluate with this Eq. 10 factor setting, e.g. eq10 (the "
+                         "paper's max|S_k|/|S_g|)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)

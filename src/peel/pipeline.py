@@ -307,8 +307,11 @@ def full_table_bytes(data: InteractionData, dim: int) -> int:
 
 def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                   budgets: Sequence[str], split: str = "test",
-                  selection: str | None = None) -> list[EvalRow]:
+                  selection: str | None = None, scale: str | None = None) -> list[EvalRow]:
     """Deploy every user group at every budget and rank its users with the device runtime.
+
+    ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
+    with an override are labelled with it, e.g. "PEEL (scale=eq10)".
 
     Packages are built once at the largest budget and shrunk on the "device" for the others,
     which the property tests show is identical to building each budget directly.
@@ -324,8 +327,9 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     full = full_table_bytes(data, cfg.pretrain.dim)
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     truth, seen = data.split_matrix(split), data.seen_matrix(split)
+    run_scale = dcfg.scale or cfg.finetune.scale
     options = DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
-                            weighting=dcfg.weighting, scale=dcfg.scale or cfg.finetune.scale,
+                            weighting=dcfg.weighting, scale=scale or run_scale,
                             selection=selection or dcfg.selection,
                             seed=cfg.run.seed)
     per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for _, b in sized}
@@ -350,8 +354,10 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                 metrics = metrics_from_topk(_valid_topk(ranked), users, truth, (20, 50))
                 for key, value in metrics.items():
                     per_user[label].setdefault(key, []).append(value)
-    method = cfg.run.label if selection in (None, cfg.deploy.selection) else (
-        f"{cfg.run.label} (selection={selection})")
+    changed = [f"{name}={value}" for name, value, own in
+               (("selection", selection, dcfg.selection), ("scale", scale, run_scale))
+               if value not in (None, own)]
+    method = f"{cfg.run.label} ({', '.join(changed)})" if changed else cfg.run.label
     return [EvalRow(method, label, nbytes, used[label],
                     {k: float(np.concatenate(v).mean()) for k, v in per_user[label].items()},
                     {"users": int(sum(len(x) for x in per_user[label]["recall@20"]))})
@@ -391,7 +397,8 @@ def _baseline_name(method: str) -> str:
 
 
 def evaluate(run: str | Path, budgets: Sequence[str] | None = None, baselines: bool = False,
-             selections: Sequence[str] = (), progress: bool = True) -> list[EvalRow]:
+             selections: Sequence[str] = (), scales: Sequence[str] = (),
+             progress: bool = True) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines), saved to
     RUN/eval.json merged with any earlier rows for other methods/budgets."""
     cfg = load_run_config(run)
@@ -400,6 +407,8 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None, baselines: b
     rows = evaluate_peel(run, data, cfg, budgets)
     for sel in selections:
         rows += evaluate_peel(run, data, cfg, budgets, selection=sel)
+    for scale in scales:
+        rows += evaluate_peel(run, data, cfg, budgets, scale=scale)
     if baselines:
         rows += evaluate_baselines(data, cfg, budgets, progress)
     _save_rows(Path(run) / "eval.json", rows, data, cfg)
