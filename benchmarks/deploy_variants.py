@@ -6,8 +6,8 @@ Every user group of RUN is packaged with the real package writer and ranked by t
 runtime (Eq. 10, train items excluded) by ``peel evaluate``'s own code, for every
 combination of Eq. 10's ``scale`` (the paper's factor max_k |S_k| / |S_g|, or none), the
 deployed block ``weighting`` (none / alpha) and the block ``selection`` (importance / random).
-The decisions in docs/paper-notes.md ("Deployment") were made from this table on the
-validation split; use ``--split test`` only to report, never to choose.
+The decisions in docs/paper-notes.md (Stage 2, "Eq. 10's factor") were made from this table
+on the validation split; use ``--split test`` only to report, never to choose.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ SIMILARITIES = ("aligned", "literal")
 WEIGHTINGS = ("none", "alpha")
 #: "eq10": Eq. 10's factor max_k |S_k| / |S_g| multiplies the scores of item group g (the
 #: paper); "none": the plain sum over the kept blocks, a partial dot product (measured better
-#: on validation: docs/paper-notes.md, "Deployment").
+#: on validation: docs/paper-notes.md, Stage 2, "Eq. 10's factor").
 SCALES = ("none", "eq10")
 SELECTIONS = ("importance", "random")
 MB = 1_000_000

@@ -55,7 +55,8 @@ DEFAULT_WEIGHTING = "none"
 #: Whether Eq. 10's factor max_k |S_k| / |S_g| multiplies each item group's scores ("eq10", the
 #: paper) or not ("none"). "none" by measurement: deployed validation Recall@20 at 10.7/21.3/53.3%
 #: of the table is 0.137/0.166/0.186 without the factor vs 0.024/0.020/0.054 with it on gowalla,
-#: 0.174/0.193/0.199 vs 0.133/0.157/0.194 on ml-1m (docs/paper-notes.md, "Deployment").
+#: 0.174/0.193/0.199 vs 0.133/0.157/0.194 on ml-1m (docs/paper-notes.md, Stage 2,
+#: "Eq. 10's factor").
 DEFAULT_SCALE = "none"
 
 GROUP_FILE = "group_{:03d}.npz"
