@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from peel import __version__
+from peel.budget import SCALES
 from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
@@ -95,8 +96,8 @@ class RunConfig:
             )
         if self.deploy.selection not in ("importance", "random"):
             raise ValueError("deploy.selection must be 'importance' or 'random'")
-        if self.deploy.scale not in (None, "eq10", "none"):
-            raise ValueError("deploy.scale must be 'eq10' or 'none' (or left out)")
+        if self.deploy.scale is not None and self.deploy.scale not in SCALES:
+            raise ValueError(f"deploy.scale must be one of {SCALES} (or left out)")
 
     def with_seed(self, seed: int) -> RunConfig:
         """One seed drives every stage (split, init, sampling, K-Means, fine-tuning)."""
