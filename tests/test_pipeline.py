@@ -75,6 +75,10 @@ def test_train_resumes_without_redoing_work(run_dir, capsys):
     assert code == 0
     after = {p.name: p.stat().st_mtime_ns for p in (out / "groups").glob("*.npz")}
     assert before == after
+    summary = json.loads((out / "train_summary.json").read_text())
+    history = json.loads((out / "pretrain" / "pretrain_log.json").read_text())["history"]
+    # the resumed call spent ~0 s in stage 1; the cumulative figure still reports its cost
+    assert summary["pretrain_seconds_all_sessions"] == history[-1]["elapsed"] > 0
 
 
 def test_train_refuses_a_different_config_in_same_folder(run_dir, capsys):

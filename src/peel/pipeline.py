@@ -195,6 +195,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
         "peel_version": __version__,
         "dataset": data.stats(),
         "seconds": timings,
+        "pretrain_seconds_all_sessions": _pretrain_seconds_all_sessions(out / "pretrain"),
         "user_group_sizes": np.bincount(user_groups).tolist(),
         "item_group_sizes": np.bincount(item_groups).tolist(),
         "groups": [_jsonable(s) for s in summaries],
@@ -235,6 +236,14 @@ def pretrain_stage(data: InteractionData, cfg: RunConfig, out: Path,
     result = pretrain(data, cfg.pretrain, out_dir=stage / "checkpoint", progress=progress)
     save_result(result, stage)
     return result.user_emb, result.item_emb
+
+
+def _pretrain_seconds_all_sessions(stage: Path) -> float | None:
+    """Stage 1's training time summed over every resume; ``seconds`` only covers this call,
+    which after an interruption (or with reused embeddings) understates what stage 1 cost."""
+    path = stage / "pretrain_log.json"
+    history = read_json(path).get("history", []) if path.exists() else []
+    return float(history[-1]["elapsed"]) if history else None
 
 
 def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
