@@ -1,6 +1,7 @@
 """Deployed validation metrics of a trained run under each way of building packages.
 
     python benchmarks/deploy_variants.py RUN [--split valid] [--budgets 0.107,0.213,0.533]
+                                         [--only-default]
 
 Every user group of RUN is packaged with the real package writer and ranked by the device
 runtime (Eq. 10, train items excluded) by ``peel evaluate``'s own code, for every
@@ -19,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from peel.budget import SCALES, SELECTIONS, WEIGHTINGS
+from peel.package import DEFAULT_WEIGHTING
 from peel.pipeline import evaluate_peel, load_data, load_run_config
 
 
@@ -28,6 +30,8 @@ def main() -> None:
     ap.add_argument("--split", default="valid", choices=("valid", "test"))
     ap.add_argument("--budgets", default="0.107,0.213,0.533",
                     help="fractions of the full item table")
+    ap.add_argument("--only-default", action="store_true",
+                    help="only the run's own deployment settings (for quick training sweeps)")
     args = ap.parse_args()
     cfg = load_run_config(args.run)
     data = load_data(cfg)
@@ -38,7 +42,11 @@ def main() -> None:
         f"R@20 {b}" for b in budgets) + " | " + " | ".join(
         f"N@50 {b}" for b in budgets) + " | seconds |")
     print("|" + "---|" * (4 + 2 * len(budgets)))
-    for selection, weighting, scale in itertools.product(SELECTIONS, WEIGHTINGS, SCALES):
+    combos = list(itertools.product(SELECTIONS, WEIGHTINGS, SCALES))
+    if args.only_default:
+        scale = cfg.deploy.scale or cfg.finetune.scale
+        combos = [(cfg.deploy.selection, cfg.deploy.weighting or DEFAULT_WEIGHTING, scale)]
+    for selection, weighting, scale in combos:
         if selection == "random" and weighting == "alpha":
             continue  # random order ignores alpha; weighting by it is not a meaningful pair
         t0 = time.perf_counter()

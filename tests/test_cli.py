@@ -72,3 +72,14 @@ def test_console_entry_point(argv):
     proc = subprocess.run([sys.executable, "-m", "peel.cli", *argv], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0 and "peel" in proc.stdout
+
+
+def test_set_types_tuple_elements_like_the_default():
+    from peel.cli import apply_sets
+    from peel.pipeline import RunConfig
+
+    cfg = apply_sets(RunConfig(), ["finetune.early_stop_budgets=0.107,0.5",
+                                   "deploy.baselines=pmf"])
+    assert cfg.finetune.early_stop_budgets == (0.107, 0.5)
+    assert cfg.deploy.baselines == ("pmf",)
+    cfg.validate()
