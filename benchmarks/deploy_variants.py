@@ -20,8 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from peel.budget import SCALES, SELECTIONS, WEIGHTINGS
-from peel.package import DEFAULT_WEIGHTING
-from peel.pipeline import evaluate_peel, load_data, load_run_config
+from peel.pipeline import deploy_options, evaluate_peel, load_data, load_run_config
 
 
 def main() -> None:
@@ -44,8 +43,8 @@ def main() -> None:
     print("|" + "---|" * (4 + 2 * len(budgets)))
     combos = list(itertools.product(SELECTIONS, WEIGHTINGS, SCALES))
     if args.only_default:
-        scale = cfg.deploy.scale or cfg.finetune.scale
-        combos = [(cfg.deploy.selection, cfg.deploy.weighting or DEFAULT_WEIGHTING, scale)]
+        own = deploy_options(cfg)
+        combos = [(own.selection, own.weighting, own.scale)]
     for selection, weighting, scale in combos:
         if selection == "random" and weighting == "alpha":
             continue  # random order ignores alpha; weighting by it is not a meaningful pair

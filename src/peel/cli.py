@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from peel import __version__
+from peel.budget import SCALES
 from peel.config import read_toml, section
 from peel.data import DataConfig, DataError, InteractionData, load_dataset
 from peel.io import to_json, write_json, write_run_metadata
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", action="store_true", help="also train PMF/LightGCN per budget")
     ev.add_argument("--selection", default=None,
                     help="extra block selections to evaluate, e.g. random (ablation)")
-    ev.add_argument("--scale", default=None, choices=["eq10", "none"],
+    ev.add_argument("--scale", default=None, choices=SCALES,
                     help="also evaluate with this Eq. 10 factor setting, e.g. eq10 (the "
                          "paper's max|S_k|/|S_g|)")
     ev.add_argument("--json", action="store_true")

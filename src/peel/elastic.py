@@ -42,7 +42,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from peel.budget import SCALES
+from peel.budget import SCALES, SIMILARITIES
 from peel.data import InteractionData, from_splits
 from peel.eval import EvalResult, evaluate
 from peel.io import load_npz, read_json, save_npz, write_json
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 
 SCORERS = ("dot", "mlp")
 USER_INITS = ("pretrained", "bn_scaled")
-SIMILARITIES = ("aligned", "literal")
 ALPHA_SCALES = ("global", "literal", "per_group")
 HYPERGRADIENTS = ("second_order", "first_order")
 EARLY_STOP = ("recall", "loss")

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from peel import __version__
-from peel.budget import SCALES
+from peel.budget import SCALES, SELECTIONS
 from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
@@ -44,6 +44,7 @@ from peel.io import (
     write_run_metadata,
     write_text,
 )
+from peel.package import DEFAULT_WEIGHTING, DeployOptions
 from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ class RunConfig:
                 f"{self.finetune.n_blocks}*{self.finetune.block_dim}={self.finetune.dim};"
                 " make them equal"
             )
-        if self.deploy.selection not in ("importance", "random"):
-            raise ValueError("deploy.selection must be 'importance' or 'random'")
+        if self.deploy.selection not in SELECTIONS:
+            raise ValueError(f"deploy.selection must be one of {SELECTIONS}")
         if self.deploy.scale is not None and self.deploy.scale not in SCALES:
             raise ValueError(f"deploy.scale must be one of {SCALES} (or left out)")
 
@@ -315,6 +316,16 @@ def full_table_bytes(data: InteractionData, dim: int) -> int:
     return data.n_items * dim * 4
 
 
+def deploy_options(cfg: RunConfig) -> DeployOptions:
+    """The run's own way of building packages: [deploy] settings, falling back to what its
+    groups were fine-tuned with (similarity, Eq. 10 scale), then to the package defaults."""
+    dcfg = cfg.deploy
+    return DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
+                         weighting=dcfg.weighting or DEFAULT_WEIGHTING,
+                         scale=dcfg.scale or cfg.finetune.scale,
+                         selection=dcfg.selection, seed=cfg.run.seed)
+
+
 def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                   budgets: Sequence[str], split: str = "test",
                   selection: str | None = None, scale: str | None = None) -> list[EvalRow]:
@@ -331,17 +342,13 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     from peel.budget import parse_budget
     from peel.device import open_package
     from peel.eval import metrics_from_topk
-    from peel.package import DeployOptions, build_package, group_files, load_group
+    from peel.package import build_package, group_files, load_group
 
-    dcfg = cfg.deploy
     full = full_table_bytes(data, cfg.pretrain.dim)
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     truth, seen = data.split_matrix(split), data.seen_matrix(split)
-    run_scale = dcfg.scale or cfg.finetune.scale
-    options = DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
-                            weighting=dcfg.weighting, scale=scale or run_scale,
-                            selection=selection or dcfg.selection,
-                            seed=cfg.run.seed)
+    own = deploy_options(cfg)
+    options = replace(own, scale=scale or own.scale, selection=selection or own.selection)
     per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for _, b in sized}
     used: dict[str, int] = {b: 0 for _, b in sized}
     with tempfile.TemporaryDirectory() as tmp:
@@ -359,14 +366,14 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
             for nbytes, label in sized:
                 pkg = package.shrink(nbytes) if nbytes < sized[0][0] else package
                 used[label] = max(used[label], pkg.report.total)
-                ranked = pkg.rank_batch(vectors, k=dcfg.k, exclude_indptr=rows.indptr,
+                ranked = pkg.rank_batch(vectors, k=cfg.deploy.k, exclude_indptr=rows.indptr,
                                         exclude_indices=rows.indices)
                 metrics = metrics_from_topk(_valid_topk(ranked), users, truth, (20, 50))
                 for key, value in metrics.items():
                     per_user[label].setdefault(key, []).append(value)
-    changed = [f"{name}={value}" for name, value, own in
-               (("selection", selection, dcfg.selection), ("scale", scale, run_scale))
-               if value not in (None, own)]
+    changed = [f"{name}={value}" for name, value, default in
+               (("selection", selection, own.selection), ("scale", scale, own.scale))
+               if value not in (None, default)]
     method = f"{cfg.run.label} ({', '.join(changed)})" if changed else cfg.run.label
     return [EvalRow(method, label, nbytes, used[label],
                     {k: float(np.concatenate(v).mean()) for k, v in per_user[label].items()},
