@@ -391,3 +391,78 @@ def test_group_without_validation_interactions_still_trains(tmp_path: Path) -> N
     np.testing.assert_allclose(alpha, 1 / alpha.size, rtol=1e-6)  # never updated: uniform
     with pytest.raises(ValueError, match="early_stop_budgets"):
         FinetuneConfig(early_stop_budgets=(0.0,)).validate()
+
+
+# --------------------------------------------------------------------------- SVD start, energy
+
+
+def _svd_run(tmp_path: Path, **overrides: object) -> tuple[dict, InteractionData, np.ndarray,
+                                                           np.ndarray, np.ndarray]:
+    data = make_demo(SyntheticConfig(n_users=300, n_items=200, seed=0))
+    user_emb, item_emb = svd_embeddings(data)
+    item_groups = make_item_groups(data.item_popularity, GroupConfig(n_item_groups=5), 0)
+    user_groups = np.arange(data.n_users) % 2
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, init="svd_group", transform="none",
+                         importance="energy", batch_size=128, max_epochs=0, patience=2)
+    cfg = FinetuneConfig(**{**cfg.__dict__, **overrides})
+    finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg, tmp_path,
+                    SerialExecutor(progress=False), seed=1)
+    return (load_group(tmp_path / "groups" / "group_000.npz"), data, user_emb, item_emb,
+            user_groups)
+
+
+def test_svd_start_without_transform_keeps_every_pretrained_score(tmp_path: Path) -> None:
+    """Full budget = the pretrained model: the group's rotation changes no score."""
+    g, _, user_emb, item_emb, user_groups = _svd_run(tmp_path)
+    users = np.flatnonzero(user_groups == 0)
+    got = g["user_emb"] @ g["blocks"].reshape(len(g["blocks"]), -1).T
+    np.testing.assert_allclose(got, user_emb[users] @ item_emb.T, atol=1e-3)
+    # the group's own singular basis: its first block carries the most score energy
+    energy = g["alpha"].sum(0)
+    assert energy[0] == energy.max()
+
+
+def test_energy_importance_is_the_squared_score_mass(tmp_path: Path) -> None:
+    g, *_ = _svd_run(tmp_path)
+    alpha, blocks, users, groups = g["alpha"], g["blocks"], g["user_emb"], g["item_group"]
+    n, d = blocks.shape[1], blocks.shape[2]
+    brute = np.zeros(alpha.shape)
+    for j in range(len(blocks)):
+        for b in range(n):
+            part = users[:, b * d:(b + 1) * d] @ blocks[j, b].astype(np.float64)
+            brute[groups[j], b] += float(part @ part)
+    np.testing.assert_allclose(alpha, brute / brute.mean(), rtol=1e-4)
+    assert alpha.mean() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_sandwich_loss_with_every_block_kept_is_the_plain_bpr_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, transform="none", importance="energy",
+                         train_budgets=(1.0,))
+    items = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
+    users = np.random.default_rng(1).normal(size=(10, 16)).astype(np.float32)
+    groups = np.arange(30) % 3
+    model = GroupModel(items, users, groups, np.full(3, 1 / 3), cfg, gen)
+    lb = localise(Triples(np.arange(10), np.arange(10), np.arange(10, 20)))
+    w = model.gather(lb, requires_grad=False)
+    plain, _, _ = model.train_loss(lb, w)
+    model.refresh_budget_masks()
+    assert model.budget_masks is not None and bool(model.budget_masks.all())
+    sandwich, _, _ = model.train_loss(lb, w)
+    assert float(sandwich) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_fine_tuning_never_ends_below_its_starting_point(tmp_path: Path) -> None:
+    """Epoch 0 competes in early stopping: a harmful learning rate leaves the start as it was."""
+    start, *_ = _svd_run(tmp_path / "a")
+    tuned, *_ = _svd_run(tmp_path / "b", max_epochs=2, lr=50.0, patience=1)
+    meta = json.loads((tmp_path / "b" / "groups" / "group_000.json").read_text())
+    assert meta["best_epoch"] == 0
+    np.testing.assert_array_equal(tuned["blocks"], start["blocks"])
+
+
+def test_train_budgets_need_the_aligned_dot_scorer() -> None:
+    with pytest.raises(ValueError, match="train_budgets"):
+        FinetuneConfig(train_budgets=(0.2,), scorer="mlp").validate()
+    with pytest.raises(ValueError, match="init"):
+        FinetuneConfig(init="pca").validate()

@@ -43,6 +43,15 @@ def test_rotation_is_deterministic_and_checks_shapes() -> None:
     with pytest.raises(ValueError, match="equal widths"):
         svd_rotate(u, v[:, :5])
     with pytest.raises(ValueError, match="at least"):
-        svd_rotate(u[:3], v)
+        svd_rotate(u[:0], v)
     with pytest.raises(ValueError, match="dim must be"):
         a.truncate(0)
+
+
+def test_fewer_users_than_dimensions_pads_with_zero_columns() -> None:
+    u, v = _tables(3)
+    rot = svd_rotate(u[:5], v)
+    assert rot.user_emb.shape == (5, 12) and rot.item_emb.shape == (80, 12)
+    np.testing.assert_allclose(rot.user_emb @ rot.item_emb.T, u[:5] @ v.T, atol=1e-4)
+    assert np.all(rot.singular_values[5:] == 0)
+    assert np.all(rot.item_emb[:, 5:] == 0)

@@ -46,6 +46,7 @@ from peel.budget import SCALES, SIMILARITIES
 from peel.data import InteractionData, from_splits
 from peel.eval import EvalResult, evaluate
 from peel.io import load_npz, read_json, save_npz, write_json
+from peel.rotation import svd_rotate
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,15 @@ USER_INITS = ("pretrained", "bn_scaled")
 ALPHA_SCALES = ("global", "literal", "per_group")
 HYPERGRADIENTS = ("second_order", "first_order")
 EARLY_STOP = ("recall", "loss")
+#: "pretrained": blocks are slices of the pretrained table as it is (the paper); "svd": the
+#: pretrained model rotated into the singular basis of its whole score matrix; "svd_group":
+#: rotated into the singular basis of the user group's own score matrix (peel.rotation)
+INITS = ("pretrained", "svd", "svd_group")
+#: "eq4": batch-norm + tanh of every block (the paper's Eq. 4); "none": blocks as they are
+TRANSFORMS = ("eq4", "none")
+#: where deployment's block weights come from: "controller" (Eq. 7, learned bi-level) or
+#: "energy" (each (item group, block) pair's share of the group's squared scores)
+IMPORTANCES = ("controller", "energy")
 GROUP_ARRAYS = ("blocks", "alpha", "item_group", "users", "user_emb")
 
 
@@ -84,6 +94,14 @@ class FinetuneConfig:
     # dimension is multiplied by the item table's std, so that at the start u . BN(v) equals
     # u . (v - mean) and Eq. 10 ranks (up to tanh) as the pretrained dot product did
     user_init: str = "pretrained"
+    init: str = "pretrained"
+    transform: str = "eq4"
+    importance: str = "controller"
+    # Train what the device runs: besides the full table, every step also takes the BPR loss
+    # of the blocks a device would keep at each of these budgets (fractions of the full item
+    # table, selected from the current importance once per epoch), averaged. Empty: the full
+    # table only (the paper). Needs scorer="dot" and similarity="aligned".
+    train_budgets: tuple[float, ...] = ()
     mlp_layers: int = 2  # L2 tanh layers of Eq. 5
     mlp_hidden: int = 64
     controller_layers: int = 2  # L3 tanh layers of Eq. 7
@@ -121,7 +139,8 @@ class FinetuneConfig:
         checks = {"scorer": SCORERS, "similarity": SIMILARITIES, "scale": SCALES,
                   "alpha_scale": ALPHA_SCALES,
                   "hypergradient": HYPERGRADIENTS, "early_stop": EARLY_STOP,
-                  "user_init": USER_INITS}
+                  "user_init": USER_INITS, "init": INITS, "transform": TRANSFORMS,
+                  "importance": IMPORTANCES}
         for name, allowed in checks.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -135,6 +154,11 @@ class FinetuneConfig:
             raise ValueError("threads must be >= 1")
         if not self.early_stop_budgets or not all(0 < b <= 1 for b in self.early_stop_budgets):
             raise ValueError("early_stop_budgets must be fractions in (0, 1]")
+        if not all(0 < b <= 1 for b in self.train_budgets):
+            raise ValueError("train_budgets must be fractions in (0, 1]")
+        if self.train_budgets and (self.scorer, self.similarity) != ("dot", "aligned"):
+            raise ValueError("train_budgets needs scorer='dot' and similarity='aligned' (the "
+                             "kept blocks' scores are partial sums of the aligned dot product)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,6 +214,20 @@ def normalise_blocks(rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, 
     """Eq. 4: per-block, per-dimension batch-norm (no affine, as written) then tanh."""
     x = torch.tanh((rows - mean) * torch.rsqrt(var + eps))
     return x.reshape(rows.shape[0], n_blocks, -1)
+
+
+def block_energy(users: torch.Tensor, blocks: torch.Tensor, item_group: torch.Tensor,
+                 n_item_groups: int) -> torch.Tensor:
+    """(G_v, N) squared-score mass of each (item group, block) pair over ``users``, mean 1."""
+    n_blocks = blocks.shape[1]
+    u = users.reshape(users.shape[0], n_blocks, -1).to(torch.float64)
+    gram = torch.einsum("und,une->nde", u, u)  # U_n' U_n per block
+    b = blocks.to(torch.float64)
+    per_item = torch.einsum("jnd,nde,jne->jn", b, gram, b)
+    table = torch.zeros(n_item_groups, n_blocks, dtype=torch.float64)
+    table.index_add_(0, item_group, per_item)
+    mean = table.mean()
+    return (table / mean if mean > 0 else torch.ones_like(table)).to(users.dtype)
 
 
 def pair_scores(user: torch.Tensor, items: torch.Tensor, similarity: str) -> torch.Tensor:
@@ -346,11 +384,18 @@ class GroupModel:
         # Zero output layer: alpha starts uniform, so no block is preferred before any evidence.
         self.controller = init_mlp(ctrl_sizes, gen, dtype, zero_last=True)
         self.last_loss = math.log(2.0)  # BPR loss of an untrained scorer; controller input
+        self.budget_masks: torch.Tensor | None = None  # (M, G_v, N) see refresh_budget_masks
 
     # -- controller ------------------------------------------------------------------------
 
     def alpha(self, controller: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
-        """Eq. 7: alpha from [p_1..p_Gv, L_rec] (the loss enters as a detached scalar)."""
+        """Eq. 7: alpha from [p_1..p_Gv, L_rec] (the loss enters as a detached scalar).
+
+        With ``importance="energy"`` there is no controller: training sees every block with
+        weight 1 and deployment ranks blocks by :meth:`importance` instead.
+        """
+        if self.cfg.importance == "energy":
+            return torch.ones(self.n_item_groups, self.cfg.n_blocks, dtype=self.items.dtype)
         params = self.controller if controller is None else controller
         loss = torch.tensor([self.last_loss], dtype=self.context.dtype)
         logits = mlp_forward(params, torch.cat([self.context, loss]))
@@ -373,15 +418,42 @@ class GroupModel:
         x = item_rows[idx]
         mean = x.mean(0)
         var = x.var(0, unbiased=False)
-        blocks = normalise_blocks(x, mean, var, self.cfg.n_blocks, self.cfg.bn_eps)
+        blocks = self._blocks(x, mean, var)
         weighted = blocks * alpha[groups[idx]].unsqueeze(-1)
         uv = user_rows[u]
-        scores = self._score(torch.cat([uv, uv]), weighted, mlp)
         b = len(u)
-        loss = bpr(scores[:b], scores[b:])
+        if self.budget_masks is None:
+            scores = self._score(torch.cat([uv, uv]), weighted, mlp)
+            loss = bpr(scores[:b], scores[b:])
+        else:
+            loss = self._sandwich_loss(torch.cat([uv, uv]), weighted, groups[idx], b)
         if self.cfg.l2 > 0:
             loss = loss + self.cfg.l2 * (uv.pow(2).sum() + x.pow(2).sum()) / b
         return loss, mean, var
+
+    def _sandwich_loss(self, users: torch.Tensor, items: torch.Tensor, groups: torch.Tensor,
+                       b: int) -> torch.Tensor:
+        """Mean BPR loss of the full table and of each budget's kept blocks.
+
+        The aligned score is a sum of per-block partial products, so every kept set's score is
+        the same partials summed under its (item group, block) mask: one product, M sums.
+        """
+        partial = (users.reshape(items.shape) * items).sum(-1)  # (2b, N)
+        masks = self.budget_masks[:, groups]  # (M, 2b, N)
+        scores = torch.cat([partial.sum(-1, keepdim=True).T, (partial * masks).sum(-1)])
+        losses = torch.nn.functional.softplus(scores[:, b:] - scores[:, :b]).mean(dim=1)
+        return losses.mean()
+
+    def refresh_budget_masks(self) -> None:
+        """Kept (item group, block) pairs at each training budget, from the current importance."""
+        if not self.cfg.train_budgets:
+            self.budget_masks = None
+            return
+        weights = self.importance().double().numpy()
+        g, n = weights.shape
+        self.budget_masks = torch.stack([
+            torch.as_tensor(select_blocks(weights, blocks_for_budget(g, n, f)))
+            for f in self.cfg.train_budgets]).to(self.items.dtype)
 
     def _score(self, user: torch.Tensor, items: torch.Tensor,
                mlp: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -436,11 +508,30 @@ class GroupModel:
 
     # -- deployment ------------------------------------------------------------------------
 
+    def _blocks(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+        """(rows, N, d) blocks as the scorer sees them: Eq. 4 or the rows as they are."""
+        if self.cfg.transform == "none":
+            return rows.reshape(rows.shape[0], self.cfg.n_blocks, -1)
+        return normalise_blocks(rows, mean, var, self.cfg.n_blocks, self.cfg.bn_eps)
+
     @torch.no_grad()
     def deployed_blocks(self) -> torch.Tensor:
         """(n_items, N, d): eval-mode batch-norm (running statistics) and tanh; no alpha."""
-        return normalise_blocks(self.items, self.run_mean, self.run_var, self.cfg.n_blocks,
-                                self.cfg.bn_eps)
+        return self._blocks(self.items, self.run_mean, self.run_var)
+
+    @torch.no_grad()
+    def importance(self, blocks: torch.Tensor | None = None) -> torch.Tensor:
+        """(G_v, N) weights that order blocks for deployment (stored as the group's alpha).
+
+        "controller": Eq. 7's alpha. "energy": the share of the group's squared scores that
+        each (item group, block) pair carries, sum_u sum_{j in g} (u_n . e_j^n)^2 =
+        sum_{j in g} e_j^n' (U_n' U_n) e_j^n, scaled to mean 1. Greedy selection by it keeps
+        the pairs that change the group's scores most per byte (item groups are equal-sized).
+        """
+        if self.cfg.importance == "controller":
+            return self.alpha()
+        blocks = self.deployed_blocks() if blocks is None else blocks
+        return block_energy(self.users, blocks, self.item_group, self.n_item_groups)
 
     def snapshot(self) -> dict[str, Any]:
         with torch.no_grad():
@@ -650,8 +741,11 @@ class _Trainer:
         gen = torch.Generator().manual_seed(int(self.rng.integers(2**62)))
         n_groups = int(np.max(task.item_group)) + 1
         context = interaction_shares(task.train, task.item_group, n_groups)
-        self.model = GroupModel(task.item_emb, task.user_emb, task.item_group, context, cfg, gen,
-                                dtype)
+        user_emb, item_emb = task.user_emb, task.item_emb
+        if cfg.init == "svd_group":  # this group's own singular basis (peel.rotation)
+            rot = svd_rotate(user_emb, item_emb)
+            user_emb, item_emb = rot.user_emb, rot.item_emb
+        self.model = GroupModel(item_emb, user_emb, task.item_group, context, cfg, gen, dtype)
         self.n_items = task.item_emb.shape[0]
         self.train_u, self.train_i = _triples_of(task.train)
         self.val_u, self.val_i = _triples_of(task.valid)
@@ -717,13 +811,14 @@ class _Trainer:
 
     def run_epoch(self, epoch: int) -> float:
         order = self.rng.permutation(len(self.train_u))
+        self.model.refresh_budget_masks()
         bs = self.cfg.batch_size
         total, steps = 0.0, 0
         for start in range(0, len(order), bs):
             idx = order[start:start + bs]
             u = self.train_u[idx]
             batch = Triples(u, self.train_i[idx], self.train_pos.sample_negatives(u, self.rng))
-            if len(self.val_u):
+            if len(self.val_u) and self.cfg.importance == "controller":
                 self._controller_step(batch)
             total += self._weight_step(batch)
             steps += 1
@@ -751,36 +846,49 @@ class _Trainer:
             return {}
         res = evaluate_group_deployed(
             self.data, self.local_users, self.model.users.float().numpy(),
-            self.model.deployed_blocks().float(), self.model.alpha().float().numpy(),
+            self.model.deployed_blocks().float(), self.model.importance().float().numpy(),
             self.task.item_group, self.cfg.similarity, fraction, "valid", self.eval_subset,
             scale=self.cfg.scale)
         return res.metrics
 
+    def _validate(self, rec: dict[str, Any], has_valid: bool) -> dict[str, Any]:
+        """Add the validation loss and deployed validation metrics to an epoch's record."""
+        rec["valid_loss"] = self.val_loss()
+        if not has_valid:
+            return rec
+        rec["valid"] = self.deployed_metrics()
+        if self.cfg.early_stop == "recall":
+            rec["budget_recall@20"] = {
+                str(b): (rec["valid"]["recall@20"] if b == 1.0
+                         else self.deployed_metrics(b)["recall@20"])
+                for b in self.cfg.early_stop_budgets}
+        return rec
+
+    def _criterion(self, rec: dict[str, Any]) -> float:
+        if self.cfg.early_stop == "recall":
+            return float(np.mean(list(rec["budget_recall@20"].values())))
+        return -rec["valid_loss"]
+
     def fit(self) -> dict[str, Any]:
         """Train with early stopping; leaves the model at its best state. Returns the log."""
         cfg = self.cfg
-        history: list[dict[str, Any]] = [{"epoch": 0, "valid": self.deployed_metrics(),
-                                          "valid_loss": self.val_loss()}]
         has_valid = len(self.val_u) > 0
+        history: list[dict[str, Any]] = [self._validate({"epoch": 0}, has_valid)]
+        # The starting point competes too: fine-tuning that never beats it on validation
+        # leaves the pretrained (or rotated) table as it was.
         best_score, best_epoch, bad, best = -math.inf, 0, 0, None
+        if has_valid:
+            best_score, best = self._criterion(history[0]), self.model.snapshot()
         for epoch in range(1, cfg.max_epochs + 1):
             t0 = time.perf_counter()
             train_loss = self.run_epoch(epoch)
-            rec: dict[str, Any] = {"epoch": epoch, "loss": train_loss,
-                                   "train_seconds": time.perf_counter() - t0,
-                                   "valid_loss": self.val_loss()}
-            if cfg.early_stop == "recall" and has_valid:
-                rec["valid"] = self.deployed_metrics()
-                rec["budget_recall@20"] = {
-                    str(b): (rec["valid"]["recall@20"] if b == 1.0
-                             else self.deployed_metrics(b)["recall@20"])
-                    for b in cfg.early_stop_budgets}
+            rec = self._validate({"epoch": epoch, "loss": train_loss,
+                                  "train_seconds": time.perf_counter() - t0}, has_valid)
             history.append(rec)
             if not has_valid:
                 best, best_epoch = self.model.snapshot(), epoch
                 continue
-            score = (float(np.mean(list(rec["budget_recall@20"].values())))
-                     if cfg.early_stop == "recall" else -rec["valid_loss"])
+            score = self._criterion(rec)
             if score > best_score:
                 best_score, best_epoch, bad, best = score, epoch, 0, self.model.snapshot()
             else:
@@ -807,7 +915,7 @@ def train_group(task: GroupTask) -> GroupSummary:
         model = trainer.model
         arrays = {
             "blocks": model.deployed_blocks().numpy().astype(np.float32),
-            "alpha": model.alpha().detach().numpy().astype(np.float32),
+            "alpha": model.importance().detach().numpy().astype(np.float32),
             "item_group": np.asarray(task.item_group, dtype=np.int32),
             "users": np.asarray(task.users, dtype=np.int64),
             "user_emb": model.users.numpy().astype(np.float32),
@@ -926,6 +1034,9 @@ def build_tasks(data: InteractionData, user_emb: np.ndarray, item_emb: np.ndarra
     if user_emb.shape[0] != data.n_users or item_emb.shape[0] != data.n_items:
         raise ValueError(f"embeddings {user_emb.shape}/{item_emb.shape} do not match the data"
                          f" ({data.n_users} users, {data.n_items} items)")
+    if cfg.init == "svd":  # one rotation of the whole model, shared by every group
+        rot = svd_rotate(user_emb, item_emb)
+        user_emb, item_emb = rot.user_emb, rot.item_emb
     item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)
     shared = array_digest(item_emb, item_groups)
     tasks = []

@@ -56,17 +56,24 @@ def svd_rotate(user_emb: np.ndarray, item_emb: np.ndarray) -> Rotated:
         raise ValueError(f"user and item tables must be 2-D with equal widths, got "
                          f"{u.shape} and {v.shape}")
     k = u.shape[1]
-    if u.shape[0] < k or v.shape[0] < k:
-        raise ValueError(f"need at least {k} users and {k} items to rotate {k} dimensions, got "
-                         f"{u.shape[0]} users and {v.shape[0]} items")
-    qu, ru = np.linalg.qr(u)
+    if u.shape[0] < 1 or v.shape[0] < 1:
+        raise ValueError(f"need at least one user and one item, got {u.shape[0]} users and "
+                         f"{v.shape[0]} items")
+    qu, ru = np.linalg.qr(u)  # ru is (min(n_users, k), k)
     qv, rv = np.linalg.qr(v)
-    a, s, bt = np.linalg.svd(ru @ rv.T)
+    a, s, bt = np.linalg.svd(ru @ rv.T, full_matrices=False)
     root = np.sqrt(s)
-    user = (qu @ a) * root
-    item = (qv @ bt.T) * root
+    # Fewer users (or items) than k: the score matrix has rank < k, so the trailing columns
+    # carry no score at all; they are zero-padded to keep the table k wide.
+    user = _pad_columns((qu @ a) * root, k)
+    item = _pad_columns((qv @ bt.T) * root, k)
+    s = np.concatenate([s, np.zeros(k - len(s))])
     # Singular vectors are defined up to sign; fix it (largest |item entry| positive) so the
     # rotation is a deterministic function of the inputs.
     flip = np.sign(item[np.abs(item).argmax(axis=0), np.arange(k)])
     flip[flip == 0] = 1.0
     return Rotated((user * flip).astype(np.float32), (item * flip).astype(np.float32), s)
+
+
+def _pad_columns(x: np.ndarray, k: int) -> np.ndarray:
+    return x if x.shape[1] == k else np.hstack([x, np.zeros((x.shape[0], k - x.shape[1]))])

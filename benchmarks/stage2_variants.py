@@ -1,0 +1,113 @@
+"""Stage-2 variants on one trained run, measured on the VALIDATION split only.
+
+    python benchmarks/stage2_variants.py BASE_RUN --out DIR \
+        --variants "paper:" "svd:finetune.init=svd_group;finetune.transform=none" ...
+
+Every variant reuses BASE_RUN's stage 1 (pretrained embeddings; same data and [pretrain]),
+applies its ``section.key=value`` overrides (as ``peel train --set``), fine-tunes every user
+group into DIR/NAME, and is ranked by ``peel evaluate``'s own device-runtime code on the
+validation split at each budget and with every block kept. Two references are printed with
+it: the pretrained model itself (every dimension) and ``lightgcn-svd`` (the pretrained model
+truncated along the singular directions of its score matrix to the largest size that fits
+each budget). One JSON line per variant is appended to DIR/results.jsonl. The test split is
+never read here, so decisions made from this table rest on validation only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from peel.baselines import fixed_size_dim
+from peel.budget import parse_budget
+from peel.cli import apply_sets
+from peel.eval import dot_scorer, evaluate
+from peel.pipeline import (
+    evaluate_peel,
+    full_table_bytes,
+    load_data,
+    load_run_config,
+    reuse_pretrain,
+    train,
+)
+from peel.pretrain import load_embeddings
+from peel.rotation import svd_rotate
+
+ALL_BLOCKS = "all"  # a budget large enough to keep every block
+
+
+def references(base: Path, data, budgets: list[str], dim: int) -> dict[str, dict[str, float]]:
+    """Validation Recall/NDCG@20 of the pretrained model and of its SVD truncations."""
+    user_emb, item_emb = load_embeddings(base / "pretrain")
+    full = evaluate(dot_scorer(user_emb, item_emb), data, "valid").metrics
+    rot = svd_rotate(user_emb, item_emb)
+    out = {"pretrained": {ALL_BLOCKS: full}}
+    svd = {}
+    for b in budgets:
+        d = fixed_size_dim(parse_budget(b, full_table_bytes(data, dim)), data.n_items)
+        svd[b] = evaluate(dot_scorer(*rot.truncate(min(d, dim))), data, "valid").metrics
+        svd[b]["dim"] = d
+    out["lightgcn-svd"] = svd
+    return out
+
+
+def run_variant(base: Path, out: Path, name: str, sets: list[str], budgets: list[str],
+                data) -> dict[str, dict[str, float]]:
+    cfg = apply_sets(load_run_config(base), sets)
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    reuse_pretrain(base, folder, cfg)
+    t0 = time.perf_counter()
+    train(cfg, folder, progress=False, data=data)
+    seconds = time.perf_counter() - t0
+    full = full_table_bytes(data, cfg.pretrain.dim)
+    labels = [*budgets, str(full + 10**6)]
+    rows = evaluate_peel(folder, data, cfg, labels, split="valid")
+    res = {r.budget if r.budget != labels[-1] else ALL_BLOCKS: r.metrics for r in rows}
+    res["seconds"] = {"finetune": seconds}
+    return res
+
+
+def cell(metrics: dict[str, float] | None) -> str:
+    if not metrics:
+        return "-"
+    return f"{metrics['recall@20']:.4f} / {metrics['ndcg@20']:.4f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("base", type=Path, help="a run folder with stage 1 done (peel train)")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--budgets", default="0.107,0.213,0.533")
+    ap.add_argument("--variants", nargs="+", required=True,
+                    help='"NAME:section.key=value;section.key=value" (empty overrides allowed)')
+    args = ap.parse_args()
+    cfg = load_run_config(args.base)
+    data = load_data(cfg)
+    budgets = args.budgets.split(",")
+    args.out.mkdir(parents=True, exist_ok=True)
+    refs = references(args.base, data, budgets, cfg.pretrain.dim)
+    cols = [*budgets, ALL_BLOCKS]
+    print(f"{args.base} ({data.name}), VALIDATION Recall@20 / NDCG@20")
+    print("| method | " + " | ".join(cols) + " |")
+    print("|---" * (len(cols) + 1) + "|")
+    print("| pretrained | " + " | ".join(cell(refs["pretrained"].get(c)) for c in cols) + " |")
+    print("| lightgcn-svd | " + " | ".join(cell(refs["lightgcn-svd"].get(c)) for c in cols)
+          + " |", flush=True)
+    with open(args.out / "results.jsonl", "a", encoding="utf-8") as log:
+        log.write(json.dumps({"base": str(args.base), "split": "valid", "references": refs})
+                  + "\n")
+        for spec in args.variants:
+            name, _, raw = spec.partition(":")
+            sets = [kv for kv in raw.split(";") if kv]
+            res = run_variant(args.base, args.out, name, sets, budgets, data)
+            print(f"| {name} | " + " | ".join(cell(res.get(c)) for c in cols) + " |", flush=True)
+            log.write(json.dumps({"base": str(args.base), "split": "valid", "variant": name,
+                                  "sets": sets, "metrics": res}) + "\n")
+            log.flush()
+
+
+if __name__ == "__main__":
+    main()
