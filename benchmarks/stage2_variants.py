@@ -1,7 +1,7 @@
 """Stage-2 variants on one trained run, measured on the VALIDATION split only.
 
     python benchmarks/stage2_variants.py BASE_RUN --out DIR \
-        --variants "paper:" "svd:finetune.init=svd_group;finetune.transform=none" ...
+        --variants "paper:" "svd:finetune.init=svd_group;finetune.transform=identity" ...
 
 Every variant reuses BASE_RUN's stage 1 (pretrained embeddings; same data and [pretrain]),
 applies its ``section.key=value`` overrides (as ``peel train --set``), fine-tunes every user

@@ -11,6 +11,7 @@ import scipy.sparse as sp
 import torch
 
 from peel.data import InteractionData, from_splits
+from peel.device import open_package
 from peel.elastic import (
     GROUP_ARRAYS,
     Eq10Scorer,
@@ -20,15 +21,15 @@ from peel.elastic import (
     RowAdam,
     Triples,
     alpha_from_logits,
-    blocks_for_budget,
+    deployed_mask,
     finetune_groups,
     load_group,
     localise,
     normalise_blocks,
-    select_blocks,
 )
 from peel.executor import SerialExecutor
 from peel.groups import GroupConfig, make_item_groups
+from peel.package import GroupArrays, build_package, plan_package, synthetic_group
 from peel.pretrain import mean_block_distance
 from peel.synthetic import SyntheticConfig, make_demo
 
@@ -201,17 +202,34 @@ def test_row_adam_equals_adam_when_every_row_is_updated() -> None:
 
 
 def test_block_selection_follows_section_iv_c4() -> None:
+    """Early stopping's mask: the best block of every item group first, then by weight."""
     alpha = np.array([[0.1, 0.9, 0.5], [0.2, 0.3, 0.25], [0.8, 0.7, 0.6]])
-    mask = select_blocks(alpha, 3)  # one (the best) block per item group
-    assert mask.tolist() == [[False, True, False], [False, True, False], [True, False, False]]
-    mask = select_blocks(alpha, 5)  # then the rest by alpha: 0.7 and 0.6
-    assert mask.sum() == 5 and mask[2].all() and mask.sum(1).min() >= 1
-    assert select_blocks(alpha, 9).all()
-    with pytest.raises(ValueError):
-        select_blocks(alpha, 2)
-    assert blocks_for_budget(20, 16, 0.2) == 64
-    assert blocks_for_budget(20, 16, 0.01) == 20  # never below one block per item group
-    assert blocks_for_budget(20, 16, 1.0) == 320
+    groups = np.repeat(np.arange(3), 400)
+    full = len(groups) * 3 * 4 * 4
+    minimum = plan_package(GroupArrays(np.zeros((len(groups), 3, 4), np.float32), alpha,
+                                       groups, np.zeros(0, np.int64), np.zeros((0, 12))),
+                           10**9)  # every block: the accounting of the largest package
+    assert minimum.total > full  # so "1.0" of the table cannot hold every block ...
+    assert deployed_mask(alpha, groups, 4, 1.0).all()  # ... and 1.0 means every block
+    one_each = deployed_mask(alpha, groups, 4, 0.4)
+    assert one_each.tolist() == [[False, True, False], [False, True, False], [True, False, False]]
+    five = deployed_mask(alpha, groups, 4, 0.6)  # then the rest by alpha: 0.7 and 0.6
+    assert five.sum() == 5 and five[2].all()
+    # below a package's minimum, training still scores one block per item group
+    assert deployed_mask(alpha, groups, 4, 0.05).tolist() == one_each.tolist()
+
+
+def test_early_stopping_mask_is_the_devices_package(tmp_path: Path) -> None:
+    """The blocks scored during training are exactly the blocks a built package keeps."""
+    arrays = synthetic_group(n_items=900, n_blocks=6, block_dim=4, n_item_groups=9, seed=3)
+    for fraction in (0.3, 0.5, 0.8):
+        path = tmp_path / f"p{fraction}.peel"
+        build_package(path, arrays, fraction, group=2)
+        kept = np.zeros(arrays.alpha.shape, dtype=bool)
+        for g, blocks in enumerate(open_package(path).block_sets()):
+            kept[g, blocks] = True
+        mask = deployed_mask(arrays.alpha, arrays.item_group, 4, fraction, group=2)
+        np.testing.assert_array_equal(mask, kept)
 
 
 @pytest.mark.parametrize("scale", ["eq10", "none"])
@@ -402,7 +420,7 @@ def _svd_run(tmp_path: Path, **overrides: object) -> tuple[dict, InteractionData
     user_emb, item_emb = svd_embeddings(data)
     item_groups = make_item_groups(data.item_popularity, GroupConfig(n_item_groups=5), 0)
     user_groups = np.arange(data.n_users) % 2
-    cfg = FinetuneConfig(n_blocks=4, block_dim=4, init="svd_group", transform="none",
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, init="svd_group", transform="identity",
                          importance="energy", batch_size=128, max_epochs=0, patience=2)
     cfg = FinetuneConfig(**{**cfg.__dict__, **overrides})
     finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg, tmp_path,
@@ -437,7 +455,7 @@ def test_energy_importance_is_the_squared_score_mass(tmp_path: Path) -> None:
 
 def test_sandwich_loss_with_every_block_kept_is_the_plain_bpr_loss() -> None:
     gen = torch.Generator().manual_seed(0)
-    cfg = FinetuneConfig(n_blocks=4, block_dim=4, transform="none", importance="energy",
+    cfg = FinetuneConfig(n_blocks=4, block_dim=4, transform="identity", importance="energy",
                          train_budgets=(1.0,))
     items = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
     users = np.random.default_rng(1).normal(size=(10, 16)).astype(np.float32)

@@ -219,7 +219,7 @@ def _typed(raw: str, current: Any, pair: str) -> Any:
             return float(raw)
         if isinstance(current, tuple):
             # elements take the type of the default's (early_stop_budgets are floats)
-            kind = type(current[0]) if current else str
+            kind = type(current[0]) if current else float  # empty defaults are budgets
             return tuple(kind(x.strip()) for x in raw.split(",") if x.strip())
         if current is None and raw.replace(".", "", 1).lstrip("-").isdigit():
             return float(raw) if "." in raw else int(raw)

@@ -59,8 +59,8 @@ EARLY_STOP = ("recall", "loss")
 #: pretrained model rotated into the singular basis of its whole score matrix; "svd_group":
 #: rotated into the singular basis of the user group's own score matrix (peel.rotation)
 INITS = ("pretrained", "svd", "svd_group")
-#: "eq4": batch-norm + tanh of every block (the paper's Eq. 4); "none": blocks as they are
-TRANSFORMS = ("eq4", "none")
+#: "eq4": batch-norm + tanh of every block (the paper's Eq. 4); "identity": blocks as they are
+TRANSFORMS = ("eq4", "identity")
 #: where deployment's block weights come from: "controller" (Eq. 7, learned bi-level) or
 #: "energy" (each (item group, block) pair's share of the group's squared scores)
 IMPORTANCES = ("controller", "energy")
@@ -385,6 +385,7 @@ class GroupModel:
         self.controller = init_mlp(ctrl_sizes, gen, dtype, zero_last=True)
         self.last_loss = math.log(2.0)  # BPR loss of an untrained scorer; controller input
         self.budget_masks: torch.Tensor | None = None  # (M, G_v, N) see refresh_budget_masks
+        self.group: int | None = None  # user group id, recorded in package headers
 
     # -- controller ------------------------------------------------------------------------
 
@@ -450,9 +451,10 @@ class GroupModel:
             self.budget_masks = None
             return
         weights = self.importance().double().numpy()
-        g, n = weights.shape
+        groups = self.item_group.numpy()
         self.budget_masks = torch.stack([
-            torch.as_tensor(select_blocks(weights, blocks_for_budget(g, n, f)))
+            torch.as_tensor(deployed_mask(weights, groups, self.cfg.block_dim, f,
+                                          self.cfg.similarity, self.cfg.scale, self.group))
             for f in self.cfg.train_budgets]).to(self.items.dtype)
 
     def _score(self, user: torch.Tensor, items: torch.Tensor,
@@ -510,7 +512,7 @@ class GroupModel:
 
     def _blocks(self, rows: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
         """(rows, N, d) blocks as the scorer sees them: Eq. 4 or the rows as they are."""
-        if self.cfg.transform == "none":
+        if self.cfg.transform == "identity":
             return rows.reshape(rows.shape[0], self.cfg.n_blocks, -1)
         return normalise_blocks(rows, mean, var, self.cfg.n_blocks, self.cfg.bn_eps)
 
@@ -561,31 +563,28 @@ class GroupModel:
 # ---------------------------------------------------------------------------------------------
 
 
-def blocks_for_budget(n_item_groups: int, n_blocks: int, fraction: float) -> int:
-    """Blocks (item group x block pairs) that fit in ``fraction`` of the full item table.
+def deployed_mask(weights: np.ndarray, item_group: np.ndarray, block_dim: int,
+                  fraction: float, similarity: str = "aligned", scale: str = "none",
+                  group: int | None = None) -> np.ndarray:
+    """(G_v, N) bool: the blocks a device keeps for ``fraction`` of the full item table.
 
-    Item groups are equal-sized, so every (group, block) pair costs the same memory.
+    The device's own byte-exact selection (``peel.package.kept_pairs``: header, index and
+    user vector count against the budget), so early stopping and budget losses see the
+    package a device would get. ``fraction >= 1`` means every block.
     """
-    total = n_item_groups * n_blocks
-    return int(min(total, max(n_item_groups, math.floor(fraction * total + 1e-9))))
+    from peel.budget import BudgetError, selection_order
+    from peel.package import DeployOptions, kept_pairs
 
-
-def select_blocks(alpha: np.ndarray, n_keep: int) -> np.ndarray:
-    """Section IV-C4: the best block of every item group, then the rest by alpha, descending.
-
-    Returns a boolean (G_v, N) mask; ties are broken by (group, block) index for determinism.
-    """
-    alpha = np.asarray(alpha, dtype=np.float64)
-    n_groups, n_blocks = alpha.shape
-    if not n_groups <= n_keep <= n_groups * n_blocks:
-        raise ValueError(f"n_keep={n_keep} must be within [{n_groups}, {n_groups * n_blocks}]")
-    mask = np.zeros(alpha.shape, dtype=bool)
-    best = np.argmax(alpha, axis=1)  # first maximum: lowest block index on ties
-    mask[np.arange(n_groups), best] = True
-    flat = alpha.ravel()
-    order = np.lexsort((np.arange(flat.size), -flat))
-    rest = order[~mask.ravel()[order]][: n_keep - n_groups]
-    mask.ravel()[rest] = True
+    mask = np.zeros(weights.shape, dtype=bool)
+    if fraction >= 1:
+        mask[:] = True
+        return mask
+    try:
+        pairs = kept_pairs(weights, item_group, block_dim, float(fraction),
+                           DeployOptions(similarity=similarity, scale=scale), group)
+    except BudgetError:  # below a package's minimum (tiny catalogues): one block per group
+        pairs = selection_order(weights)[: weights.shape[0]]
+    mask[pairs[:, 0], pairs[:, 1]] = True
     return mask
 
 
@@ -631,15 +630,17 @@ def evaluate_group_deployed(data: InteractionData, users: np.ndarray, user_emb: 
                             blocks: np.ndarray | torch.Tensor, alpha: np.ndarray,
                             item_group: np.ndarray, similarity: str, fraction: float = 1.0,
                             split: str = "valid", eval_users: np.ndarray | None = None,
-                            alpha_weighted: bool = False, scale: str = "none") -> EvalResult:
+                            alpha_weighted: bool = False, scale: str = "none",
+                            group: int | None = None) -> EvalResult:
     """Rank one group's users with Eq. 10 on deployed blocks under a budget; peel.eval metrics.
 
     ``users`` are the rows of ``data`` that ``user_emb`` belongs to (in order); ``eval_users``
     (positions into ``users``) restricts the evaluation to a subset. ``alpha_weighted``
     multiplies each kept block by its alpha (a measured alternative, not Eq. 10).
     """
-    n_keep = blocks_for_budget(alpha.shape[0], alpha.shape[1], fraction)
-    scorer = Eq10Scorer(blocks, item_group, select_blocks(alpha, n_keep), similarity,
+    mask = deployed_mask(np.asarray(alpha), np.asarray(item_group), int(blocks.shape[2]),
+                         fraction, similarity, scale, group)
+    scorer = Eq10Scorer(blocks, item_group, mask, similarity,
                         alpha if alpha_weighted else None, scale)
     emb = torch.as_tensor(user_emb, dtype=torch.float32)
     pos_of = np.full(data.n_users, -1, dtype=np.int64)
@@ -650,32 +651,6 @@ def evaluate_group_deployed(data: InteractionData, users: np.ndarray, user_emb: 
         return scorer(emb[torch.from_numpy(pos_of[batch])])
 
     return evaluate(score, data, split, ks=(20, 50), users=chosen)
-
-
-def evaluate_run(data: InteractionData, out_dir: str | Path, similarity: str,
-                 fraction: float = 1.0, split: str = "valid", alpha_weighted: bool = False,
-                 scale: str = "none") -> dict[str, float]:
-    """Deployed metrics of every group file in ``out_dir`` (each user ranked by its group)."""
-    paths = sorted((Path(out_dir) / "groups").glob("group_*.npz"))
-    if not paths:
-        raise FileNotFoundError(f"{out_dir}/groups: no group files; run fine-tuning first")
-    results = []
-    for path in paths:
-        g = load_group(path)
-        results.append(evaluate_group_deployed(
-            data, g["users"], g["user_emb"], g["blocks"], g["alpha"], g["item_group"],
-            similarity, fraction, split, alpha_weighted=alpha_weighted, scale=scale))
-    return merge_results(results)
-
-
-def merge_results(results: Sequence[EvalResult]) -> dict[str, float]:
-    """User-weighted means over groups (each user counted once, as peel.eval averages)."""
-    keys = results[0].per_user.keys() if results else []
-    out = {}
-    for k in keys:
-        vals = np.concatenate([r.per_user[k] for r in results])
-        out[k] = float(vals.mean()) if len(vals) else 0.0
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -746,6 +721,7 @@ class _Trainer:
             rot = svd_rotate(user_emb, item_emb)
             user_emb, item_emb = rot.user_emb, rot.item_emb
         self.model = GroupModel(item_emb, user_emb, task.item_group, context, cfg, gen, dtype)
+        self.model.group = task.group
         self.n_items = task.item_emb.shape[0]
         self.train_u, self.train_i = _triples_of(task.train)
         self.val_u, self.val_i = _triples_of(task.valid)
@@ -848,7 +824,7 @@ class _Trainer:
             self.data, self.local_users, self.model.users.float().numpy(),
             self.model.deployed_blocks().float(), self.model.importance().float().numpy(),
             self.task.item_group, self.cfg.similarity, fraction, "valid", self.eval_subset,
-            scale=self.cfg.scale)
+            scale=self.cfg.scale, group=self.task.group)
         return res.metrics
 
     def _validate(self, rec: dict[str, Any], has_valid: bool) -> dict[str, Any]:
@@ -1080,138 +1056,3 @@ def finetune_groups(data: InteractionData, user_emb: np.ndarray, item_emb: np.nd
     for summary in executor.map(train_group, todo, labels=labels):
         done[summary.group] = summary
     return [done[g] for g in sorted(done)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Measurement entry point: python -m peel.elastic (the numbers in docs/paper-notes.md)
-# ---------------------------------------------------------------------------------------------
-
-
-def _parse_overrides(pairs: Sequence[str], cls: type, where: str) -> dict[str, Any]:
-    """key=value strings to typed dataclass fields (int/float/str/tuple of floats/None)."""
-    import dataclasses
-
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"{where}: bad override {pair!r}; valid keys: {', '.join(fields)}")
-        default = fields[key].default
-        if raw.lower() == "none":
-            out[key] = None
-        elif isinstance(default, tuple):
-            out[key] = tuple(float(x) for x in raw.split(",") if x)
-        elif isinstance(default, bool):
-            out[key] = raw.lower() in ("1", "true", "yes")
-        elif isinstance(default, int):
-            out[key] = int(raw)
-        elif isinstance(default, float) or default is None:
-            out[key] = float(raw)
-        else:
-            out[key] = raw
-    return out
-
-
-def deployed_recall_with_device(data: InteractionData, out_dir: str | Path, budget: str,
-                                similarity: str, split: str = "valid",
-                                scale: str = "none") -> dict[str, float]:
-    """The same numbers through the real device runtime (package build + Eq. 10 ranking)."""
-    import tempfile
-
-    from peel.device import open_package
-    from peel.eval import metrics_from_topk
-    from peel.package import DeployOptions, build_package, group_files
-    from peel.package import load_group as load_group_arrays
-
-    truth, seen = data.split_matrix(split), data.seen_matrix(split)
-    per_user: dict[str, list[np.ndarray]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for g, _ in group_files(out_dir):
-            arrays = load_group_arrays(out_dir, g)
-            pkg_path = Path(tmp) / f"g{g}.peel"
-            build_package(pkg_path, arrays, budget, group=g,
-                          options=DeployOptions(similarity=similarity, scale=scale))
-            pkg = open_package(pkg_path)
-            users = arrays.users[truth.getnnz(axis=1)[arrays.users] > 0]
-            if len(users) == 0:
-                continue
-            rows = seen[users]
-            ranked = pkg.rank_batch(arrays.user_emb[np.searchsorted(arrays.users, users)], k=50,
-                                    exclude_indptr=rows.indptr, exclude_indices=rows.indices)
-            for k, v in metrics_from_topk(ranked.items, users, truth, (20, 50)).items():
-                per_user.setdefault(k, []).append(v)
-    return {k: float(np.concatenate(v).mean()) for k, v in per_user.items()}
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Fine-tune all groups of a dataset with overrides and print deployed validation recall."""
-    import argparse
-    import sys
-
-    from peel.executor import make_executor
-    from peel.groups import GroupConfig, make_item_groups, make_user_groups
-
-    ap = argparse.ArgumentParser(prog="python -m peel.elastic", description=main.__doc__)
-    ap.add_argument("--data", default="demo", help="'demo' or a dataset path (peel.data)")
-    ap.add_argument("--pretrained", required=True,
-                    help="folder with embeddings.safetensors; pretrained there if missing")
-    ap.add_argument("--out", required=True, help="run folder (groups/ is written here)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], help="FinetuneConfig overrides key=value")
-    ap.add_argument("--groups", nargs="*", default=[], help="GroupConfig overrides key=value")
-    ap.add_argument("--pretrain", nargs="*", default=[], help="PretrainConfig overrides")
-    ap.add_argument("--budgets", default="1.0,0.2", help="fractions of the full item table")
-    ap.add_argument("--device-check", action="store_true",
-                    help="also rank through peel.package/peel.device (byte budgets)")
-    ap.add_argument("--log", default=None, help="append the result as one JSON line here")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
-
-    if args.data == "demo":
-        from peel.synthetic import make_demo
-
-        data = make_demo()
-    else:
-        from peel.data import load_dataset
-
-        data = load_dataset(args.data)
-    emb_file = Path(args.pretrained) / "embeddings.safetensors"
-    if not emb_file.exists():
-        pcfg = PretrainConfig(**_parse_overrides(args.pretrain, PretrainConfig, "--pretrain"))
-        save_result(pretrain(data, pcfg, progress=False), args.pretrained)
-    user_emb, item_emb = load_embeddings(args.pretrained)
-    gcfg = GroupConfig(**_parse_overrides(args.groups, GroupConfig, "--groups"))
-    cfg = FinetuneConfig(**_parse_overrides(args.set, FinetuneConfig, "--set"))
-    user_groups = make_user_groups(user_emb, gcfg, args.seed)
-    item_groups = make_item_groups(data.item_popularity, gcfg, args.seed)
-    t0 = time.perf_counter()
-    summaries = finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg,
-                                args.out, make_executor(args.workers, progress=False), args.seed)
-    row: dict[str, Any] = {
-        "data": args.data, "seed": args.seed, "set": args.set, "groups": args.groups,
-        "wall_seconds": round(time.perf_counter() - t0, 1),
-        "group_seconds": [round(s.seconds, 2) for s in summaries],
-        "epochs": [s.epochs for s in summaries], "best_epoch": [s.best_epoch for s in summaries],
-    }
-    for frac in (float(b) for b in args.budgets.split(",")):
-        for sim in SIMILARITIES:
-            row[f"R@20 {sim} {frac:g}"] = round(
-                evaluate_run(data, args.out, sim, frac, scale=cfg.scale)["recall@20"], 4)
-        if args.device_check:
-            row[f"device R@20 {cfg.similarity} {frac:g}"] = round(deployed_recall_with_device(
-                data, args.out, f"{frac * 100:g}%", cfg.similarity, scale=cfg.scale
-            )["recall@20"], 4)
-    line = json.dumps(row)
-    print(line)
-    if args.log:
-        with open(args.log, "a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
-    sys.stdout.flush()
-    return row
-
-
-if __name__ == "__main__":
-    main()

@@ -44,7 +44,11 @@ def _discounts(k: int) -> np.ndarray:
 
 
 def hit_matrix(topk: np.ndarray, users: np.ndarray, truth: sp.csr_matrix) -> np.ndarray:
-    """Boolean (len(users), K): is the item at each rank among the user's held-out items."""
+    """Boolean (len(users), K): is the item at each rank among the user's held-out items.
+
+    Negative entries (the device runtime pads lists shorter than K with -1) are never hits;
+    encoded naively, -1 would collide with the previous user's last item.
+    """
     rows = truth[users]
     n_items = truth.shape[1]
     # Encode (row, item) pairs as one sorted int64 key and test membership by binary search.
@@ -55,7 +59,7 @@ def hit_matrix(topk: np.ndarray, users: np.ndarray, truth: sp.csr_matrix) -> np.
     pos = np.minimum(pos, max(len(keys) - 1, 0))
     if len(keys) == 0:
         return np.zeros(topk.shape, dtype=bool)
-    return keys[pos] == query
+    return (keys[pos] == query) & (topk >= 0)
 
 
 def metrics_from_hits(hits: np.ndarray, n_truth: np.ndarray,

@@ -241,6 +241,22 @@ class _Plan:
     offsets: np.ndarray
 
 
+def kept_pairs(alpha: np.ndarray, item_group: np.ndarray, block_dim: int,
+               budget: int | float | str, options: DeployOptions | None = None,
+               group: int | None = None) -> np.ndarray:
+    """The (item group, block) pairs that a group package for ``budget`` keeps, in order.
+
+    Exactly the device's byte-exact selection (header, index and user vector included), so
+    training and early stopping can score the blocks a device would really get.
+    """
+    n_items = len(item_group)
+    shape = (n_items, alpha.shape[1], block_dim)  # only the shape matters: a zero-stride view
+    arrays = GroupArrays(np.broadcast_to(np.float32(0), shape),
+                         np.asarray(alpha, np.float64), np.asarray(item_group, np.int64),
+                         np.zeros(0, np.int64), np.zeros((0, alpha.shape[1] * block_dim)))
+    return _plan(arrays, budget, None, group, options or DeployOptions(), None, None).order
+
+
 def _plan(arrays: GroupArrays, budget: int | float | str, user: int | None,
           group: int | None, options: DeployOptions, item_ids: np.ndarray | None,
           seen: np.ndarray | None) -> _Plan:

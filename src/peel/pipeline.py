@@ -112,10 +112,24 @@ SECTIONS: dict[str, type] = {"run": RunOptions, "data": DataConfig, "pretrain": 
                              "deploy": DeployConfig}
 
 
+#: Configurations shipped with the library, usable by name: ``peel train DATA --config paper``.
+SHIPPED_CONFIGS = ("paper",)
+
+
+def shipped_config_path(name: str) -> Path:
+    """The TOML file of a shipped configuration (``paper``: the method as the paper writes it)."""
+    from importlib.resources import files
+
+    return Path(str(files("peel") / "configs" / f"{name}.toml"))
+
+
 def load_config(path: str | Path | None) -> RunConfig:
-    """Read a TOML config (missing sections/keys take the paper's defaults)."""
+    """Read a TOML config (missing sections/keys take the library defaults); a shipped
+    configuration's name (:data:`SHIPPED_CONFIGS`) stands for its file."""
     if path is None:
         return RunConfig()
+    if str(path) in SHIPPED_CONFIGS and not Path(path).exists():
+        path = shipped_config_path(str(path))
     doc = read_toml(path)
     where = str(path)
     check_sections(doc, set(SECTIONS), where)
