@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peel.data import from_splits
-from peel.eval import dot_scorer, evaluate, metrics_from_topk
+from peel.eval import dot_scorer, evaluate, hit_matrix, metrics_from_topk
 
 
 def brute_force(scores: np.ndarray, train: sp.csr_matrix, valid: sp.csr_matrix,
@@ -135,3 +135,12 @@ def test_metrics_from_topk_requires_truth():
         raise AssertionError("expected ValueError")
     out = metrics_from_topk(topk[:1], np.array([0]), truth, ks=(1, 2))
     assert out["recall@1"][0] == 1.0 and out["ndcg@2"][0] == 1.0
+
+
+def test_minus_one_padding_is_never_a_hit() -> None:
+    """The runtime pads short lists with -1; naive keys made it the previous user's last item."""
+    n_items = 5
+    truth = sp.csr_matrix((np.ones(2), ([0, 1], [4, 0])), shape=(2, n_items))
+    topk = np.array([[4, -1], [-1, -1]])  # user 1's -1 encodes as user 0's item 4
+    hits = hit_matrix(topk, np.array([0, 1]), truth)
+    assert hits.tolist() == [[True, False], [False, False]]
