@@ -5,7 +5,7 @@
 
 Every variant reuses BASE_RUN's stage 1 (pretrained embeddings; same data and [pretrain]),
 applies its ``section.key=value`` overrides (as ``peel train --set``), fine-tunes every user
-group into DIR/NAME, and is ranked by ``peel evaluate``'s own device-runtime code on the
+group into DIR/NAME (a variant without overrides is BASE_RUN's own stage 2, not retrained), and is ranked by ``peel evaluate``'s own device-runtime code on the
 validation split at each budget and with every block kept. Two references are printed with
 it: the pretrained model itself (every dimension) and ``lightgcn-svd`` (the pretrained model
 truncated along the singular directions of its score matrix to the largest size that fits
@@ -56,12 +56,14 @@ def references(base: Path, data, budgets: list[str], dim: int) -> dict[str, dict
 def run_variant(base: Path, out: Path, name: str, sets: list[str], budgets: list[str],
                 data) -> dict[str, dict[str, float]]:
     cfg = apply_sets(load_run_config(base), sets)
-    folder = out / name
-    folder.mkdir(parents=True, exist_ok=True)
-    reuse_pretrain(base, folder, cfg)
-    t0 = time.perf_counter()
-    train(cfg, folder, progress=False, data=data)
-    seconds = time.perf_counter() - t0
+    folder, seconds = base, 0.0
+    if sets:  # no overrides: the base run's own stage 2, as trained
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        reuse_pretrain(base, folder, cfg)
+        t0 = time.perf_counter()
+        train(cfg, folder, progress=False, data=data)
+        seconds = time.perf_counter() - t0
     full = full_table_bytes(data, cfg.pretrain.dim)
     labels = [*budgets, str(full + 10**6)]
     rows = evaluate_peel(folder, data, cfg, labels, split="valid")

@@ -342,11 +342,14 @@ def deploy_options(cfg: RunConfig) -> DeployOptions:
 
 def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                   budgets: Sequence[str], split: str = "test",
-                  selection: str | None = None, scale: str | None = None) -> list[EvalRow]:
+                  selection: str | None = None, scale: str | None = None,
+                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None
+                  ) -> list[EvalRow]:
     """Deploy every user group at every budget and rank its users with the device runtime.
 
     ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
-    with an override are labelled with it, e.g. "PEEL (scale=eq10)".
+    with an override are labelled with it, e.g. "PEEL (scale=eq10)". ``per_user_out``, when
+    given, receives each budget's per-user metrics and user ids (for paired tests).
 
     Packages are built once at the largest budget and shrunk on the "device" for the others,
     which the property tests show is identical to building each budget directly.
@@ -364,6 +367,7 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     own = deploy_options(cfg)
     options = replace(own, scale=scale or own.scale, selection=selection or own.selection)
     per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for _, b in sized}
+    evaluated: list[np.ndarray] = []
     used: dict[str, int] = {b: 0 for _, b in sized}
     with tempfile.TemporaryDirectory() as tmp:
         for g, _ in group_files(run):
@@ -374,6 +378,7 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                 continue
             users, vectors = users[has_truth], arrays.user_emb[has_truth]
             rows = seen[users]
+            evaluated.append(users)
             path = Path(tmp) / f"g{g}.peel"
             build_package(path, arrays, sized[0][0], group=g, options=options)
             package = open_package(path)
@@ -385,6 +390,10 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                 metrics = metrics_from_topk(_valid_topk(ranked), users, truth, (20, 50))
                 for key, value in metrics.items():
                     per_user[label].setdefault(key, []).append(value)
+    if per_user_out is not None:
+        for _, label in sized:
+            per_user_out[label] = {k: np.concatenate(v) for k, v in per_user[label].items()}
+            per_user_out[label]["users"] = np.concatenate(evaluated)
     changed = [f"{name}={value}" for name, value, default in
                (("selection", selection, own.selection), ("scale", scale, own.scale))
                if value not in (None, default)]

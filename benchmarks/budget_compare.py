@@ -1,0 +1,154 @@
+"""PEEL against the one-model and fixed-size baselines at each budget, with per-user results.
+
+    python benchmarks/budget_compare.py RUN --out DIR [--split test] [--lightgcn] [--pmf]
+    python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
+
+For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
+device-runtime code at each budget and with every block kept; the run's pretrained model
+(every dimension); ``lightgcn-svd`` (that model truncated along the singular directions of its
+score matrix to the largest size that fits each budget); and, with ``--lightgcn`` / ``--pmf``,
+the fixed-size baselines retrained at each budget (``peel.baselines.train_baseline``'s model,
+with its per-user results kept). It writes DIR/seed{S}.json (means) and
+DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by user).
+
+``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
+``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` plus DIR/paired.json: for each
+seed and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's
+per-user Recall@20. Reporting only: run it on the test split after every choice is made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+ALL = "1.0"  # budget key of "every block kept" / the full pretrained model
+METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
+
+
+def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]:
+    return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
+
+
+def score_run(run: Path, split: str, budgets: list[str], lightgcn: bool, pmf: bool
+              ) -> tuple[dict, dict[str, np.ndarray]]:
+    from peel.baselines import baseline_config, fixed_size_dim
+    from peel.budget import parse_budget
+    from peel.eval import dot_scorer, evaluate
+    from peel.pipeline import evaluate_peel, full_table_bytes, load_data, load_run_config
+    from peel.pretrain import load_embeddings, pretrain
+    from peel.rotation import svd_rotate
+
+    cfg = load_run_config(run)
+    data = load_data(cfg)
+    full = full_table_bytes(data, cfg.pretrain.dim)
+    out: dict = {"run": str(run), "seed": cfg.run.seed, "split": split, "dataset": data.name,
+                 "methods": {}}
+    per_user: dict[str, np.ndarray] = {}
+
+    def keep(method: str, budget: str, means: dict[str, float], pu: dict[str, np.ndarray],
+             users: np.ndarray, **extra: object) -> None:
+        out["methods"].setdefault(method, {})[budget] = _row(means, **extra)
+        order = np.argsort(users)
+        for m in ("recall@20", "ndcg@20"):
+            per_user[f"{method}|{budget}|{m}"] = np.asarray(pu[m])[order]
+        per_user["users"] = users[order]
+
+    labels = {b: b for b in budgets} | {str(full + 10**6): ALL}
+    peel_pu: dict[str, dict[str, np.ndarray]] = {}
+    t0 = time.perf_counter()
+    for r in evaluate_peel(run, data, cfg, list(labels), split=split, per_user_out=peel_pu):
+        pu = peel_pu[r.budget]
+        keep(cfg.run.label, labels[r.budget], r.metrics, pu, pu["users"],
+             bytes_used=r.bytes_used)
+    out["seconds"] = {"peel_evaluate": time.perf_counter() - t0}
+    user_emb, item_emb = load_embeddings(run / "pretrain")
+    res = evaluate(dot_scorer(user_emb, item_emb), data, split)
+    keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
+    rot = svd_rotate(user_emb, item_emb)
+    for b in budgets:
+        dim = min(fixed_size_dim(parse_budget(b, full), data.n_items), cfg.pretrain.dim)
+        res = evaluate(dot_scorer(*rot.truncate(dim)), data, split)
+        keep("lightgcn-svd", b, res.metrics, res.per_user, res.users, dim=dim,
+             bytes_used=(data.n_items + 1) * dim * 4)
+    for method, wanted in (("lightgcn", lightgcn), ("pmf", pmf)):
+        if not wanted:
+            continue
+        for b in budgets:
+            dim = fixed_size_dim(parse_budget(b, full), data.n_items)
+            t0 = time.perf_counter()
+            model = pretrain(data, baseline_config(method, dim, cfg.pretrain), progress=False)
+            res = evaluate(dot_scorer(model.user_emb, model.item_emb), data, split)
+            keep({"lightgcn": "LightGCN", "pmf": "PMF"}[method], b, res.metrics, res.per_user,
+                 res.users,
+                 dim=dim, best_epoch=model.best_epoch, seconds=time.perf_counter() - t0,
+                 bytes_used=(data.n_items + 1) * dim * 4)
+            print(f"{method} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
+    return out, per_user
+
+
+def summarise(folder: Path, against: str) -> None:
+    from scipy.stats import wilcoxon
+
+    seeds: dict = {}
+    paired: dict = {}
+    for path in sorted(folder.glob("seed*.json")):
+        doc = json.loads(path.read_text())
+        pu = np.load(folder / f"per_user_seed{doc['seed']}.npz", allow_pickle=False)
+        for method, rows in doc["methods"].items():
+            name = "PEEL" if method == against else method
+            for budget, row in rows.items():
+                cell = seeds.setdefault(name, {}).setdefault(budget, {})
+                for m in ("recall@20", "ndcg@20"):
+                    cell.setdefault(m, []).append(row[m])
+        ours = doc["methods"][against]
+        for method, rows in doc["methods"].items():
+            if method == against:
+                continue
+            for budget in rows:
+                if budget not in ours:
+                    continue
+                a = pu[f"{against}|{budget}|recall@20"]
+                b = pu[f"{method}|{budget}|recall@20"]
+                stat = wilcoxon(a, b, zero_method="wilcox") if np.any(a != b) else None
+                paired.setdefault(str(doc["seed"]), {}).setdefault(method, {})[budget] = {
+                    "mean_diff_recall@20": float((a - b).mean()),
+                    "users": len(a),
+                    "wilcoxon_p": None if stat is None else float(stat.pvalue),
+                }
+    (folder / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
+    (folder / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
+    print(json.dumps(seeds, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path, nargs="?")
+    ap.add_argument("--out", type=Path)
+    ap.add_argument("--split", default="test", choices=("valid", "test"))
+    ap.add_argument("--budgets", default="0.107,0.213,0.533")
+    ap.add_argument("--lightgcn", action="store_true")
+    ap.add_argument("--pmf", action="store_true")
+    ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
+    ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
+    args = ap.parse_args()
+    if args.summarise:
+        summarise(args.summarise, args.against)
+        return
+    if args.run is None or args.out is None:
+        ap.error("RUN and --out are required unless --summarise is given")
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc, per_user = score_run(args.run, args.split, args.budgets.split(","), args.lightgcn,
+                              args.pmf)
+    (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
+    for method, rows in doc["methods"].items():
+        print(method, {b: round(r["recall@20"], 4) for b, r in rows.items()})
+
+
+if __name__ == "__main__":
+    main()
