@@ -5,12 +5,13 @@
 
 Every variant reuses BASE_RUN's stage 1 (pretrained embeddings; same data and [pretrain]),
 applies its ``section.key=value`` overrides (as ``peel train --set``), fine-tunes every user
-group into DIR/NAME (a variant without overrides is BASE_RUN's own stage 2, not retrained), and is ranked by ``peel evaluate``'s own device-runtime code on the
-validation split at each budget and with every block kept. Two references are printed with
-it: the pretrained model itself (every dimension) and ``lightgcn-svd`` (the pretrained model
-truncated along the singular directions of its score matrix to the largest size that fits
-each budget). One JSON line per variant is appended to DIR/results.jsonl. The test split is
-never read here, so decisions made from this table rest on validation only.
+group into DIR/NAME (a variant without overrides is BASE_RUN's own stage 2, not retrained),
+and is ranked by ``peel evaluate``'s own device-runtime code on the validation split at each
+budget and with every block kept. Two references are printed with it: the pretrained model
+itself (every dimension) and ``lightgcn-svd`` (the pretrained model truncated along the
+singular directions of its score matrix to the largest size that fits each budget). One JSON
+line per variant is appended to DIR/results.jsonl. The test split is never read here, so
+decisions made from this table rest on validation only.
 """
 
 from __future__ import annotations

@@ -63,8 +63,11 @@ def tiered_communities(seed: int = 0) -> tuple[InteractionData, np.ndarray]:
     return from_splits(*mats), community
 
 
+#: The paper's stage 2 (pretrained slices, Eq. 4, controller weights): what these tests check.
+PAPER = {"init": "pretrained", "transform": "eq4", "importance": "controller",
+         "train_budgets": ()}
 SMALL = FinetuneConfig(n_blocks=4, block_dim=4, mlp_hidden=16, controller_hidden=16,
-                       batch_size=128, max_epochs=3, patience=2)
+                       batch_size=128, max_epochs=3, patience=2, **PAPER)
 
 
 # --------------------------------------------------------------------------- alpha
@@ -119,7 +122,7 @@ def test_controller_starts_uniform(scale: str, value: float) -> None:
 def _tiny_model(scorer: str, dtype: torch.dtype, xi: float = 0.5,
                 alpha_scale: str = "literal") -> GroupModel:
     cfg = FinetuneConfig(n_blocks=3, block_dim=2, scorer=scorer, mlp_hidden=5,
-                         controller_hidden=4, xi=xi, alpha_scale=alpha_scale)
+                         controller_hidden=4, xi=xi, alpha_scale=alpha_scale, **PAPER)
     rng = np.random.default_rng(0)
     gen = torch.Generator().manual_seed(0)
     model = GroupModel(rng.normal(size=(12, 6)), rng.normal(size=(5, 6)), np.arange(12) % 3,
@@ -352,11 +355,14 @@ def test_test_split_is_never_used(demo_run: dict, tmp_path: Path) -> None:
         np.testing.assert_array_equal(a[key], b[key])
 
 
-@pytest.mark.parametrize("scale", ["literal", "global"])
-def test_planted_communities_get_different_alpha(tmp_path: Path, scale: str) -> None:
-    """Groups from different communities learn different weights; halves of one do not.
+@pytest.mark.parametrize(("scale", "stage2"), [("literal", PAPER), ("global", PAPER),
+                                               ("literal", {})])
+def test_planted_communities_get_different_alpha(tmp_path: Path, scale: str,
+                                                 stage2: dict) -> None:
+    """Groups from different communities get different weights; halves of one do not.
 
-    Dot scorer (the default), with the default "literal" softmax and the "global" rescaling.
+    Dot scorer, the controller with the "literal" softmax and the "global" rescaling, and the
+    default energy importance (no controller).
     """
     data, community = tiered_communities()
     user_emb, item_emb = svd_embeddings(data)
@@ -366,7 +372,7 @@ def test_planted_communities_get_different_alpha(tmp_path: Path, scale: str) -> 
     user_groups[np.flatnonzero(community == 0)[1::2]] = 2
     cfg = FinetuneConfig(n_blocks=4, block_dim=4, scorer="dot", alpha_scale=scale,
                          controller_hidden=16, batch_size=128, max_epochs=8, patience=8,
-                         controller_lr=1e-2, early_stop_budgets=(1.0,))
+                         controller_lr=1e-2, early_stop_budgets=(1.0,), **stage2)
     finetune_groups(data, user_emb, item_emb, user_groups, item_groups, cfg, tmp_path,
                     SerialExecutor(progress=False), seed=1)
     arrays = [load_group(tmp_path / "groups" / f"group_{g:03d}.npz") for g in range(3)]
@@ -400,7 +406,7 @@ def test_group_without_validation_interactions_still_trains(tmp_path: Path) -> N
     user_emb, item_emb = svd_embeddings(blind)
     item_groups = make_item_groups(blind.item_popularity, GroupConfig(n_item_groups=4), 0)
     cfg = FinetuneConfig(n_blocks=4, block_dim=4, mlp_hidden=8, controller_hidden=8,
-                         batch_size=256, max_epochs=2)
+                         batch_size=256, max_epochs=2, **PAPER)
     summaries = finetune_groups(blind, user_emb, item_emb, user_groups, item_groups, cfg,
                                 tmp_path, SerialExecutor(progress=False), seed=0)
     assert summaries[1].n_valid == 0 and summaries[1].valid == {}

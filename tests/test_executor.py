@@ -87,7 +87,9 @@ def test_one_and_two_workers_give_identical_group_outputs(tmp_path: Path) -> Non
     item_groups = make_item_groups(data.item_popularity, GroupConfig(n_item_groups=5), 0)
     user_groups = np.arange(data.n_users) % 3
     cfg = FinetuneConfig(n_blocks=4, block_dim=4, scorer="mlp", mlp_hidden=16,
-                         controller_hidden=16, batch_size=128, max_epochs=2)
+                         controller_hidden=16, batch_size=128, max_epochs=2,
+                         init="pretrained", transform="eq4", importance="controller",
+                         train_budgets=())
     args = (data, user_emb, item_emb, user_groups, item_groups, cfg)
     one = finetune_groups(*args, tmp_path / "one", SerialExecutor(threads=2, progress=False),
                           seed=5)

@@ -94,14 +94,19 @@ class FinetuneConfig:
     # dimension is multiplied by the item table's std, so that at the start u . BN(v) equals
     # u . (v - mean) and Eq. 10 ranks (up to tanh) as the pretrained dot product did
     user_init: str = "pretrained"
-    init: str = "pretrained"
-    transform: str = "eq4"
-    importance: str = "controller"
+    # Measured defaults (docs/paper-notes.md, "Stage 2: a start that loses nothing"): each
+    # group starts from its own singular basis with blocks as they are, so every block kept
+    # reproduces the pretrained scores and the leading blocks carry the most score energy;
+    # deployment orders blocks by that energy. The paper's reading: pretrained / eq4 /
+    # controller (``peel train --config paper``).
+    init: str = "svd_group"
+    transform: str = "identity"
+    importance: str = "energy"
     # Train what the device runs: besides the full table, every step also takes the BPR loss
     # of the blocks a device would keep at each of these budgets (fractions of the full item
     # table, selected from the current importance once per epoch), averaged. Empty: the full
     # table only (the paper). Needs scorer="dot" and similarity="aligned".
-    train_budgets: tuple[float, ...] = ()
+    train_budgets: tuple[float, ...] = (0.107, 0.213, 0.533)
     mlp_layers: int = 2  # L2 tanh layers of Eq. 5
     mlp_hidden: int = 64
     controller_layers: int = 2  # L3 tanh layers of Eq. 7
@@ -116,7 +121,7 @@ class FinetuneConfig:
     early_stop: str = "recall"  # "recall": deployed valid Recall@20 | "loss": valid BPR loss
     # budgets (fractions of the full item table) whose deployed Recall@20 is averaged for the
     # "recall" criterion; more than 1.0 makes early stopping care about the elastic use too
-    early_stop_budgets: tuple[float, ...] = (1.0, 0.2)
+    early_stop_budgets: tuple[float, ...] = (1.0, 0.107, 0.213, 0.533)
     eval_users: int = 2000  # validation users evaluated per group (seeded sample), 0 = all
     val_loss_samples: int = 20000  # fixed validation triples for the loss criterion/log
     bn_eps: float = 1e-5
