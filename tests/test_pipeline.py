@@ -203,3 +203,19 @@ def test_deploy_takes_the_runs_eq10_scale_and_rejects_unknown_ones(run_dir, caps
     capsys.readouterr()
     code = main(["train", "demo", "--out", str(tmp_path / "r"), "--set", "deploy.scale=max"])
     assert code == 2 and "deploy.scale" in capsys.readouterr().err
+
+
+def test_the_paper_configuration_ships_with_the_library() -> None:
+    """`peel train DATA --config paper` reads the shipped TOML: the method as the paper writes it."""
+    from peel.pipeline import load_config
+
+    cfg = load_config("paper")
+    cfg.validate()
+    assert (cfg.finetune.init, cfg.finetune.transform, cfg.finetune.importance) == (
+        "pretrained", "eq4", "controller")
+    assert (cfg.finetune.scorer, cfg.finetune.similarity, cfg.finetune.scale) == (
+        "mlp", "literal", "eq10")
+    assert cfg.finetune.train_budgets == ()
+    assert (cfg.pretrain.layer_combination, cfg.pretrain.sampling, cfg.pretrain.lr) == (
+        "last", "uniform", 1e-3)
+    assert cfg.run.label == "PEEL (paper)"
