@@ -138,7 +138,7 @@ def check_input_file(path: str | os.PathLike[str], what: str = "input") -> os.st
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise InputError(f"{p}: no such file ({what})") from None
+        raise InputError(f"{p}: cannot read {what}: no such file") from None
     except OSError as err:
         raise InputError(f"{p}: cannot read {what} ({err.strerror or err})") from err
     if stat.S_ISDIR(st.st_mode):
