@@ -155,7 +155,7 @@ def _read_lightgcn_file(path: Path) -> _Raw:
     """``user item item ...`` lines. Ids must be integers; a user line may have no items."""
     users: list[np.ndarray] = []
     items: list[np.ndarray] = []
-    for lineno, line in iter_lines(path, "LightGCN data file"):
+    for lineno, line in iter_lines(path, "LightGCN data file", error=DataError):
         tokens = line.split()
         if not tokens:
             continue
@@ -247,7 +247,7 @@ def _is_number(token: str) -> bool:
 
 def _read_delimited(path: Path, cfg: DataConfig) -> _Raw:
     """Stream a delimited file line by line: memory grows with the rows kept, not the file."""
-    lines = iter_lines(path, "data file")
+    lines = iter_lines(path, "data file", error=DataError)
     first = next(((n, ln) for n, ln in lines if ln.strip()), None)
     if first is None:
         raise DataError(f"{path}: file is empty; expected rows user,item[,rating][,timestamp]")
@@ -451,7 +451,7 @@ def check_inputs(path: Path, fmt: str) -> None:
         raise DataError(f"{path}: is a folder; --format {fmt} reads one file (a folder of"
                         " train.txt/test.txt is --format lightgcn)")
     for f in _input_files(path, fmt):
-        check_input_file(f, "data file")
+        check_input_file(f, "data file", DataError)
 
 
 def detect_format(path: Path) -> str:

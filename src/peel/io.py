@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from peel import __version__
-from peel.errors import ConfigError, InputError, LockError, OutputError
+from peel.errors import ConfigError, InputError, LockError, OutputError, PeelError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -128,23 +128,25 @@ def json_depth(text: str) -> int:
 # ------------------------------------------------------------------ checked inputs and outputs
 
 
-def check_input_file(path: str | os.PathLike[str], what: str = "input") -> os.stat_result:
+def check_input_file(path: str | os.PathLike[str], what: str = "input",
+                     error: type[PeelError] = InputError) -> os.stat_result:
     """Refuse anything but a regular file before opening it.
 
     Opening a FIFO blocks until a writer appears and a character device such as /dev/zero
-    never ends, so both are refused from ``stat`` alone, without opening.
+    never ends, so both are refused from ``stat`` alone, without opening. ``error`` is the
+    class raised, so that e.g. the data readers keep raising their own ``DataError``.
     """
     p = Path(path)
     try:
         st = os.stat(p)
     except FileNotFoundError:
-        raise InputError(f"{p}: cannot read {what}: no such file") from None
+        raise error(f"{p}: cannot read {what}: no such file") from None
     except OSError as err:
-        raise InputError(f"{p}: cannot read {what} ({err.strerror or err})") from err
+        raise error(f"{p}: cannot read {what} ({err.strerror or err})") from err
     if stat.S_ISDIR(st.st_mode):
-        raise InputError(f"{p}: is a folder; expected a file ({what})")
+        raise error(f"{p}: is a folder; expected a file ({what})")
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(f"{p}: is a {_file_kind(st.st_mode)}, not a regular file; copy the "
+        raise error(f"{p}: is a {_file_kind(st.st_mode)}, not a regular file; copy the "
                          f"{what} into an ordinary file first")
     return st
 
@@ -169,29 +171,31 @@ def read_text(path: str | os.PathLike[str], max_bytes: int, what: str = "file") 
     return decode_utf8(data, str(path))
 
 
-def decode_utf8(data: bytes, name: str, lineno: int | None = None) -> str:
+def decode_utf8(data: bytes, name: str, lineno: int | None = None,
+                error: type[PeelError] = InputError) -> str:
     """UTF-8 text, or an error naming the file, the line and the offending byte."""
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = lineno if lineno is not None else data.count(b"\n", 0, err.start) + 1
-        raise InputError(f"{name}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save "
+        raise error(f"{name}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save "
                          "the file as UTF-8") from None
 
 
 def iter_lines(path: str | os.PathLike[str], what: str = "data file",
-               max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+               max_line: int = MAX_LINE_BYTES,
+               error: type[PeelError] = InputError) -> Iterator[tuple[int, str]]:
     """Stream ``(line number, text)`` of a UTF-8 file with bounded memory.
 
     One line is held at a time and a line longer than ``max_line`` bytes is an error, so a
     huge or binary file costs at most ``max_line`` bytes, never its whole size. A UTF-8 byte
     order mark on the first line is dropped.
     """
-    check_input_file(path, what)
+    check_input_file(path, what, error)
     try:
         fh = open(path, "rb")  # noqa: SIM115 - closed in finally, across yields
     except OSError as err:
-        raise InputError(f"{path}: cannot read {what} ({err.strerror or err})") from err
+        raise error(f"{path}: cannot read {what} ({err.strerror or err})") from err
     try:
         lineno = 0
         while True:
@@ -200,11 +204,11 @@ def iter_lines(path: str | os.PathLike[str], what: str = "data file",
                 return
             lineno += 1
             if len(raw) > max_line:
-                raise InputError(f"{path}:{lineno}: line longer than {max_line:,} bytes; is "
+                raise error(f"{path}:{lineno}: line longer than {max_line:,} bytes; is "
                                  f"this a text {what}?")
             if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
-            yield lineno, decode_utf8(raw, str(path), lineno)
+            yield lineno, decode_utf8(raw, str(path), lineno, error)
     finally:
         fh.close()
 
