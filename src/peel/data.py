@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -198,11 +198,15 @@ def _sniff_delimiter(first: str, path: Path) -> str | None:
     )
 
 
-def _split_line(line: str, delimiter: str | None) -> list[str]:
+def _split_line(line: str, delimiter: str | None, where: str = "") -> list[str]:
     if delimiter is None:
         return line.split()
     if len(delimiter) == 1:
-        return next(csv.reader([line], delimiter=delimiter))
+        try:
+            return next(csv.reader([line], delimiter=delimiter))
+        except csv.Error as err:
+            raise DataError(f"{where}: cannot split {line.strip()[:80]!r} at {delimiter!r} "
+                            f"({err}); fix the row") from None
     return [t.strip() for t in line.split(delimiter)]
 
 
@@ -247,23 +251,30 @@ def _is_number(token: str) -> bool:
 
 def _read_delimited(path: Path, cfg: DataConfig) -> _Raw:
     """Stream a delimited file line by line: memory grows with the rows kept, not the file."""
-    lines = iter_lines(path, "data file", error=DataError)
-    first = next(((n, ln) for n, ln in lines if ln.strip()), None)
+    lines = _text_rows(path)
+    first = next(lines, None)
     if first is None:
         raise DataError(f"{path}: file is empty; expected rows user,item[,rating][,timestamp]")
-    first_no, first_line = first[0], first[1].rstrip("\r\n")
+    first_no, first_line = first
     delimiter = cfg.delimiter if cfg.delimiter is not None else _sniff_delimiter(first_line, path)
-    first_tokens = _split_line(first_line, delimiter)
+    first_tokens = _split_line(first_line, delimiter, f"{path}:{first_no}")
     has_header = cfg.header if cfg.header is not None else _looks_like_header(first_tokens)
     roles = _roles(first_tokens, has_header, cfg, path, first_no)
     rows = _Rows(path, roles)
     if not has_header:
         rows.add(first_tokens, first_no, first_line)
-    for lineno, raw in lines:
-        line = raw.rstrip("\r\n")
-        if line.strip():
-            rows.add(_split_line(line, delimiter), lineno, line)
+    for lineno, line in lines:
+        rows.add(_split_line(line, delimiter, f"{path}:{lineno}"), lineno, line)
     return rows.finish()
+
+
+def _text_rows(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank rows with their line numbers. Old Mac ``\\r`` endings (and the other breaks
+    ``str.splitlines`` knows) still separate rows, as they did when files were read whole."""
+    for lineno, raw in iter_lines(path, "data file", error=DataError):
+        for line in raw.splitlines():
+            if line.strip():
+                yield lineno, line
 
 
 def _roles(first_tokens: list[str], has_header: bool, cfg: DataConfig, path: Path,
@@ -420,6 +431,10 @@ def validate_data_config(cfg: DataConfig) -> None:
     """Options that would otherwise be ignored or silently change the data."""
     if cfg.fmt not in FORMATS:
         raise DataError(f"data format {cfg.fmt!r}: choose one of {', '.join(FORMATS)}")
+    if cfg.delimiter is not None and (not cfg.delimiter or any(
+            c in cfg.delimiter for c in "\r\n\"")):
+        raise DataError(f"delimiter {cfg.delimiter!r}: expected one or more characters other "
+                        "than quotes and line breaks, e.g. --delimiter ';'")
     if cfg.split not in SPLIT_MODES:
         raise DataError(f"split {cfg.split!r}: choose one of {', '.join(SPLIT_MODES)}")
     threshold = cfg.rating_threshold
