@@ -247,7 +247,8 @@ class RunLock:
     files. The lock is ``fcntl.flock`` on ``OUT/.peel.lock``, which the kernel releases when the
     holder dies however it dies (kill -9 included), so a lock left by a dead process is simply
     taken over; the file holds the holder's PID for the message. The file is never deleted
-    (deleting a flock file lets two processes lock different inodes).
+    (deleting a flock file lets two processes lock different inodes). Without ``fcntl`` (Windows)
+    the file is created with O_EXCL instead and a lock whose PID is no longer alive is stale.
     """
 
     def __init__(self, out: str | os.PathLike[str], what: str = "--out") -> None:
@@ -255,29 +256,65 @@ class RunLock:
         self.what = what
         self.path = self.out / LOCK_NAME
         self._fd: int | None = None
+        self._pidfile = False
 
     def __enter__(self) -> RunLock:
-        import fcntl
-
         check_output_dir(self.out, self.what)
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not on POSIX
+            self._enter_pidfile()
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             os.close(fd)
-            raise LockError(f"{self.out}: in use by another peel process (pid {holder}); wait "
-                            f"for it to finish, or use another {self.what} folder") from None
+            self._refuse(holder)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
         self._fd = fd
         return self
+
+    def _refuse(self, holder: str) -> typing.NoReturn:
+        raise LockError(f"{self.out}: in use by another peel process (pid {holder or 'unknown'});"
+                        f" wait for it to finish, or use another {self.what} folder")
+
+    def _enter_pidfile(self) -> None:  # pragma: no cover - exercised on Windows only
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                holder = self.path.read_text(encoding="ascii", errors="replace").strip()
+                if holder.isdigit() and _pid_alive(int(holder)):
+                    self._refuse(holder)
+                self.path.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            os.write(fd, f"{os.getpid()}\n".encode("ascii"))
+            os.close(fd)
+            self._pidfile = True
+            return
+        self._refuse("unknown")
 
     def __exit__(self, *exc: object) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)
             os.close(self._fd)  # closing releases the flock
             self._fd = None
+        if self._pidfile:  # pragma: no cover - Windows
+            self.path.unlink(missing_ok=True)
+            self._pidfile = False
+
+
+def _pid_alive(pid: int) -> bool:  # pragma: no cover - Windows fallback only
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def locked_run(param: str = "out") -> Callable[[F], F]:
