@@ -47,6 +47,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; give a file name to write to")
+    blocker = next((d for d in target.parents if d.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise OutputError(f"{blocker}: exists and is not a folder, so {target} cannot be "
+                          "written; choose another output location")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
