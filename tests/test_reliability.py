@@ -530,3 +530,28 @@ def test_output_errors_are_value_errors() -> None:
     for cls in (PeelError, ConfigError, OutputError, LockError, DataError, PackageError,
                 BudgetError):
         assert issubclass(cls, ValueError) and issubclass(cls, PeelError)
+
+
+@pytest.mark.parametrize("content", [
+    b"", b"a", b"a\n", b"\n\n", b"\xef\xbb\xbf", b"\xef\xbb\xbf\n", b"ab\nc",
+    b"\xef\xbb\xbfa\r\nb\n\nc", b"x\n" * 5, ("\u00e9" * 10 + "\n").encode() * 3,
+])
+@pytest.mark.parametrize("block", [1, 2, 3, 1 << 16])
+def test_iter_lines_matches_reading_whole(tmp_path: Path, content: bytes, block: int) -> None:
+    """Block-wise streaming gives the same lines as decoding the whole file, at any block size
+    (blocks that split a line, a UTF-8 character or the byte order mark)."""
+    path = tmp_path / "t.txt"
+    path.write_bytes(content)
+    want = content.decode("utf-8-sig").split("\n")
+    want = want[:-1] if want[-1] == "" else want
+    assert list(iter_lines(path, block=block, max_line=100)) == list(enumerate(want, 1))
+
+
+def test_iter_lines_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_bytes(b"ok\nok\n" + b"z" * 300)
+    with pytest.raises(PeelError, match=r"t\.txt:3: line longer than 100 bytes"):
+        list(iter_lines(path, block=7, max_line=100))
+    path.write_bytes(b"ok\n\xf8\n")
+    with pytest.raises(PeelError, match=r"t\.txt:2: not UTF-8 text \(byte 0xf8\)"):
+        list(iter_lines(path, block=2))

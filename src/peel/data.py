@@ -198,15 +198,18 @@ def _sniff_delimiter(first: str, path: Path) -> str | None:
     )
 
 
-def _split_line(line: str, delimiter: str | None, where: str = "") -> list[str]:
+def _split_line(line: str, delimiter: str | None, path: Path | None = None,
+                lineno: int = 0) -> list[str]:
     if delimiter is None:
         return line.split()
     if len(delimiter) == 1:
+        if '"' not in line:  # what csv.reader returns for an unquoted row, without its cost
+            return line.split(delimiter)
         try:
             return next(csv.reader([line], delimiter=delimiter))
         except csv.Error as err:
-            raise DataError(f"{where}: cannot split {line.strip()[:80]!r} at {delimiter!r} "
-                            f"({err}); fix the row") from None
+            raise DataError(f"{path}:{lineno}: cannot split {line.strip()[:80]!r} at "
+                            f"{delimiter!r} ({err}); fix the row") from None
     return [t.strip() for t in line.split(delimiter)]
 
 
@@ -257,14 +260,14 @@ def _read_delimited(path: Path, cfg: DataConfig) -> _Raw:
         raise DataError(f"{path}: file is empty; expected rows user,item[,rating][,timestamp]")
     first_no, first_line = first
     delimiter = cfg.delimiter if cfg.delimiter is not None else _sniff_delimiter(first_line, path)
-    first_tokens = _split_line(first_line, delimiter, f"{path}:{first_no}")
+    first_tokens = _split_line(first_line, delimiter, path, first_no)
     has_header = cfg.header if cfg.header is not None else _looks_like_header(first_tokens)
     roles = _roles(first_tokens, has_header, cfg, path, first_no)
     rows = _Rows(path, roles)
     if not has_header:
         rows.add(first_tokens, first_no, first_line)
     for lineno, line in lines:
-        rows.add(_split_line(line, delimiter, f"{path}:{lineno}"), lineno, line)
+        rows.add(_split_line(line, delimiter, path, lineno), lineno, line)
     return rows.finish()
 
 
@@ -295,57 +298,60 @@ def _roles(first_tokens: list[str], has_header: bool, cfg: DataConfig, path: Pat
 
 
 class _Rows:
-    """Collects user/item/rating columns, packing them into numpy chunks as it goes."""
+    """Collects user/item/rating columns, packing them into numpy chunks as it goes (the
+    per-row Python strings of a large file would otherwise cost far more than the file)."""
 
     def __init__(self, path: Path, roles: list[str]) -> None:
         self.path = path
         self.roles = roles
-        self.idx = {r: roles.index(r) for r in ("user", "item", "rating") if r in roles}
-        self.chunks: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": []}
-        self.pending: dict[str, list[Any]] = {"user": [], "item": [], "rating": []}
+        self.ncols = len(roles)
+        self.iu, self.ii = roles.index("user"), roles.index("item")
+        self.ir = roles.index("rating") if "rating" in roles else None
+        self.users: list[str] = []
+        self.items: list[str] = []
+        self.ratings: list[float] = []
+        self.chunks: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
 
     def add(self, tokens: list[str], lineno: int, line: str) -> None:
-        ncols = len(self.roles)
-        if len(tokens) != ncols:
+        if len(tokens) != self.ncols:
             raise DataError(
-                f"{self.path}:{lineno}: expected {ncols} columns ({', '.join(self.roles)}), found"
-                f" {len(tokens)} in {line.strip()[:80]!r}; fix the row or pass --columns (use"
-                " 'skip' for columns to ignore)"
+                f"{self.path}:{lineno}: expected {self.ncols} columns ({', '.join(self.roles)}),"
+                f" found {len(tokens)} in {line.strip()[:80]!r}; fix the row or pass --columns"
+                " (use 'skip' for columns to ignore)"
             )
-        self.pending["user"].append(tokens[self.idx["user"]].strip())
-        self.pending["item"].append(tokens[self.idx["item"]].strip())
-        if "rating" in self.idx:
-            self.pending["rating"].append(self._rating(tokens[self.idx["rating"]], lineno))
-        if len(self.pending["user"]) >= _CHUNK_ROWS:
+        self.users.append(tokens[self.iu].strip())
+        self.items.append(tokens[self.ii].strip())
+        if self.ir is not None:
+            tok = tokens[self.ir]
+            try:
+                value = float(tok)
+            except ValueError:
+                raise self._rating_error(tok, lineno, "a number") from None
+            if not math.isfinite(value):
+                raise self._rating_error(tok, lineno, "a finite number")
+            self.ratings.append(value)
+        if len(self.users) >= _CHUNK_ROWS:
             self._flush()
 
-    def _rating(self, tok: str, lineno: int) -> float:
-        try:
-            value = float(tok)
-        except ValueError:
-            raise DataError(
-                f"{self.path}:{lineno}: rating {tok[:40]!r} is not a number; fix the row, or"
-                " pass --columns naming that column 'skip'") from None
-        if not math.isfinite(value):
-            raise DataError(
-                f"{self.path}:{lineno}: rating {tok[:40]!r} is not a finite number; fix the row,"
-                " or pass --columns naming that column 'skip'")
-        return value
+    def _rating_error(self, tok: str, lineno: int, expected: str) -> DataError:
+        return DataError(f"{self.path}:{lineno}: rating {tok[:40]!r} is not {expected}; fix the"
+                         " row, or pass --columns naming that column 'skip'")
 
     def _flush(self) -> None:
-        for key, values in self.pending.items():
-            if values:
-                dtype = np.float64 if key == "rating" else None
-                self.chunks[key].append(np.asarray(values, dtype=dtype))
-        self.pending = {"user": [], "item": [], "rating": []}
+        if self.users:
+            self.chunks[0].append(np.asarray(self.users))
+            self.chunks[1].append(np.asarray(self.items))
+        if self.ratings:
+            self.chunks[2].append(np.asarray(self.ratings, dtype=np.float64))
+        self.users, self.items, self.ratings = [], [], []
 
     def finish(self) -> _Raw:
         self._flush()
-        if not self.chunks["user"]:
+        users, items, ratings = self.chunks
+        if not users:
             raise DataError(f"{self.path}: no data rows after the header")
-        ratings = (np.concatenate(self.chunks["rating"]) if "rating" in self.idx else None)
-        return _Raw(np.concatenate(self.chunks["user"]), np.concatenate(self.chunks["item"]),
-                    ratings)
+        rating_arr = np.concatenate(ratings) if self.ir is not None else None
+        return _Raw(np.concatenate(users), np.concatenate(items), rating_arr)
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> _Raw:

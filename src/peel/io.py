@@ -176,24 +176,33 @@ def read_text(path: str | os.PathLike[str], max_bytes: int, what: str = "file") 
 
 
 def decode_utf8(data: bytes, name: str, lineno: int | None = None,
-                error: type[PeelError] = InputError) -> str:
-    """UTF-8 text, or an error naming the file, the line and the offending byte."""
+                error: type[PeelError] = InputError, first_line: int = 1) -> str:
+    """UTF-8 text, or an error naming the file, the line and the offending byte.
+
+    ``lineno`` names the line outright; otherwise it is counted from ``first_line``, the
+    number of the line ``data`` starts with.
+    """
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        line = lineno if lineno is not None else data.count(b"\n", 0, err.start) + 1
-        raise error(f"{name}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save "
-                         "the file as UTF-8") from None
+        line = lineno if lineno is not None else first_line + data.count(b"\n", 0, err.start)
+        raise error(f"{name}:{line}: not UTF-8 text (byte 0x{data[err.start]:02x}); save the "
+                    "file as UTF-8") from None
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 def iter_lines(path: str | os.PathLike[str], what: str = "data file",
-               max_line: int = MAX_LINE_BYTES,
-               error: type[PeelError] = InputError) -> Iterator[tuple[int, str]]:
-    """Stream ``(line number, text)`` of a UTF-8 file with bounded memory.
+               max_line: int = MAX_LINE_BYTES, error: type[PeelError] = InputError,
+               block: int = 1 << 16) -> Iterator[tuple[int, str]]:
+    """Stream ``(line number, text without the newline)`` of a UTF-8 file in bounded memory.
 
-    One line is held at a time and a line longer than ``max_line`` bytes is an error, so a
-    huge or binary file costs at most ``max_line`` bytes, never its whole size. A UTF-8 byte
-    order mark on the first line is dropped.
+    The file is read in ``block``-byte pieces, each decoded up to its last newline, so at most
+    about ``block + max_line`` bytes (and one block's lines) are held however large the file
+    is; a line that grows
+    beyond ``max_line`` bytes without a newline is an error (a binary file, a data dump with no
+    line breaks). A UTF-8 byte order mark at the start is dropped.
     """
     check_input_file(path, what, error)
     try:
@@ -201,18 +210,30 @@ def iter_lines(path: str | os.PathLike[str], what: str = "data file",
     except OSError as err:
         raise error(f"{path}: cannot read {what} ({err.strerror or err})") from err
     try:
-        lineno = 0
-        while True:
-            raw = fh.readline(max_line + 1)
-            if not raw:
-                return
+        head = fh.read(len(_BOM))
+        lineno, rest = 0, b"" if head == _BOM else head
+        while data := fh.read(block):
+            if len(rest) + len(data) > max_line and b"\n" not in data:
+                line = lineno + 1  # fail before copying the over-long line again
+            else:
+                buf = rest + data
+                cut = buf.rfind(b"\n") + 1
+                rest = buf[cut:]
+                line = lineno + buf.count(b"\n", 0, cut) + 1 if len(rest) > max_line else 0
+            if line:
+                raise error(f"{path}:{line}: line longer than {max_line:,} bytes; is this a "
+                            f"text {what}?")
+            if cut:
+                lines = decode_utf8(buf[:cut], str(path), None, error, lineno + 1).split("\n")
+                for text in lines[:-1]:
+                    lineno += 1
+                    yield lineno, text
+        tail = decode_utf8(rest, str(path), None, error, lineno + 1).split("\n")
+        for text in tail if tail[-1] else tail[:-1]:  # the last line, if it has no newline
             lineno += 1
-            if len(raw) > max_line:
-                raise error(f"{path}:{lineno}: line longer than {max_line:,} bytes; is "
-                                 f"this a text {what}?")
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]
-            yield lineno, decode_utf8(raw, str(path), lineno, error)
+            yield lineno, text
+    except OSError as err:
+        raise error(f"{path}: cannot read {what} ({err.strerror or err})") from err
     finally:
         fh.close()
 
