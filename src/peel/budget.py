@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from peel.errors import PeelError
+
 # --- file format constants (shared by the writer in peel.package and the reader in peel.device)
 FORMAT_NAME = "peel-package"
 FORMAT_VERSION = 3  # v3: the header records Eq. 10's scale; v2: blocks stored (d, rows)
@@ -67,7 +69,12 @@ HASHED_PREAMBLE = 32
 assert PREAMBLE.size == PREAMBLE_BYTES
 
 
-class BudgetError(ValueError):
+#: Largest budget accepted: byte counts are int64 in numpy and a u64 in the package preamble,
+#: so anything larger failed with struct.error / OverflowError instead of a message.
+MAX_BUDGET_BYTES = 2**63 - 1
+
+
+class BudgetError(PeelError):
     """A budget that cannot be met (or parsed); the message says what would work."""
 
 
@@ -113,6 +120,9 @@ def parse_budget(spec: str | int | float, full_table: int | None = None) -> int:
 def _positive_bytes(value: int, text: str) -> int:
     if value <= 0:
         raise BudgetError(f"budget {text!r} must be positive; write {ACCEPTED_BUDGETS}")
+    if value > MAX_BUDGET_BYTES:
+        raise BudgetError(f"budget {text!r} is {value:.3g} bytes, more than the largest "
+                          f"supported ({MAX_BUDGET_BYTES:,} B); write a smaller budget")
     return value
 
 

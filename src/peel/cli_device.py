@@ -153,11 +153,10 @@ def _run_context(run: str, user: int | None
 
 def _parse_exclude(text: str) -> np.ndarray:
     try:
-        values = [int(tok) for tok in text.split(",") if tok.strip()]
-    except ValueError as err:
-        raise ValueError(f"--exclude {text!r}: expected comma-separated item indices, e.g. "
-                         f"1,2,3") from err
-    return np.asarray(values, dtype=np.int64)
+        return np.asarray([int(tok) for tok in text.split(",") if tok.strip()], dtype=np.int64)
+    except (ValueError, OverflowError) as err:  # OverflowError: an index beyond 64 bits
+        raise ValueError(f"--exclude {text[:80]!r}: expected comma-separated item indices of "
+                         f"this package, e.g. 1,2,3") from err
 
 
 def recommend(args: argparse.Namespace) -> int:

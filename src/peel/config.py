@@ -12,7 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from peel.io import dataclass_from_dict
+from peel.errors import ConfigError
+from peel.io import dataclass_from_dict, read_text
+
+#: A config is a few hundred bytes; anything this large is the wrong file.
+MAX_CONFIG_BYTES = 1 << 20
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,25 +29,27 @@ def read_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: config file not found")
+    text = read_text(p, MAX_CONFIG_BYTES, "config file")
     try:
-        with open(p, "rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{p}: invalid TOML: {err}") from err
+        raise ConfigError(f"{p}: invalid TOML: {err}") from err
+    except RecursionError:
+        raise ConfigError(f"{p}: invalid TOML: nested too deeply") from None
 
 
 def section(doc: Mapping[str, Any], name: str, cls: type, where: str) -> Any:
     """Build ``cls`` from table ``name`` of a parsed TOML document (missing table = defaults)."""
     table = doc.get(name, {})
     if not isinstance(table, Mapping):
-        raise ValueError(f"{where}: [{name}] must be a table")
+        raise ConfigError(f"{where}: [{name}] must be a table")
     return dataclass_from_dict(cls, table, f"{where} [{name}]")
 
 
 def check_sections(doc: Mapping[str, Any], known: set[str], where: str) -> None:
     unknown = sorted(set(doc) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown section(s) {unknown}; valid: {sorted(known)}")
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; valid: {sorted(known)}")
 
 
 def to_toml(sections: Mapping[str, Any]) -> str:

@@ -12,8 +12,10 @@ import csv
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from peel import __version__
-from peel.io import atomic_path
+from peel.errors import PeelError
+from peel.io import atomic_path, check_input_file, iter_lines
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,19 @@ _COLUMN_ALIASES = {
 }
 
 
-class DataError(ValueError):
+class DataError(PeelError):
     """Bad input, with the file, line and the fix in the message."""
+
+
+FORMATS = ("auto", "lightgcn", "delimited", "parquet")
+SPLIT_MODES = ("auto", "files", "random")
+#: Rows parsed into Python lists before being packed into numpy arrays: bounds the memory of
+#: per-row Python objects on large files.
+_CHUNK_ROWS = 1 << 16
+#: A LightGCN line: integer ids (ASCII digits only) separated by ASCII whitespace.
+_INT_LINE = re.compile(r"\s*-?[0-9]+(?:\s+-?[0-9]+)*\s*", re.ASCII)
+_INT_TOKEN = re.compile(r"-?[0-9]+", re.ASCII)
+_MAX_ID = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -141,27 +155,35 @@ def _read_lightgcn_file(path: Path) -> _Raw:
     """``user item item ...`` lines. Ids must be integers; a user line may have no items."""
     users: list[np.ndarray] = []
     items: list[np.ndarray] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            try:
-                ids = np.array(tokens, dtype=np.int64)
-            except ValueError:
-                bad = next(t for t in tokens if not t.lstrip("-").isdigit())
-                raise DataError(
-                    f"{path}:{lineno}: non-integer id {bad!r} in a LightGCN-format file; each line"
-                    " must be 'user item item ...' with integer ids. For string ids use a"
-                    " delimited file with columns user,item"
-                ) from None
-            if (ids < 0).any():
-                raise DataError(f"{path}:{lineno}: negative id; ids must be >= 0")
-            users.append(np.full(len(ids) - 1, ids[0], dtype=np.int64))
-            items.append(ids[1:])
+    for lineno, line in iter_lines(path, "LightGCN data file", error=DataError):
+        tokens = line.split()
+        if not tokens:
+            continue
+        ids = _lightgcn_ids(line, tokens, path, lineno)
+        if (ids < 0).any():
+            raise DataError(f"{path}:{lineno}: negative id; ids must be >= 0")
+        users.append(np.full(len(ids) - 1, ids[0], dtype=np.int64))
+        items.append(ids[1:])
     if not users:
         raise DataError(f"{path}: file is empty; expected lines 'user item item ...'")
     return _Raw(np.concatenate(users), np.concatenate(items))
+
+
+def _lightgcn_ids(line: str, tokens: list[str], path: Path, lineno: int) -> np.ndarray:
+    """The integer ids of one line; only ASCII digits, and each id must fit in 64 bits."""
+    if _INT_LINE.fullmatch(line) is None:
+        bad = next((t for t in tokens if _INT_TOKEN.fullmatch(t) is None), line.strip())
+        raise DataError(
+            f"{path}:{lineno}: non-integer id {bad[:40]!r} in a LightGCN-format file; each line"
+            " must be 'user item item ...' with integer ids (ASCII digits). For string ids use"
+            " a delimited file with columns user,item"
+        )
+    too_big = next((t for t in tokens if len(t.lstrip("-")) > 18 and abs(int(t)) > _MAX_ID),
+                   None)
+    if too_big is not None:
+        raise DataError(f"{path}:{lineno}: id {too_big[:40]} is larger than {_MAX_ID} (64-bit);"
+                        " renumber the ids, or use a delimited file, where ids are strings")
+    return np.array(tokens, dtype=np.int64)
 
 
 def _sniff_delimiter(first: str, path: Path) -> str | None:
@@ -176,11 +198,18 @@ def _sniff_delimiter(first: str, path: Path) -> str | None:
     )
 
 
-def _split_line(line: str, delimiter: str | None) -> list[str]:
+def _split_line(line: str, delimiter: str | None, path: Path | None = None,
+                lineno: int = 0) -> list[str]:
     if delimiter is None:
         return line.split()
     if len(delimiter) == 1:
-        return next(csv.reader([line], delimiter=delimiter))
+        if '"' not in line:  # what csv.reader returns for an unquoted row, without its cost
+            return line.split(delimiter)
+        try:
+            return next(csv.reader([line], delimiter=delimiter))
+        except csv.Error as err:
+            raise DataError(f"{path}:{lineno}: cannot split {line.strip()[:80]!r} at "
+                            f"{delimiter!r} ({err}); fix the row") from None
     return [t.strip() for t in line.split(delimiter)]
 
 
@@ -224,53 +253,105 @@ def _is_number(token: str) -> bool:
 
 
 def _read_delimited(path: Path, cfg: DataConfig) -> _Raw:
-    with open(path, encoding="utf-8-sig") as fh:
-        lines = fh.read().splitlines()
-    first_idx = next((i for i, ln in enumerate(lines) if ln.strip()), None)
-    if first_idx is None:
+    """Stream a delimited file line by line: memory grows with the rows kept, not the file."""
+    lines = _text_rows(path)
+    first = next(lines, None)
+    if first is None:
         raise DataError(f"{path}: file is empty; expected rows user,item[,rating][,timestamp]")
-    delimiter = cfg.delimiter if cfg.delimiter is not None else _sniff_delimiter(
-        lines[first_idx], path)
-    first_tokens = _split_line(lines[first_idx], delimiter)
+    first_no, first_line = first
+    delimiter = cfg.delimiter if cfg.delimiter is not None else _sniff_delimiter(first_line, path)
+    first_tokens = _split_line(first_line, delimiter, path, first_no)
     has_header = cfg.header if cfg.header is not None else _looks_like_header(first_tokens)
+    roles = _roles(first_tokens, has_header, cfg, path, first_no)
+    rows = _Rows(path, roles)
+    if not has_header:
+        rows.add(first_tokens, first_no, first_line)
+    for lineno, line in lines:
+        rows.add(_split_line(line, delimiter, path, lineno), lineno, line)
+    return rows.finish()
+
+
+def _text_rows(path: Path) -> Iterator[tuple[int, str]]:
+    """Non-blank rows with their line numbers. Old Mac ``\\r`` endings (and the other breaks
+    ``str.splitlines`` knows) still separate rows, as they did when files were read whole."""
+    for lineno, raw in iter_lines(path, "data file", error=DataError):
+        for line in raw.splitlines():
+            if line.strip():
+                yield lineno, line
+
+
+def _roles(first_tokens: list[str], has_header: bool, cfg: DataConfig, path: Path,
+           lineno: int) -> list[str]:
+    """Column roles from --columns, the header, or (no header) the count of the first row."""
     if cfg.columns is not None:
         roles = list(cfg.columns)
         _check_roles(roles, path)
-    elif has_header:
-        roles = _resolve_columns(first_tokens, path)
-    else:
-        roles = ["user", "item", "rating", "timestamp"][: max(2, min(4, len(first_tokens)))]
-    start = first_idx + 1 if has_header else first_idx
-    idx = {r: roles.index(r) for r in ("user", "item", "rating") if r in roles}
-    ncols = len(roles)
-    users: list[str] = []
-    items: list[str] = []
-    ratings: list[float] = []
-    for lineno in range(start, len(lines)):
-        line = lines[lineno]
-        if not line.strip():
-            continue
-        tokens = _split_line(line, delimiter)
-        if len(tokens) < ncols:
+        return roles
+    if has_header:
+        return _resolve_columns(first_tokens, path)
+    if len(first_tokens) > 4:
+        raise DataError(
+            f"{path}:{lineno}: {len(first_tokens)} columns but no header; without a header the"
+            " columns are read as user,item[,rating][,timestamp]. Add a header row or pass"
+            " --columns naming every column (use 'skip' for columns to ignore)")
+    return ["user", "item", "rating", "timestamp"][: max(2, len(first_tokens))]
+
+
+class _Rows:
+    """Collects user/item/rating columns, packing them into numpy chunks as it goes (the
+    per-row Python strings of a large file would otherwise cost far more than the file)."""
+
+    def __init__(self, path: Path, roles: list[str]) -> None:
+        self.path = path
+        self.roles = roles
+        self.ncols = len(roles)
+        self.iu, self.ii = roles.index("user"), roles.index("item")
+        self.ir = roles.index("rating") if "rating" in roles else None
+        self.users: list[str] = []
+        self.items: list[str] = []
+        self.ratings: list[float] = []
+        self.chunks: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
+
+    def add(self, tokens: list[str], lineno: int, line: str) -> None:
+        if len(tokens) != self.ncols:
             raise DataError(
-                f"{path}:{lineno + 1}: expected {ncols} columns ({', '.join(roles)}), found"
-                f" {len(tokens)} in {line.strip()!r}; fix the row or pass --columns"
+                f"{self.path}:{lineno}: expected {self.ncols} columns ({', '.join(self.roles)}),"
+                f" found {len(tokens)} in {line.strip()[:80]!r}; fix the row or pass --columns"
+                " (use 'skip' for columns to ignore)"
             )
-        users.append(tokens[idx["user"]].strip())
-        items.append(tokens[idx["item"]].strip())
-        if "rating" in idx:
-            tok = tokens[idx["rating"]]
+        self.users.append(tokens[self.iu].strip())
+        self.items.append(tokens[self.ii].strip())
+        if self.ir is not None:
+            tok = tokens[self.ir]
             try:
-                ratings.append(float(tok))
+                value = float(tok)
             except ValueError:
-                raise DataError(
-                    f"{path}:{lineno + 1}: rating {tok!r} is not a number; fix the row, or pass"
-                    " --columns naming that column 'skip'"
-                ) from None
-    if not users:
-        raise DataError(f"{path}: no data rows after the header")
-    rating_arr = np.asarray(ratings, dtype=np.float64) if "rating" in idx else None
-    return _Raw(np.asarray(users), np.asarray(items), rating_arr)
+                raise self._rating_error(tok, lineno, "a number") from None
+            if not math.isfinite(value):
+                raise self._rating_error(tok, lineno, "a finite number")
+            self.ratings.append(value)
+        if len(self.users) >= _CHUNK_ROWS:
+            self._flush()
+
+    def _rating_error(self, tok: str, lineno: int, expected: str) -> DataError:
+        return DataError(f"{self.path}:{lineno}: rating {tok[:40]!r} is not {expected}; fix the"
+                         " row, or pass --columns naming that column 'skip'")
+
+    def _flush(self) -> None:
+        if self.users:
+            self.chunks[0].append(np.asarray(self.users))
+            self.chunks[1].append(np.asarray(self.items))
+        if self.ratings:
+            self.chunks[2].append(np.asarray(self.ratings, dtype=np.float64))
+        self.users, self.items, self.ratings = [], [], []
+
+    def finish(self) -> _Raw:
+        self._flush()
+        users, items, ratings = self.chunks
+        if not users:
+            raise DataError(f"{self.path}: no data rows after the header")
+        rating_arr = np.concatenate(ratings) if self.ir is not None else None
+        return _Raw(np.concatenate(users), np.concatenate(items), rating_arr)
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> _Raw:
@@ -280,7 +361,11 @@ def _read_parquet(path: Path, cfg: DataConfig) -> _Raw:
         raise DataError(
             f"{path}: reading Parquet needs pyarrow; install it with pip install 'peel[parquet]'"
         ) from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow's errors have no common base beyond Exception
+        raise DataError(f"{path}: not a readable Parquet file ({type(err).__name__}: "
+                        f"{str(err)[:200]}); check the file or convert it to CSV") from None
     names = list(cfg.columns) if cfg.columns else _resolve_columns(table.column_names, path)
     cols = {role: table.column(i).to_numpy() for i, role in enumerate(names) if role != "skip"}
     ratings = cols.get("rating")
@@ -348,6 +433,48 @@ def _csr(u: np.ndarray, i: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
 # ---------------------------------------------------------------------------------------------
 
 
+def validate_data_config(cfg: DataConfig) -> None:
+    """Options that would otherwise be ignored or silently change the data."""
+    if cfg.fmt not in FORMATS:
+        raise DataError(f"data format {cfg.fmt!r}: choose one of {', '.join(FORMATS)}")
+    if cfg.delimiter is not None and (not cfg.delimiter or any(
+            c in cfg.delimiter for c in "\r\n\"")):
+        raise DataError(f"delimiter {cfg.delimiter!r}: expected one or more characters other "
+                        "than quotes and line breaks, e.g. --delimiter ';'")
+    if cfg.split not in SPLIT_MODES:
+        raise DataError(f"split {cfg.split!r}: choose one of {', '.join(SPLIT_MODES)}")
+    threshold = cfg.rating_threshold
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(
+            threshold, (int, float)) or not math.isfinite(threshold)):
+        raise DataError(f"rating threshold {threshold!r}: expected a finite number, e.g."
+                        " --rating-threshold 4")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, (int, np.integer)) or not (
+            0 <= cfg.seed < 2**63):
+        raise DataError(f"seed {cfg.seed!r}: expected an integer in [0, 2^63)")
+    for name in ("min_user_interactions", "min_item_interactions"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise DataError(f"{name} {value!r}: expected a non-negative integer")
+
+
+def check_inputs(path: Path, fmt: str) -> None:
+    """Refuse a wrong kind of path before any file is opened (a FIFO would block, /dev/zero
+    never end) and explain a format that does not fit the path."""
+    if fmt == "lightgcn":
+        if not path.is_dir():
+            raise DataError(
+                f"{path}: --format lightgcn needs a folder holding train.txt (and optionally"
+                " valid.txt, test.txt); for a single interactions file use --format delimited")
+        if not (path / "train.txt").exists():
+            raise DataError(f"{path}: folder has no train.txt; a LightGCN dataset folder holds"
+                            " train.txt and optionally valid.txt and test.txt")
+    elif path.is_dir():
+        raise DataError(f"{path}: is a folder; --format {fmt} reads one file (a folder of"
+                        " train.txt/test.txt is --format lightgcn)")
+    for f in _input_files(path, fmt):
+        check_input_file(f, "data file", DataError)
+
+
 def detect_format(path: Path) -> str:
     if path.is_dir():
         if (path / "train.txt").exists():
@@ -397,8 +524,14 @@ def load_dataset(path: str | os.PathLike[str], cfg: DataConfig | None = None, *,
     ``cache_dir=False`` disables the cache; ``None`` uses ``$PEEL_CACHE_DIR`` or ~/.cache/peel.
     """
     cfg = cfg or DataConfig()
+    validate_data_config(cfg)
     path = Path(path)
     fmt = cfg.fmt if cfg.fmt != "auto" else detect_format(path)
+    check_inputs(path, fmt)
+    if fmt != "lightgcn" and cfg.split == "files":
+        raise DataError(f"{path}: --split files needs separate train/valid/test files (a"
+                        " LightGCN folder); a single file is split with --split random (or"
+                        " auto)")
     cache_file = None
     if cache_dir is not False:
         root = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -432,6 +565,7 @@ def _build(path: Path, fmt: str, cfg: DataConfig) -> InteractionData:
 
 def assemble(raws: dict[str, _Raw], cfg: DataConfig, name: str) -> InteractionData:
     """Remap ids, clean, filter and split raw columns (``train/valid/test`` or ``all``)."""
+    validate_data_config(cfg)
     counts: dict[str, int] = {}
     parts = list(raws)
     sizes = [len(raws[p].users) for p in parts]

@@ -67,13 +67,18 @@ from peel.budget import (
     parse_budget,
     prefix_rows,
 )
-from peel.io import atomic_path
+from peel.errors import PeelError
+from peel.io import atomic_path, check_input_file, json_depth
 
 #: Scores are split into sets of about n / this many items to find a top-K threshold cheaply.
 _TOPK_RUN = 64
+#: A package header is a few hundred bytes of flat JSON; these bound what a hostile or corrupt
+#: file can make the loader do (a 100k-deep header hit Python's recursion limit).
+MAX_HEADER_BYTES = 1 << 20
+MAX_HEADER_DEPTH = 8
 
 
-class PackageError(ValueError):
+class PackageError(PeelError):
     """A package file that cannot be used as is; the message names the file and the fix."""
 
 
@@ -493,6 +498,10 @@ def open_package(path: str | os.PathLike[str], verify: bool = True) -> Package:
     """Memory-map a package file and check it; ``verify`` also checks the sha256 digest."""
     p = Path(path)
     try:
+        check_input_file(p, "package")  # a FIFO would block open(), a device never end
+    except PeelError as err:
+        raise PackageError(f"{err}; give a package file written by peel deploy") from None
+    try:
         with open(p, "rb") as fh:
             if os.fstat(fh.fileno()).st_size < PREAMBLE_BYTES:
                 raise PackageError(f"{p}: not a peel package (only "
@@ -516,6 +525,10 @@ def read_package(buffer: Any, name: str = "<buffer>", verify: bool = True) -> Pa
     if version != FORMAT_VERSION:
         raise PackageError(f"{name}: package format version {version} is not supported (this "
                            f"peel reads version {FORMAT_VERSION}); rebuild it with peel deploy")
+    if header_len > MAX_HEADER_BYTES:
+        raise PackageError(f"{name}: header of {header_len:,} bytes is larger than any package "
+                           f"header ({MAX_HEADER_BYTES:,} at most); the file is corrupt, rebuild "
+                           f"it with peel deploy")
     data_start = PREAMBLE_BYTES + -(-header_len // 64) * 64
     expected = data_start + payload_len
     if view.nbytes != expected:
@@ -548,7 +561,11 @@ def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int
     """Rebuild the layout from the header and insist it is exactly the one we would write."""
     malformed = f"{name}: malformed package header; rebuild it with peel deploy"
     try:
-        doc = json.loads(header.decode("ascii"))
+        text = header.decode("ascii")
+        if json_depth(text) > MAX_HEADER_DEPTH:
+            raise PackageError(f"{name}: header JSON nested deeper than {MAX_HEADER_DEPTH} "
+                               f"levels; the file is corrupt, rebuild it with peel deploy")
+        doc = json.loads(text)
         if doc["format"] != FORMAT_NAME or doc["version"] != FORMAT_VERSION:
             raise PackageError(f"{name}: not a {FORMAT_NAME} v{FORMAT_VERSION} header")
         n_groups = _int(doc["n_item_groups"])
@@ -581,6 +598,12 @@ def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int
         raise PackageError(f"{name}: the header does not match the layout this peel version "
                            f"writes; rebuild the package with peel deploy")
     return lay
+
+
+def _all_finite(values: np.ndarray, chunk: int = 1 << 22) -> bool:
+    """``isfinite`` over a (memory-mapped) array in chunks, so checking stays cheap in memory."""
+    flat = values.reshape(-1)
+    return all(bool(np.isfinite(flat[i: i + chunk]).all()) for i in range(0, flat.size, chunk))
 
 
 def _int(value: Any) -> int:
@@ -617,6 +640,8 @@ def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) ->
         raise PackageError(bad.format("seen item out of range"))
     if "user_emb" in arrays and not np.all(np.isfinite(arrays["user_emb"])):
         raise PackageError(bad.format("user embedding is not finite"))
+    if not _all_finite(arrays["blocks"]):
+        raise PackageError(bad.format("block values must be finite (found NaN or infinity)"))
     if lay.report.total > lay.budget:
         raise PackageError(bad.format(f"{lay.report.total:,} B exceed the recorded budget "
                                       f"{lay.budget:,} B"))

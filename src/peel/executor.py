@@ -16,8 +16,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import contextlib
+import ctypes
 import multiprocessing
 import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -138,8 +142,49 @@ class SerialExecutor:
         return out
 
 
-def _init_worker(threads: int) -> None:
-    """Cap each worker's threads so workers x threads <= cores."""
+#: linux/prctl.h: deliver a signal to this process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+#: Seconds between the fallback watchdog's checks that the parent is still alive.
+PARENT_POLL_S = 0.5
+
+
+def die_with_parent(parent: int, poll_s: float = PARENT_POLL_S) -> None:
+    """End this worker when ``parent`` dies, however it dies.
+
+    ``kill -9`` of ``peel train`` used to leave its workers (~350 MB each) running, and they
+    kept writing group files into the folder the re-run was using. On Linux the kernel sends
+    SIGKILL to the worker when the parent dies (``PR_SET_PDEATHSIG``); everywhere a daemon
+    thread also polls the parent pid and exits when the worker has been re-parented.
+    """
+    _set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before the kernel could be told
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent, poll_s), daemon=True,
+                     name="peel-parent-watchdog").start()
+
+
+def _set_pdeathsig(sig: int) -> bool:
+    """Ask the Linux kernel to send ``sig`` on the parent's death; False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent: int, poll_s: float) -> None:
+    while True:
+        time.sleep(poll_s)
+        if os.getppid() != parent:
+            os._exit(1)
+
+
+def _init_worker(threads: int, parent: int | None = None) -> None:
+    """Tie the worker's life to its parent's, and cap its threads so workers x threads <= cores."""
+    if parent is not None:
+        die_with_parent(parent)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
     with contextlib.suppress(RuntimeError):  # already set in this process
@@ -166,7 +211,8 @@ class ProcessExecutor:
 
     def _new_pool(self, workers: int) -> cf.ProcessPoolExecutor:
         return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(self.threads,))
+                                      initializer=_init_worker,
+                                      initargs=(self.threads, os.getpid()))
 
     def __enter__(self) -> ProcessExecutor:
         if self._pool is None:

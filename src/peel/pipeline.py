@@ -37,7 +37,9 @@ from peel.elastic import FinetuneConfig, finetune_groups
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
 from peel.io import (
     atomic_path,
+    check_output_dir,
     load_npz,
+    locked_run,
     read_json,
     save_npz,
     write_json,
@@ -184,6 +186,7 @@ def _timed(timings: dict[str, float], name: str, progress: bool) -> Iterator[Non
 # ---------------------------------------------------------------------------------------------
 
 
+@locked_run("out")  # one process per run folder; refuses a second `peel train` (RunLock)
 def train(cfg: RunConfig, out: str | Path, progress: bool = True,
           data: InteractionData | None = None) -> dict[str, Any]:
     """Run (or resume) every server-side stage; returns the summary written to the run."""
@@ -442,6 +445,7 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None, baselines: b
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines), saved to
     RUN/eval.json merged with any earlier rows for other methods/budgets."""
     cfg = load_run_config(run)
+    check_output_dir(run, "run folder")  # eval.json is written last: fail before the work
     budgets = list(budgets or cfg.deploy.budgets)
     data = load_data(cfg)
     rows = evaluate_peel(run, data, cfg, budgets)

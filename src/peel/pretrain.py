@@ -83,6 +83,10 @@ class PretrainConfig:
             raise ValueError("lr_half_life must be >= 0 optimiser steps (0 = constant rate)")
         if self.batch_size < 1 or self.negatives < 1 or self.epochs < 0:
             raise ValueError("batch_size, negatives must be >= 1 and epochs >= 0")
+        if isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
+            # torch.manual_seed failed with "Overflow when unpacking long long" beyond this
+            raise ValueError(f"seed {self.seed!r}: expected an integer in [0, 2^63), e.g. "
+                             "--seed 7")
 
 
 @dataclass

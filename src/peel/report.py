@@ -14,10 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from peel.io import read_json, write_json, write_text
+from peel.errors import PeelError
+from peel.io import check_output_dir, read_json, write_json, write_text
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
 METHOD_ORDER = ("PMF", "LightGCN", "PEEL")
+
+
+class ReportError(PeelError):
+    """An ``eval.json`` that is not what ``peel evaluate`` writes; names the file and field."""
 
 
 def collect(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -26,11 +31,45 @@ def collect(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
         path = Path(run) / "eval.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: run not evaluated yet; run `peel evaluate {run}`")
-        doc = read_json(path)
-        for row in doc["rows"]:
-            rows.append({**row, "dataset": doc["dataset"], "run": str(run),
-                         "full_table_bytes": doc["full_table_bytes"]})
+        rows.extend(read_eval(path, str(run)))
     return rows
+
+
+def read_eval(path: Path, run: str) -> list[dict[str, Any]]:
+    """The rows of one ``eval.json``, each checked so that writing the report cannot fail."""
+    doc = read_json(path)
+    fix = f"re-run `peel evaluate {run}` to rewrite it"
+    if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+        raise ReportError(f"{path}: not an eval.json written by peel evaluate (no 'rows' list);"
+                          f" {fix}")
+    dataset, full = doc.get("dataset"), doc.get("full_table_bytes")
+    if not isinstance(dataset, str) or not _is_int(full) or full <= 0:
+        raise ReportError(f"{path}: 'dataset' must be a string and 'full_table_bytes' a "
+                          f"positive integer; {fix}")
+    return [{**_check_row(row, path, i, fix), "dataset": dataset, "run": run,
+             "full_table_bytes": full} for i, row in enumerate(doc["rows"])]
+
+
+def _check_row(row: Any, path: Path, i: int, fix: str) -> dict[str, Any]:
+    where = f"{path}: rows[{i}]"
+    if not isinstance(row, dict):
+        raise ReportError(f"{where} is not an object; {fix}")
+    for key, ok in (("method", isinstance(row.get("method"), str)),
+                    ("budget", isinstance(row.get("budget"), str)),
+                    ("budget_bytes", _is_int(row.get("budget_bytes"))),
+                    ("bytes_used", _is_int(row.get("bytes_used"))),
+                    ("metrics", isinstance(row.get("metrics"), dict))):
+        if not ok:
+            raise ReportError(f"{where}: missing or wrong type of '{key}'; {fix}")
+    for name, value in row["metrics"].items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ReportError(f"{where}: metric {str(name)[:40]!r} = {str(value)[:40]!r} is not "
+                              f"a number; {fix}")
+    return row
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _method_key(name: str) -> tuple[int, str]:
@@ -123,9 +162,8 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
 
 
 def write_report(runs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    out = check_output_dir(out)  # before reading: a bad --out is reported first, not last
     rows = collect(runs)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.md", markdown(rows) + "\n")
     write_text(out / "results.csv", to_csv(rows))
     write_json(out / "results.json", rows)
