@@ -206,7 +206,7 @@ def test_deploy_takes_the_runs_eq10_scale_and_rejects_unknown_ones(run_dir, caps
 
 
 def test_the_paper_configuration_ships_with_the_library() -> None:
-    """`peel train DATA --config paper` reads the shipped TOML: the method as the paper writes it."""
+    """`peel train DATA --config paper` reads the shipped TOML: the paper's method as written."""
     from peel.pipeline import load_config
 
     cfg = load_config("paper")
