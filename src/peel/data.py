@@ -172,7 +172,8 @@ def _sniff_delimiter(first: str, path: Path) -> str | None:
         return None  # whitespace
     raise DataError(
         f"{path}:1: cannot tell the delimiter of {first.strip()!r}; expected at least two columns"
-        " (user, item) separated by ',', tab, ';', '|', '::' or spaces. Pass --delimiter"
+        " (user, item) separated by ',', tab, ';', '|', '::' or spaces. Pass delimiter="
+        " (--delimiter)"
     )
 
 
@@ -254,7 +255,7 @@ def _read_delimited(path: Path, cfg: DataConfig) -> _Raw:
         if len(tokens) < ncols:
             raise DataError(
                 f"{path}:{lineno + 1}: expected {ncols} columns ({', '.join(roles)}), found"
-                f" {len(tokens)} in {line.strip()!r}; fix the row or pass --columns"
+                f" {len(tokens)} in {line.strip()!r}; fix the row or pass columns= (--columns)"
             )
         users.append(tokens[idx["user"]].strip())
         items.append(tokens[idx["item"]].strip())

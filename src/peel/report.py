@@ -15,18 +15,28 @@ from pathlib import Path
 from typing import Any
 
 from peel.io import read_json, write_json, write_text
+from peel.runfolder import check_complete
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
-METHOD_ORDER = ("PMF", "LightGCN", "PEEL")
+METHOD_ORDER = ("PMF", "LightGCN", "lightgcn-svd", "PEEL")
 
 
-def collect(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+def collect(runs: Sequence[str | Path], partial: bool = False) -> list[dict[str, Any]]:
+    """Every run's eval.json rows; incomplete runs and partial rows are refused unless
+    ``partial`` (a table would otherwise compare figures over different sets of users)."""
     rows: list[dict[str, Any]] = []
     for run in runs:
         path = Path(run) / "eval.json"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: run not evaluated yet; run `peel evaluate {run}`")
+            raise FileNotFoundError(f"{path}: run not evaluated yet; evaluate it first "
+                                    f"(peel evaluate {run})")
+        check_complete(run, partial)
         doc = read_json(path)
+        flagged = [r["method"] for r in doc["rows"] if r.get("detail", {}).get("partial")]
+        if flagged and not partial:
+            raise ValueError(f"{path}: rows of {', '.join(sorted(set(flagged)))} were evaluated "
+                             "on an incomplete run (partial); re-evaluate the finished run, or "
+                             "pass partial=True (--partial)")
         for row in doc["rows"]:
             rows.append({**row, "dataset": doc["dataset"], "run": str(run),
                          "full_table_bytes": doc["full_table_bytes"]})
@@ -122,8 +132,9 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
     return True
 
 
-def write_report(runs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
-    rows = collect(runs)
+def write_report(runs: Sequence[str | Path], out: str | Path,
+                 partial: bool = False) -> dict[str, Any]:
+    rows = collect(runs, partial)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "results.md", markdown(rows) + "\n")
