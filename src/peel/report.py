@@ -26,11 +26,11 @@ def collect(runs: Sequence[str | Path], partial: bool = False) -> list[dict[str,
     ``partial`` (a table would otherwise compare figures over different sets of users)."""
     rows: list[dict[str, Any]] = []
     for run in runs:
+        check_complete(run, partial)
         path = Path(run) / "eval.json"
         if not path.exists():
             raise FileNotFoundError(f"{path}: run not evaluated yet; evaluate it first "
                                     f"(peel evaluate {run})")
-        check_complete(run, partial)
         doc = read_json(path)
         flagged = [r["method"] for r in doc["rows"] if r.get("detail", {}).get("partial")]
         if flagged and not partial:
