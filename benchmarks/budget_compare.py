@@ -1,14 +1,14 @@
 """PEEL against the one-model and fixed-size baselines at each budget, with per-user results.
 
-    python benchmarks/budget_compare.py RUN --out DIR [--split test] [--lightgcn] [--pmf]
+    python benchmarks/budget_compare.py RUN --out DIR [--split test] \
+        [--baselines lightgcn-svd,lightgcn,pmf]
     python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
-(every dimension); ``lightgcn-svd`` (that model truncated along the singular directions of its
-score matrix to the largest size that fits each budget); and, with ``--lightgcn`` / ``--pmf``,
-the fixed-size baselines retrained at each budget (``peel.baselines.train_baseline``'s model,
-with its per-user results kept). It writes DIR/seed{S}.json (means) and
+(every dimension); and each ``--baselines`` method of ``peel.baselines`` at each budget
+(``lightgcn-svd`` reuses the run's stage 1; ``lightgcn`` and ``pmf`` are retrained at the
+largest size that fits), with per-user results kept. It writes DIR/seed{S}.json (means) and
 DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by user).
 
 ``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
@@ -34,20 +34,19 @@ def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]
     return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
 
 
-def score_run(run: Path, split: str, budgets: list[str], lightgcn: bool, pmf: bool
+def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
               ) -> tuple[dict, dict[str, np.ndarray]]:
-    from peel.baselines import baseline_config, fixed_size_dim
-    from peel.budget import parse_budget
+    from peel.baselines import make_baseline
+    from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
-    from peel.pipeline import evaluate_peel, full_table_bytes, load_data, load_run_config
-    from peel.pretrain import load_embeddings, pretrain
-    from peel.rotation import svd_rotate
+    from peel.pipeline import evaluate_peel, load_run_config, run_data
+    from peel.pretrain import load_embeddings
 
     cfg = load_run_config(run)
-    data = load_data(cfg)
-    full = full_table_bytes(data, cfg.pretrain.dim)
+    data = run_data(run)
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     out: dict = {"run": str(run), "seed": cfg.run.seed, "split": split, "dataset": data.name,
-                 "methods": {}}
+                 "methods": {}, "seconds": {}}
     per_user: dict[str, np.ndarray] = {}
 
     def keep(method: str, budget: str, means: dict[str, float], pu: dict[str, np.ndarray],
@@ -65,29 +64,17 @@ def score_run(run: Path, split: str, budgets: list[str], lightgcn: bool, pmf: bo
         pu = peel_pu[r.budget]
         keep(cfg.run.label, labels[r.budget], r.metrics, pu, pu["users"],
              bytes_used=r.bytes_used)
-    out["seconds"] = {"peel_evaluate": time.perf_counter() - t0}
-    user_emb, item_emb = load_embeddings(run / "pretrain")
-    res = evaluate(dot_scorer(user_emb, item_emb), data, split)
+    out["seconds"]["peel_evaluate"] = time.perf_counter() - t0
+    res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
-    rot = svd_rotate(user_emb, item_emb)
-    for b in budgets:
-        dim = min(fixed_size_dim(parse_budget(b, full), data.n_items), cfg.pretrain.dim)
-        res = evaluate(dot_scorer(*rot.truncate(dim)), data, split)
-        keep("lightgcn-svd", b, res.metrics, res.per_user, res.users, dim=dim,
-             bytes_used=(data.n_items + 1) * dim * 4)
-    for method, wanted in (("lightgcn", lightgcn), ("pmf", pmf)):
-        if not wanted:
-            continue
+    for name in methods:  # every baseline through its peel.baselines class
         for b in budgets:
-            dim = fixed_size_dim(parse_budget(b, full), data.n_items)
             t0 = time.perf_counter()
-            model = pretrain(data, baseline_config(method, dim, cfg.pretrain), progress=False)
-            res = evaluate(dot_scorer(model.user_emb, model.item_emb), data, split)
-            keep({"lightgcn": "LightGCN", "pmf": "PMF"}[method], b, res.metrics, res.per_user,
-                 res.users,
-                 dim=dim, best_epoch=model.best_epoch, seconds=time.perf_counter() - t0,
-                 bytes_used=(data.n_items + 1) * dim * 4)
-            print(f"{method} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
+            model = make_baseline(name, cfg.pretrain, run).fit(data, parse_budget(b, full))
+            res = evaluate(model.scorer(), data, split)
+            keep(model.label, b, res.metrics, res.per_user, res.users, **model.params,
+                 bytes_used=model.bytes_used, seconds=time.perf_counter() - t0)
+            print(f"{name} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
     return out, per_user
 
 
@@ -131,8 +118,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--split", default="test", choices=("valid", "test"))
     ap.add_argument("--budgets", default="0.107,0.213,0.533")
-    ap.add_argument("--lightgcn", action="store_true")
-    ap.add_argument("--pmf", action="store_true")
+    ap.add_argument("--baselines", default="lightgcn-svd",
+                    help="comma-separated peel.baselines names, e.g. lightgcn-svd,lightgcn,pmf")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
     args = ap.parse_args()
@@ -142,8 +129,8 @@ def main() -> None:
     if args.run is None or args.out is None:
         ap.error("RUN and --out are required unless --summarise is given")
     args.out.mkdir(parents=True, exist_ok=True)
-    doc, per_user = score_run(args.run, args.split, args.budgets.split(","), args.lightgcn,
-                              args.pmf)
+    doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
+                              [m for m in args.baselines.split(",") if m])
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():

@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from peel.budget import SCALES, SELECTIONS, WEIGHTINGS
-from peel.pipeline import deploy_options, evaluate_peel, load_data, load_run_config
+from peel.pipeline import deploy_options, evaluate_peel, load_run_config, run_data
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
                     help="only the run's own deployment settings (for quick training sweeps)")
     args = ap.parse_args()
     cfg = load_run_config(args.run)
-    data = load_data(cfg)
+    data = run_data(args.run, cfg)  # refused if the data changed since training
     budgets = sorted(args.budgets.split(","), key=float)
     print(f"{args.run} ({data.name}), {args.split} split, budgets {', '.join(budgets)}; "
           f"Recall@20 and NDCG@50 per budget")

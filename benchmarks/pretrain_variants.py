@@ -14,34 +14,33 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from peel.data import load_dataset
 from peel.eval import dot_scorer, evaluate
+from peel.overrides import override_fields
 from peel.pretrain import PretrainConfig, mean_block_distance, pretrain
 
-FIELDS = {"combination": ("layer_combination", str), "diversity": ("diversity", float),
-          "mode": ("diversity_mode", str), "layers": ("layers", int), "lr": ("lr", float),
-          "l2": ("l2", float), "sampling": ("sampling", str), "dim": ("dim", int),
-          "epochs": ("epochs", int), "batch": ("batch_size", int),
-          "dns": ("dns_candidates", int), "halflife": ("lr_half_life", int)}
+#: short names accepted in variants; any PretrainConfig field name works as well
+FIELDS = {"combination": "layer_combination", "mode": "diversity_mode", "batch": "batch_size",
+          "dns": "dns_candidates", "halflife": "lr_half_life"}
 
 
-def parse_variant(text: str) -> dict:
-    out = {}
-    for part in text.split(","):
-        key, value = part.split("=", 1)
-        name, cast = FIELDS[key]
-        out[name] = cast(value)
-    return out
+def apply_variant(base: PretrainConfig, text: str) -> PretrainConfig:
+    """``key=value,key=value`` through peel's one strict override parser."""
+    pairs = []
+    for part in filter(None, text.split(",")):
+        key, sep, value = part.partition("=")
+        pairs.append(f"{FIELDS.get(key, key)}{sep}{value}")
+    return override_fields(base, pairs, where="pretrain")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True)
     ap.add_argument("--variants", nargs="+", required=True,
-                    help="comma-separated key=value overrides; keys: " + ", ".join(FIELDS))
+                    help="comma-separated key=value overrides of PretrainConfig fields (short "
+                         "names: " + ", ".join(FIELDS) + ")")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--patience", type=int, default=5)
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
           f" {'epoch':>5} {'sec':>6}")
     rows = []
     for text in args.variants:
-        cfg = replace(base, **parse_variant(text))
+        cfg = apply_variant(base, text)
         t0 = time.perf_counter()
         res = pretrain(data, cfg, progress=False)
         sec = time.perf_counter() - t0

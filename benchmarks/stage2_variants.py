@@ -21,42 +21,30 @@ import json
 import time
 from pathlib import Path
 
-from peel.baselines import fixed_size_dim
-from peel.budget import parse_budget
-from peel.cli import apply_sets
+from peel.baselines import make_baseline
+from peel.budget import full_table_bytes, parse_budget
 from peel.eval import dot_scorer, evaluate
-from peel.pipeline import (
-    evaluate_peel,
-    full_table_bytes,
-    load_data,
-    load_run_config,
-    reuse_pretrain,
-    train,
-)
+from peel.overrides import apply_overrides
+from peel.pipeline import evaluate_peel, load_run_config, reuse_pretrain, run_data, train
 from peel.pretrain import load_embeddings
-from peel.rotation import svd_rotate
 
 ALL_BLOCKS = "all"  # a budget large enough to keep every block
 
 
 def references(base: Path, data, budgets: list[str], dim: int) -> dict[str, dict[str, float]]:
-    """Validation Recall/NDCG@20 of the pretrained model and of its SVD truncations."""
-    user_emb, item_emb = load_embeddings(base / "pretrain")
-    full = evaluate(dot_scorer(user_emb, item_emb), data, "valid").metrics
-    rot = svd_rotate(user_emb, item_emb)
-    out = {"pretrained": {ALL_BLOCKS: full}}
+    """Validation Recall/NDCG@20 of the pretrained model and of ``lightgcn-svd``."""
+    full = evaluate(dot_scorer(*load_embeddings(base / "pretrain")), data, "valid").metrics
     svd = {}
     for b in budgets:
-        d = fixed_size_dim(parse_budget(b, full_table_bytes(data, dim)), data.n_items)
-        svd[b] = evaluate(dot_scorer(*rot.truncate(min(d, dim))), data, "valid").metrics
-        svd[b]["dim"] = d
-    out["lightgcn-svd"] = svd
-    return out
+        model = make_baseline("lightgcn-svd", load_run_config(base).pretrain, base)
+        model.fit(data, parse_budget(b, full_table_bytes(data.n_items, dim)))
+        svd[b] = {**evaluate(model.scorer(), data, "valid").metrics, "dim": model.params["dim"]}
+    return {"pretrained": {ALL_BLOCKS: full}, "lightgcn-svd": svd}
 
 
 def run_variant(base: Path, out: Path, name: str, sets: list[str], budgets: list[str],
                 data) -> dict[str, dict[str, float]]:
-    cfg = apply_sets(load_run_config(base), sets)
+    cfg = apply_overrides(load_run_config(base), sets)
     folder, seconds = base, 0.0
     if sets:  # no overrides: the base run's own stage 2, as trained
         folder = out / name
@@ -65,7 +53,7 @@ def run_variant(base: Path, out: Path, name: str, sets: list[str], budgets: list
         t0 = time.perf_counter()
         train(cfg, folder, progress=False, data=data)
         seconds = time.perf_counter() - t0
-    full = full_table_bytes(data, cfg.pretrain.dim)
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     labels = [*budgets, str(full + 10**6)]
     rows = evaluate_peel(folder, data, cfg, labels, split="valid")
     res = {r.budget if r.budget != labels[-1] else ALL_BLOCKS: r.metrics for r in rows}
@@ -88,7 +76,7 @@ def main() -> None:
                     help='"NAME:section.key=value;section.key=value" (empty overrides allowed)')
     args = ap.parse_args()
     cfg = load_run_config(args.base)
-    data = load_data(cfg)
+    data = run_data(args.base)
     budgets = args.budgets.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     refs = references(args.base, data, budgets, cfg.pretrain.dim)

@@ -172,7 +172,7 @@ def test_minimum_budget_error_states_bytes_and_mb() -> None:
         fit(spec, order, minimum - 1)
     message = str(err.value)
     assert f"{minimum:,} B" in message and f"{minimum / MB:.3f} MB" in message
-    assert f"--budget {minimum}" in message
+    assert f"budget of {minimum} bytes or more" in message
 
 
 def test_group_package_reserves_the_user_embedding() -> None:

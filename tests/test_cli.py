@@ -75,7 +75,7 @@ def test_console_entry_point(argv):
 
 
 def test_set_types_tuple_elements_like_the_default():
-    from peel.cli import apply_sets
+    from peel.overrides import apply_overrides as apply_sets
     from peel.pipeline import RunConfig
 
     cfg = apply_sets(RunConfig(), ["finetune.early_stop_budgets=0.107,0.5",

@@ -465,4 +465,5 @@ def minimum_message(budget: int, minimum: BudgetReport, spec: PackageSpec) -> st
     return (f"budget {format_bytes(budget)} is below the minimum {format_bytes(minimum.total)} "
             f"for this package: one block per item group ({spec.n_groups} groups, "
             f"{minimum.item_blocks:,} B) + user embedding ({minimum.user_embedding:,} B) + "
-            f"index and header ({minimum.overhead:,} B); use --budget {minimum.total} or more")
+            f"index and header ({minimum.overhead:,} B); use a budget of {minimum.total} bytes "
+            "or more")

@@ -17,8 +17,8 @@ from typing import Any
 from peel import __version__
 from peel.budget import SCALES
 from peel.config import read_toml, section
-from peel.data import DataConfig, DataError, InteractionData, load_dataset
-from peel.io import to_json, write_json, write_run_metadata
+from peel.data import DataConfig, DataError, InteractionData
+from peel.io import to_json
 
 log = logging.getLogger("peel")
 
@@ -65,14 +65,10 @@ def data_config(args: argparse.Namespace, base: DataConfig | None = None) -> Dat
 
 
 def resolve_data(spec: str, cfg: DataConfig, args: argparse.Namespace) -> InteractionData:
-    """``demo`` / ``demo:SEED`` is the built-in synthetic data; anything else is a path."""
-    if spec == "demo" or spec.startswith("demo:"):
-        from peel.synthetic import SyntheticConfig, make_demo
+    """``demo`` / ``demo:SEED`` or a path, with the command's cache options."""
+    from peel.pipeline import resolve_data as resolve
 
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return make_demo(SyntheticConfig(seed=seed), cfg)
-    cache: Any = False if args.no_cache else args.cache_dir
-    return load_dataset(spec, cfg, cache_dir=cache)
+    return resolve(spec, cfg, cache_dir=False if args.no_cache else args.cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,33 +139,22 @@ def load_config_sections(path: str | None) -> dict[str, Any]:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from peel.eval import dot_scorer, evaluate
-    from peel.pretrain import PretrainConfig, pretrain, save_result
+    from peel.pipeline import pretrain_only
+    from peel.pretrain import PretrainConfig
 
     doc = load_config_sections(args.config)
     where = args.config or "config"
     dcfg = data_config(args, section(doc, "data", DataConfig, where))
     pcfg = pretrain_config(args, section(doc, "pretrain", PretrainConfig, where))
-    pcfg.validate()
-    out = Path(args.out)
-    data = resolve_data(args.data, dcfg, args)
-    write_run_metadata(out, "pretrain", {"data": dcfg, "pretrain": pcfg,
-                                         "data_source": args.data}, pcfg.seed)
-    t0 = time.perf_counter()
-    result = pretrain(data, pcfg, out_dir=out / "checkpoint", progress=not args.quiet)
-    seconds = time.perf_counter() - t0
-    scorer = dot_scorer(result.user_emb, result.item_emb)
-    valid = evaluate(scorer, data, "valid").metrics if data.valid.nnz else {}
-    test = evaluate(scorer, data, "test").metrics if data.test.nnz else {}
-    save_result(result, out, test)
-    summary = {"best_epoch": result.best_epoch, "seconds": seconds, "valid": valid,
-               "test": test, "out": str(out)}
-    write_json(out / "pretrain_summary.json", summary)
+    summary = pretrain_only(args.data, dcfg, pcfg, args.out,
+                            cache_dir=False if args.no_cache else args.cache_dir,
+                            progress=not args.quiet)
     if args.json:
         print(to_json(summary))
     else:
-        print(f"pretrained {data.name}: best epoch {result.best_epoch}, {seconds:.1f}s")
-        print(metrics_table({"valid": valid, "test": test}))
+        print(f"pretrained {summary['dataset']}: best epoch {summary['best_epoch']}, "
+              f"{summary['seconds']:.1f}s")
+        print(metrics_table({"valid": summary["valid"], "test": summary["test"]}))
     return 0
 
 
@@ -189,51 +174,12 @@ def metrics_table(rows: dict[str, dict[str, float]]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_sets(cfg: Any, pairs: list[str]) -> Any:
-    """``--set section.key=value`` overrides, typed by the field's default."""
-    for pair in pairs:
-        name, sep, raw = pair.partition("=")
-        sect, dot, key = name.partition(".")
-        if not sep or not dot or not hasattr(cfg, sect):
-            raise UsageError(f"--set {pair!r}: expected section.key=value, e.g."
-                             " groups.item_grouping=random")
-        obj = getattr(cfg, sect)
-        fields = {f.name: f for f in dataclasses.fields(obj)}
-        if key not in fields:
-            raise UsageError(f"--set {pair!r}: [{sect}] has no key {key!r}; valid: "
-                             + ", ".join(fields))
-        value = _typed(raw, getattr(obj, key), pair)
-        cfg = dataclasses.replace(cfg, **{sect: dataclasses.replace(obj, **{key: value})})
-    return cfg
-
-
-def _typed(raw: str, current: Any, pair: str) -> Any:
-    try:
-        if raw.lower() == "none":
-            return None
-        if isinstance(current, bool):
-            return raw.lower() in ("1", "true", "yes", "on")
-        if isinstance(current, int):
-            return int(raw)
-        if isinstance(current, float):
-            return float(raw)
-        if isinstance(current, tuple):
-            # elements take the type of the default's (early_stop_budgets are floats)
-            kind = type(current[0]) if current else float  # empty defaults are budgets
-            return tuple(kind(x.strip()) for x in raw.split(",") if x.strip())
-        if current is None and raw.replace(".", "", 1).lstrip("-").isdigit():
-            return float(raw) if "." in raw else int(raw)
-    except ValueError:
-        raise UsageError(f"--set {pair!r}: {raw!r} is not a valid {type(current).__name__}"
-                         ) from None
-    return raw
-
-
 def _run_config(args: argparse.Namespace) -> Any:
+    from peel.overrides import apply_overrides
     from peel.pipeline import load_config
 
     cfg = load_config(args.config)
-    cfg = apply_sets(cfg, args.set or [])
+    cfg = apply_overrides(cfg, args.set or [])
     if args.data is not None:
         cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, data=args.data))
     if args.label is not None:
@@ -269,8 +215,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     budgets = args.budgets.split(",") if args.budgets else None
     selections = args.selection.split(",") if args.selection else []
-    rows = evaluate(args.run, budgets, baselines=args.baselines, selections=selections,
-                    scales=[args.scale] if args.scale else [], progress=not args.quiet)
+    rows = evaluate(args.run, budgets, baselines=_baselines_arg(args.baselines),
+                    selections=selections, scales=[args.scale] if args.scale else [],
+                    progress=not args.quiet, split=args.split, partial=args.partial)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
@@ -278,8 +225,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _baselines_arg(value: str | None) -> bool | list[str]:
+    """``--baselines`` alone: the run's [deploy] baselines; ``--baselines a,b``: those."""
+    if value is None:
+        return False
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        return True
+    from peel.baselines import check_names
+
+    check_names(names, "--baselines")
+    return names
+
+
 def rows_table(rows: list[Any]) -> str:
-    keys = ["recall@20", "ndcg@20", "recall@50", "ndcg@50"]
+    keys = list(dict.fromkeys(k for r in rows for k in r.metrics)) or [
+        "recall@20", "ndcg@20", "recall@50", "ndcg@50"]
     lines = [f"{'method':<28}{'budget':>8}{'MB':>8}" + "".join(f"{k:>11}" for k in keys)]
     for r in rows:
         lines.append(f"{r.method:<28}{r.budget:>8}{r.budget_bytes / 1e6:>8.2f}"
@@ -290,7 +251,7 @@ def rows_table(rows: list[Any]) -> str:
 def cmd_report(args: argparse.Namespace) -> int:
     from peel.report import write_report
 
-    info = write_report(args.runs, args.out)
+    info = write_report(args.runs, args.out, partial=args.partial)
     if args.json:
         print(to_json(info))
     else:
@@ -364,12 +325,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="deploy every group at every budget, rank on device")
     ev.add_argument("run")
     ev.add_argument("--budgets", default=None, help="e.g. 5MB,10MB,0.5 (default: config)")
-    ev.add_argument("--baselines", action="store_true", help="also train PMF/LightGCN per budget")
+    ev.add_argument("--baselines", nargs="?", const="", default=None, metavar="NAMES",
+                    help="also evaluate baselines per budget: the config's list, or a comma "
+                         "list such as pmf,lightgcn-svd")
     ev.add_argument("--selection", default=None,
                     help="extra block selections to evaluate, e.g. random (ablation)")
     ev.add_argument("--scale", default=None, choices=SCALES,
                     help="also evaluate with this Eq. 10 factor setting, e.g. eq10 (the "
                          "paper's max|S_k|/|S_g|)")
+    ev.add_argument("--split", default="test", choices=["test", "valid"],
+                    help="valid: for choosing settings (nothing is saved)")
+    ev.add_argument("--partial", action="store_true",
+                    help="allow an incomplete run (rows are marked partial)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
@@ -377,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="Table III-style Markdown/CSV/JSON and plots")
     rep.add_argument("runs", nargs="+")
     rep.add_argument("--out", required=True)
+    rep.add_argument("--partial", action="store_true",
+                     help="allow incomplete runs and partial evaluations")
     rep.add_argument("--json", action="store_true")
     rep.set_defaults(func=cmd_report)
 

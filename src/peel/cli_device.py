@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,15 +18,7 @@ import numpy as np
 from peel.budget import SCALES, SELECTIONS, SIMILARITIES, WEIGHTINGS
 from peel.device import Package, Ranking, open_package
 from peel.io import to_json
-from peel.package import (
-    DEFAULT_SCALE,
-    DEFAULT_SIMILARITY,
-    DEFAULT_WEIGHTING,
-    DeployOptions,
-    build_package,
-    find_user_group,
-    load_group,
-)
+from peel.package import DEFAULT_SCALE, DEFAULT_SIMILARITY, DEFAULT_WEIGHTING
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -53,15 +44,21 @@ def _add_deploy(subparsers: Any) -> None:
                      help="user index: the package stores this user's embedding")
     p.add_argument("--out", required=True, help="package file to write (atomically)")
     p.add_argument("--similarity", choices=SIMILARITIES, default=None,
-                   help=f"Eq. 10 reading stored in the package (default {DEFAULT_SIMILARITY})")
+                   help="Eq. 10 reading stored in the package (default: the run's [deploy] "
+                        f"setting, else training's, else {DEFAULT_SIMILARITY})")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
-                   help=f"scale kept blocks by their weight (default {DEFAULT_WEIGHTING})")
+                   help="scale kept blocks by their weight (default: the run's, else "
+                        f"{DEFAULT_WEIGHTING})")
     p.add_argument("--scale", choices=SCALES, default=None,
                    help="multiply item group g's scores by Eq. 10's max_k |S_k| / |S_g| (eq10) "
                         f"or not (none); default: the run's, else {DEFAULT_SCALE}")
-    p.add_argument("--selection", choices=SELECTIONS, default="importance",
-                   help="block order: by importance weight (the paper) or random (ablation)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --selection random")
+    p.add_argument("--selection", choices=SELECTIONS, default=None,
+                   help="block order: by importance weight (the paper) or random (ablation); "
+                        "default: the run's")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of --selection random (default: the run's seed)")
+    p.add_argument("--partial", action="store_true",
+                   help="allow a run whose fine-tuning did not finish")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=_guard("deploy", deploy))
 
@@ -109,14 +106,13 @@ def _guard(command: str, handler: Handler) -> Handler:
 
 
 def deploy(args: argparse.Namespace) -> int:
-    """Build one package from a run folder."""
-    group = args.group if args.user is None else find_user_group(args.run, args.user)
-    arrays = load_group(args.run, group)
-    (similarity, scale), seen, item_ids = _run_context(args.run, args.user)
-    options = DeployOptions(similarity=args.similarity or similarity, weighting=args.weighting,
-                            scale=args.scale or scale, selection=args.selection, seed=args.seed)
-    report = build_package(args.out, arrays, args.budget, user=args.user, group=group,
-                           options=options, item_ids=item_ids, seen=seen)
+    """Build one package from a run folder, with the run's own deploy settings."""
+    from peel.pipeline import deploy_package
+
+    overrides = {"similarity": args.similarity, "weighting": args.weighting,
+                 "scale": args.scale, "selection": args.selection, "seed": args.seed}
+    group, report = deploy_package(args.run, args.budget, args.out, user=args.user,
+                                   group=args.group, partial=args.partial, **overrides)
     pkg = open_package(args.out)
     if args.json:
         print(to_json({"out": str(args.out), **pkg.describe()}))
@@ -126,29 +122,6 @@ def deploy(args: argparse.Namespace) -> int:
               f"{pkg.similarity} similarity, weighting {pkg.weighting}, scale {pkg.scale}")
         print(report.table())
     return 0
-
-
-def _run_context(run: str, user: int | None
-                 ) -> tuple[tuple[str | None, str | None], np.ndarray | None, np.ndarray | None]:
-    """What a full run folder adds to a package: the Eq. 10 reading and scale the groups were
-    trained and early-stopped with, and for a one-user package the items that user already has
-    (so the device excludes them) and the dataset's own item ids when they are integers. Bare
-    group folders add none."""
-    if not (Path(run) / "config.toml").exists():
-        return (None, None), None, None
-    from peel.pipeline import load_data, load_run_config
-
-    cfg = load_run_config(run)
-    reading = (cfg.finetune.similarity, cfg.deploy.scale or cfg.finetune.scale)
-    if user is None:
-        return reading, None, None
-    data = load_data(cfg)
-    seen_rows = data.seen_matrix("test")[user]
-    try:
-        item_ids = data.item_ids.astype(np.int64)
-    except ValueError:
-        item_ids = None
-    return reading, seen_rows.indices.astype(np.int64), item_ids
 
 
 def _parse_exclude(text: str) -> np.ndarray:

@@ -194,7 +194,8 @@ def _sniff_delimiter(first: str, path: Path) -> str | None:
         return None  # whitespace
     raise DataError(
         f"{path}:1: cannot tell the delimiter of {first.strip()!r}; expected at least two columns"
-        " (user, item) separated by ',', tab, ';', '|', '::' or spaces. Pass --delimiter"
+        " (user, item) separated by ',', tab, ';', '|', '::' or spaces. Pass delimiter="
+        " (--delimiter)"
     )
 
 

@@ -403,7 +403,8 @@ class Package:
         if self.user_emb is None:
             raise PackageError(
                 f"{self.source}: this package was built for a whole user group and stores no "
-                f"user embedding; pass the user's vector, or deploy with --user")
+                f"user embedding; pass the user's vector, or build the package for one user "
+                f"(user=..., peel deploy --user)")
         return self.user_emb
 
     def _check_users(self, users: np.ndarray) -> np.ndarray:

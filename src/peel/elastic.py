@@ -47,6 +47,7 @@ from peel.data import InteractionData, from_splits
 from peel.eval import EvalResult, evaluate
 from peel.io import load_npz, read_json, save_npz, write_json
 from peel.rotation import svd_rotate
+from peel.runfolder import group_paths
 
 log = logging.getLogger(__name__)
 
@@ -938,11 +939,6 @@ _ALPHA_NOTE = {
 # ---------------------------------------------------------------------------------------------
 # All groups
 # ---------------------------------------------------------------------------------------------
-
-
-def group_paths(out_dir: str | Path, group: int) -> tuple[Path, Path]:
-    base = Path(out_dir) / "groups" / f"group_{group:03d}"
-    return base.with_suffix(".npz"), base.with_suffix(".json")
 
 
 def array_digest(*arrays: np.ndarray) -> str:

@@ -39,6 +39,29 @@ class EvalResult:
         return self.metrics[key]
 
 
+#: The paper's cutoffs (Recall/NDCG@20 and @50).
+CUTOFFS = (20, 50)
+
+
+def metric_cutoffs(k: int, cutoffs: Sequence[int] = CUTOFFS) -> tuple[int, ...]:
+    """The cutoffs a ranked list of ``k`` items supports: the standard ones <= k, and k.
+
+    Why: with ``[deploy] k = 20`` or a catalogue of 30 items there is no top-50 list, and
+    asking for one used to fail instead of reporting what the lists can measure.
+    """
+    if isinstance(k, bool) or int(k) < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    return tuple(sorted({int(c) for c in cutoffs if c <= k} | {int(k)}))
+
+
+def selection_recall(metrics: dict[str, float]) -> float:
+    """Recall@20 (what early stopping compares), or the smallest cutoff's on tiny catalogues."""
+    if "recall@20" in metrics:
+        return metrics["recall@20"]
+    return min(((int(key.split("@")[1]), v) for key, v in metrics.items()
+                if key.startswith("recall@")))[1]
+
+
 def _discounts(k: int) -> np.ndarray:
     return 1.0 / np.log2(np.arange(2, k + 2, dtype=np.float64))
 
@@ -114,9 +137,10 @@ def evaluate(scorer: Scorer, data: InteractionData, split: str = "test",
     """Full-ranking evaluation of ``scorer`` on ``split`` of ``data``.
 
     ``scorer(users)`` returns a (len(users), n_items) array or tensor; it may return a tensor it
-    does not need afterwards, since it is modified in place for masking.
+    does not need afterwards, since it is modified in place for masking. Cutoffs beyond the
+    catalogue are capped at its size (a 30-item catalogue reports @20 and @30, not @50).
     """
-    ks = _check_ks(ks)
+    ks = sorted({min(k, data.n_items) for k in _check_ks(ks)})
     truth = data.split_matrix(split)
     seen = data.seen_matrix(split)
     n_truth_all = truth.getnnz(axis=1)

@@ -24,11 +24,8 @@ it, and the device derives the permutation once (4x smaller than int32 indices, 
 from __future__ import annotations
 
 import os
-import re
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -58,10 +55,6 @@ DEFAULT_WEIGHTING = "none"
 #: 0.174/0.193/0.199 vs 0.133/0.157/0.194 on ml-1m (docs/paper-notes.md, Stage 2,
 #: "Eq. 10's factor").
 DEFAULT_SCALE = "none"
-
-GROUP_FILE = "group_{:03d}.npz"
-_GROUP_RE = re.compile(r"group_(\d+)\.npz")
-
 
 @dataclass(frozen=True)
 class GroupArrays:
@@ -144,73 +137,19 @@ def synthetic_group(n_items: int = 1000, n_blocks: int = 16, block_dim: int = 8,
 
 # --------------------------------------------------------------------------- run folders
 
-
-def group_path(run: str | os.PathLike[str], group: int) -> Path:
-    return Path(run) / "groups" / GROUP_FILE.format(group)
-
-
-def group_files(run: str | os.PathLike[str]) -> list[tuple[int, Path]]:
-    """(group, path) for every group file of a run, in group order."""
-    folder = Path(run) / "groups"
-    if not folder.is_dir():
-        raise ValueError(f"{folder}: no such folder; a run folder holds "
-                         f"groups/{GROUP_FILE.format(0)} ... from the group training stage")
-    found = []
-    for path in folder.iterdir():
-        match = _GROUP_RE.fullmatch(path.name)
-        if match:
-            found.append((int(match.group(1)), path))
-    if not found:
-        raise ValueError(f"{folder}: no group_NNN.npz files; run the group training stage first")
-    return sorted(found)
+#: Run-folder readers moved to :mod:`peel.runfolder`, the one owner of the run layout; these
+#: names stay importable from here for existing callers.
+_RUNFOLDER_NAMES = ("group_files", "load_group", "find_user_group", "group_path")
 
 
-def _load_npz(path: Path, names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    try:
-        with open(path, "rb") as fh:
-            is_zip = fh.read(4) == b"PK\x03\x04"
-        if not is_zip:
-            raise ValueError(f"{path}: not a readable .npz file (no zip signature); write it "
-                             f"with numpy.savez")
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [n for n in names if n not in npz.files]
-            if missing:
-                raise ValueError(f"{path}: missing array(s) {', '.join(missing)}; expected "
-                                 f"{', '.join(names)}")
-            return {n: npz[n] for n in names}
-    except FileNotFoundError as err:
-        raise ValueError(f"{path}: no such file") from err
-    except (OSError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"{path}: not a readable .npz file ({err})") from err
-    except ValueError as err:
-        if str(path) in str(err):
-            raise
-        raise ValueError(f"{path}: holds object (pickled) arrays, which peel never loads; "
-                         f"save plain numeric arrays with numpy.savez") from err
+def __getattr__(name: str) -> object:
+    if name in _RUNFOLDER_NAMES:
+        from peel import runfolder
 
-
-def load_group(run: str | os.PathLike[str], group: int) -> GroupArrays:
-    """A user group's arrays from a run folder, validated."""
-    path = group_path(run, group)
-    if not path.exists():
-        groups = [g for g, _ in group_files(run)]
-        raise ValueError(f"{path}: no such file; this run has groups "
-                         f"{groups[0]}..{groups[-1]} ({len(groups)} files)")
-    arrays = _load_npz(path, ("blocks", "alpha", "item_group", "users", "user_emb"))
-    return check_group_arrays(**arrays, source=str(path))
-
-
-def find_user_group(run: str | os.PathLike[str], user: int) -> int:
-    """The user group whose ``users`` array holds ``user`` (reads only that array per file)."""
-    owners = [g for g, path in group_files(run)
-              if np.any(_load_npz(path, ("users",))["users"] == user)]
-    if not owners:
-        raise ValueError(f"user {user} is in no group of {Path(run) / 'groups'}; check the "
-                         f"user index")
-    if len(owners) > 1:
-        raise ValueError(f"user {user} appears in several groups ({owners}); the run folder "
-                         f"is inconsistent")
-    return owners[0]
+        if name == "group_path":
+            return lambda run, group: runfolder.group_paths(run, group)[0]
+        return getattr(runfolder, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- building

@@ -4,6 +4,8 @@ A run folder holds everything needed to continue, evaluate or report it:
 
     RUN/config.toml            resolved configuration (every hyper-parameter)
     RUN/run.json               library version, command, seed, config
+    RUN/data.json              what the run was trained on (file and split hashes), verified
+                               by every later command; RUN/data.npz when given in memory
     RUN/pretrain/              stage 1 outputs (+ checkpoint/ while training)
     RUN/partition.npz          user group of every user, item group of every item
     RUN/groups/group_NNN.*     stage 2 outputs per user group
@@ -11,7 +13,8 @@ A run folder holds everything needed to continue, evaluate or report it:
     RUN/eval.json              metrics per method and budget (from `peel evaluate`)
 
 Each stage is skipped when its outputs exist and were made with the same configuration, so an
-interrupted `peel train` re-run with the same arguments resumes where it stopped.
+interrupted `peel train` re-run with the same arguments resumes where it stopped. The file
+layout itself belongs to :mod:`peel.runfolder`.
 """
 
 from __future__ import annotations
@@ -29,10 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from peel import __version__
-from peel.budget import SCALES, SELECTIONS
+from peel import __version__, runfolder
+from peel.budget import SCALES, SELECTIONS, SIMILARITIES, WEIGHTINGS, full_table_bytes
 from peel.config import check_sections, read_toml, section, to_toml
-from peel.data import DataConfig, InteractionData, load_dataset
+from peel.data import DataConfig, InteractionData, detect_format, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
 from peel.io import (
@@ -74,8 +77,8 @@ class DeployConfig:
     similarity: str | None = None  # None: the reading the groups were trained with
     weighting: str | None = None  # None: peel.package.DEFAULT_WEIGHTING
     scale: str | None = None  # Eq. 10 factor, "eq10" | "none"; None: what fine-tuning used
-    baselines: tuple[str, ...] = ("pmf", "lightgcn")
-    k: int = 50
+    baselines: tuple[str, ...] = ("pmf", "lightgcn", "lightgcn-svd")
+    k: int = 50  # ranked list length; metrics at the cutoffs 20, 50 and k that are <= k
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,16 @@ class RunConfig:
             raise ValueError(f"deploy.selection must be one of {SELECTIONS}")
         if self.deploy.scale is not None and self.deploy.scale not in SCALES:
             raise ValueError(f"deploy.scale must be one of {SCALES} (or left out)")
+        if self.deploy.similarity is not None and self.deploy.similarity not in SIMILARITIES:
+            raise ValueError(f"deploy.similarity must be one of {SIMILARITIES} (or left out)")
+        if self.deploy.weighting is not None and self.deploy.weighting not in WEIGHTINGS:
+            raise ValueError(f"deploy.weighting must be one of {WEIGHTINGS} (or left out)")
+        if isinstance(self.deploy.k, bool) or not isinstance(self.deploy.k, int) \
+                or self.deploy.k < 1:
+            raise ValueError(f"deploy.k must be a positive integer, got {self.deploy.k!r}")
+        from peel.baselines import check_names
+
+        check_names(self.deploy.baselines, "deploy.baselines")
 
     def with_seed(self, seed: int) -> RunConfig:
         """One seed drives every stage (split, init, sampling, K-Means, fine-tuning)."""
@@ -144,20 +157,83 @@ def config_toml(cfg: RunConfig) -> str:
 
 
 def load_run_config(run: str | Path) -> RunConfig:
-    path = Path(run) / "config.toml"
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: not a run folder (no config.toml); run `peel train`")
-    return load_config(path)
+    return load_config(runfolder.require_run(run) / runfolder.CONFIG_FILE)
 
 
-def load_data(cfg: RunConfig) -> InteractionData:
-    spec = cfg.run.data
-    if spec == "demo" or spec.startswith("demo:"):
+def is_demo(spec: str) -> bool:
+    return spec == "demo" or spec.startswith("demo:")
+
+
+def resolve_data(spec: str, cfg: DataConfig | None = None,
+                 cache_dir: str | Path | bool | None = None) -> InteractionData:
+    """``demo`` / ``demo:SEED`` is the built-in synthetic data; anything else is a path
+    (``cache_dir`` as in :func:`peel.data.load_dataset`)."""
+    cfg = cfg or DataConfig()
+    if is_demo(spec):
         from peel.synthetic import SyntheticConfig, make_demo
 
         seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return make_demo(SyntheticConfig(seed=seed), cfg.data)
-    return load_dataset(spec, cfg.data)
+        return make_demo(SyntheticConfig(seed=seed), cfg)
+    return load_dataset(spec, cfg, cache_dir=cache_dir)
+
+
+def load_data(cfg: RunConfig) -> InteractionData:
+    """The data ``cfg.run.data`` names (not verified against a run: see :func:`run_data`)."""
+    if cfg.run.data == runfolder.STORED:
+        raise ValueError("this run's data was given in memory and is stored in the run folder;"
+                         " read it with run_data(run) (or peel.Run.load(run).data)")
+    return resolve_data(cfg.run.data, cfg.data)
+
+
+def source_files(cfg: RunConfig) -> list[Path]:
+    """The files ``cfg.run.data`` reads (none for demo or stored data)."""
+    spec = cfg.run.data
+    if is_demo(spec) or spec == runfolder.STORED:
+        return []
+    from peel.data import _input_files
+
+    path = Path(spec)
+    fmt = cfg.data.fmt if cfg.data.fmt != "auto" else detect_format(path)
+    return _input_files(path, fmt)
+
+
+def run_data(run: str | Path, cfg: RunConfig | None = None) -> InteractionData:
+    """The dataset a run was trained on, verified against RUN/data.json: data files that
+    changed since training are refused before they are read, and so is a different split."""
+    cfg = cfg or load_run_config(run)
+    record = runfolder.read_record(run)
+    if cfg.run.data == runfolder.STORED:
+        data = runfolder.load_stored_data(run)
+    else:
+        if record is not None:
+            runfolder.verify_files(run, record)
+        data = load_data(cfg)
+    if record is not None:
+        runfolder.verify_split(run, record, data)
+    else:
+        log.warning("%s: no %s (made before runs pinned their data); the data is not checked",
+                    run, runfolder.DATA_RECORD)
+    return data
+
+
+def _training_data(out: Path, cfg: RunConfig, given: InteractionData | None) -> InteractionData:
+    """The data to train on, pinned in the run folder the first time and verified on resume."""
+    record = runfolder.read_record(out)
+    if given is not None:
+        data = given
+    elif cfg.run.data == runfolder.STORED:
+        data = runfolder.load_stored_data(out)
+    else:
+        if record is not None:
+            runfolder.verify_files(out, record)
+        data = load_data(cfg)
+    if record is not None:
+        runfolder.verify_split(out, record, data)
+        return data
+    if given is not None:
+        runfolder.store_data(out, data)
+    runfolder.record_data(out, cfg.run.data, data, source_files(cfg))
+    return data
 
 
 def fingerprint(*parts: Any) -> str:
@@ -189,16 +265,22 @@ def _timed(timings: dict[str, float], name: str, progress: bool) -> Iterator[Non
 @locked_run("out")  # one process per run folder; refuses a second `peel train` (RunLock)
 def train(cfg: RunConfig, out: str | Path, progress: bool = True,
           data: InteractionData | None = None) -> dict[str, Any]:
-    """Run (or resume) every server-side stage; returns the summary written to the run."""
+    """Run (or resume) every server-side stage; returns the summary written to the run.
+
+    ``data`` given in memory is saved into the run (RUN/data.npz) and the run's ``run.data``
+    becomes "stored", so evaluation and deployment use exactly these splits later.
+    """
+    if data is not None:
+        cfg = replace(cfg, run=replace(cfg.run, data=runfolder.STORED))
     cfg.validate()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_same_config(out, cfg)
-    write_text(out / "config.toml", config_toml(cfg))
+    write_text(out / runfolder.CONFIG_FILE, config_toml(cfg))
     write_run_metadata(out, "train", cfg, cfg.run.seed)
     timings: dict[str, float] = {}
     with _timed(timings, "data", progress):
-        data = data if data is not None else load_data(cfg)
+        data = _training_data(out, cfg, data)
     with _timed(timings, "pretrain", progress):
         user_emb, item_emb = pretrain_stage(data, cfg, out, progress)
     with _timed(timings, "groups", progress):
@@ -241,7 +323,8 @@ def _check_same_config(out: Path, cfg: RunConfig) -> None:
         d["run"] = {k: v for k, v in d["run"].items() if k not in ignore_run}
     if json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
         raise ValueError(f"{out}: this run folder was made with a different configuration;"
-                         " use a new --out folder, or the same --config/--seed to resume")
+                         " train into a new folder, or use the same configuration and seed to"
+                         " resume")
 
 
 def pretrain_stage(data: InteractionData, cfg: RunConfig, out: Path,
@@ -275,7 +358,7 @@ def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "
-                         "use a new --out folder or the same [pretrain] settings")
+                         "train into a new folder or use the same [pretrain] settings")
 
 
 def reuse_pretrain(source_run: str | Path, out: str | Path, cfg: RunConfig) -> None:
@@ -290,7 +373,7 @@ def reuse_pretrain(source_run: str | Path, out: str | Path, cfg: RunConfig) -> N
             and asdict(src_cfg.pretrain) == asdict(cfg.pretrain))
     if not same:
         raise ValueError(f"{src}: its data or [pretrain] settings differ from this run's; "
-                         "stage 1 cannot be reused (drop --reuse-pretrain)")
+                         "stage 1 cannot be reused (do not reuse its pretraining)")
     stage = src / "pretrain"
     _check_pretrain_config(stage, cfg.pretrain)
     dest = Path(out) / "pretrain"
@@ -329,13 +412,14 @@ class EvalRow:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def full_table_bytes(data: InteractionData, dim: int) -> int:
-    return data.n_items * dim * 4
-
-
 def deploy_options(cfg: RunConfig) -> DeployOptions:
     """The run's own way of building packages: [deploy] settings, falling back to what its
-    groups were fine-tuned with (similarity, Eq. 10 scale), then to the package defaults."""
+    groups were fine-tuned with (similarity, Eq. 10 scale), then to the package defaults.
+
+    The one place that resolves them: ``peel deploy``, ``peel evaluate``, the Python API and
+    the benchmarks all build packages with these options, so what is deployed is what was
+    measured.
+    """
     dcfg = cfg.deploy
     return DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
                          weighting=dcfg.weighting or DEFAULT_WEIGHTING,
@@ -343,73 +427,115 @@ def deploy_options(cfg: RunConfig) -> DeployOptions:
                          selection=dcfg.selection, seed=cfg.run.seed)
 
 
-def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
+def with_overrides(options: DeployOptions, **changes: Any) -> DeployOptions:
+    """``options`` with the given (non-None) settings replaced."""
+    return replace(options, **{k: v for k, v in changes.items() if v is not None})
+
+
+def ranking_k(cfg: RunConfig, data: InteractionData) -> int:
+    """Length of ranked lists: ``[deploy] k``, capped at the catalogue size."""
+    return min(cfg.deploy.k, data.n_items)
+
+
+@dataclass(frozen=True)
+class GroupRanking:
+    """The device's top-k lists of one user group's evaluated users at one budget."""
+
+    budget: str
+    group: int
+    users: np.ndarray
+    items: np.ndarray  # (len(users), k); -1 pads rows with fewer rankable items
+    bytes_used: int
+
+
+def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
                   budgets: Sequence[str], split: str = "test",
-                  selection: str | None = None, scale: str | None = None,
-                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None
-                  ) -> list[EvalRow]:
+                  options: DeployOptions | None = None) -> Iterator[GroupRanking]:
     """Deploy every user group at every budget and rank its users with the device runtime.
 
-    ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
-    with an override are labelled with it, e.g. "PEEL (scale=eq10)". ``per_user_out``, when
-    given, receives each budget's per-user metrics and user ids (for paired tests).
-
     Packages are built once at the largest budget and shrunk on the "device" for the others,
-    which the property tests show is identical to building each budget directly.
+    which the property tests show is identical to building each budget directly. Users are
+    ranked with the same options, k and exclusions (train, plus valid for test) as a one-user
+    package from ``peel deploy --user`` ranks them.
     """
     import tempfile
 
     from peel.budget import parse_budget
     from peel.device import open_package
-    from peel.eval import metrics_from_topk
-    from peel.package import build_package, group_files, load_group
+    from peel.package import build_package
 
-    full = full_table_bytes(data, cfg.pretrain.dim)
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     truth, seen = data.split_matrix(split), data.seen_matrix(split)
-    own = deploy_options(cfg)
-    options = replace(own, scale=scale or own.scale, selection=selection or own.selection)
-    per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for _, b in sized}
-    evaluated: list[np.ndarray] = []
-    used: dict[str, int] = {b: 0 for _, b in sized}
+    options = options or deploy_options(cfg)
+    k = ranking_k(cfg, data)
     with tempfile.TemporaryDirectory() as tmp:
-        for g, _ in group_files(run):
-            arrays = load_group(run, g)
-            users = arrays.users
-            has_truth = truth.getnnz(axis=1)[users] > 0
+        for g, _ in runfolder.group_files(run):
+            arrays = runfolder.load_group(run, g)
+            has_truth = truth.getnnz(axis=1)[arrays.users] > 0
             if not has_truth.any():
                 continue
-            users, vectors = users[has_truth], arrays.user_emb[has_truth]
+            users, vectors = arrays.users[has_truth], arrays.user_emb[has_truth]
             rows = seen[users]
-            evaluated.append(users)
             path = Path(tmp) / f"g{g}.peel"
             build_package(path, arrays, sized[0][0], group=g, options=options)
             package = open_package(path)
             for nbytes, label in sized:
                 pkg = package.shrink(nbytes) if nbytes < sized[0][0] else package
-                used[label] = max(used[label], pkg.report.total)
-                ranked = pkg.rank_batch(vectors, k=cfg.deploy.k, exclude_indptr=rows.indptr,
+                ranked = pkg.rank_batch(vectors, k=k, exclude_indptr=rows.indptr,
                                         exclude_indices=rows.indices)
-                metrics = metrics_from_topk(_valid_topk(ranked), users, truth, (20, 50))
-                for key, value in metrics.items():
-                    per_user[label].setdefault(key, []).append(value)
+                yield GroupRanking(label, g, users, np.asarray(ranked.items),
+                                   pkg.report.total)
+
+
+def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
+                  budgets: Sequence[str], split: str = "test",
+                  selection: str | None = None, scale: str | None = None,
+                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None
+                  ) -> list[EvalRow]:
+    """PEEL's figures: metrics of :func:`peel_rankings` at the cutoffs <= ``[deploy] k``.
+
+    ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
+    with an override are labelled with it, e.g. "PEEL (scale=eq10)". ``per_user_out``, when
+    given, receives each budget's per-user metrics and user ids (for paired tests).
+    """
+    from peel.budget import parse_budget
+    from peel.eval import metric_cutoffs, metrics_from_topk
+
+    own = deploy_options(cfg)
+    options = with_overrides(own, selection=selection, scale=scale)
+    ks = metric_cutoffs(ranking_k(cfg, data))
+    truth = data.split_matrix(split)
+    per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for b in budgets}
+    used: dict[str, int] = {b: 0 for b in budgets}
+    n_users: dict[str, int] = {b: 0 for b in budgets}
+    order: dict[str, list[np.ndarray]] = {b: [] for b in budgets}  # users, as ranked
+    for ranked in peel_rankings(run, data, cfg, budgets, split, options):
+        used[ranked.budget] = max(used[ranked.budget], ranked.bytes_used)
+        n_users[ranked.budget] += len(ranked.users)
+        metrics = metrics_from_topk(_valid_topk(ranked.items), ranked.users, truth, ks)
+        for key, value in metrics.items():
+            per_user[ranked.budget].setdefault(key, []).append(value)
+        order[ranked.budget].append(ranked.users)
     if per_user_out is not None:
-        for _, label in sized:
-            per_user_out[label] = {k: np.concatenate(v) for k, v in per_user[label].items()}
-            per_user_out[label]["users"] = np.concatenate(evaluated)
+        for label, parts in per_user.items():
+            per_user_out[label] = {key: np.concatenate(v) for key, v in parts.items()}
+            per_user_out[label]["users"] = np.concatenate(order[label])
     changed = [f"{name}={value}" for name, value, default in
                (("selection", selection, own.selection), ("scale", scale, own.scale))
                if value not in (None, default)]
     method = f"{cfg.run.label} ({', '.join(changed)})" if changed else cfg.run.label
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     return [EvalRow(method, label, nbytes, used[label],
                     {k: float(np.concatenate(v).mean()) for k, v in per_user[label].items()},
-                    {"users": int(sum(len(x) for x in per_user[label]["recall@20"]))})
+                    {"users": n_users[label]})
             for nbytes, label in sized]
 
 
-def _valid_topk(ranked: Any) -> np.ndarray:
+def _valid_topk(items: np.ndarray) -> np.ndarray:
     """Rows shorter than K are padded with -1 by the runtime; point them at no item."""
-    items = np.asarray(ranked.items)
+    items = np.asarray(items)
     if (items < 0).any():
         items = items.copy()
         items[items < 0] = np.iinfo(np.int64).max // 2
@@ -417,45 +543,64 @@ def _valid_topk(ranked: Any) -> np.ndarray:
 
 
 def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[str],
-                       progress: bool = True) -> list[EvalRow]:
-    from peel.baselines import train_baseline
-    from peel.budget import parse_budget
+                       progress: bool = True, methods: Sequence[str] | None = None,
+                       run: str | Path | None = None, split: str = "test") -> list[EvalRow]:
+    """Fixed-size baselines at every budget, each through the shared
+    :class:`peel.baselines.BudgetedRecommender` interface and PEEL's metrics.
 
-    full = full_table_bytes(data, cfg.pretrain.dim)
+    ``lightgcn-svd`` reuses the run's stage-1 embeddings when ``run`` is given (it needs no
+    training at any budget); without a run it pretrains first.
+    """
+    from peel.baselines import make_baseline
+    from peel.budget import parse_budget
+    from peel.eval import evaluate as evaluate_scorer
+    from peel.eval import metric_cutoffs
+
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    ks = metric_cutoffs(ranking_k(cfg, data))
     rows = []
-    for method in cfg.deploy.baselines:
+    for method in (cfg.deploy.baselines if methods is None else methods):
+        model = make_baseline(method, cfg.pretrain, run=run)
         for label in budgets:
             nbytes = parse_budget(label, full)
             if progress:
                 print(f"[peel] baseline {method} at {label} ...", flush=True)
-            res = train_baseline(data, method, nbytes, cfg.pretrain, progress=progress)
-            rows.append(EvalRow(_baseline_name(method), label, nbytes, res.bytes_used, res.test,
-                                {"dim": res.dim, "best_epoch": res.best_epoch,
-                                 "seconds": res.seconds}))
+            model.fit(data, nbytes)
+            metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
+            rows.append(EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
+                                dict(model.params)))
     return rows
 
 
-def _baseline_name(method: str) -> str:
-    return {"pmf": "PMF", "lightgcn": "LightGCN"}.get(method, method)
+def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
+             baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
+             scales: Sequence[str] = (), progress: bool = True, split: str = "test",
+             partial: bool = False) -> list[EvalRow]:
+    """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
-
-def evaluate(run: str | Path, budgets: Sequence[str] | None = None, baselines: bool = False,
-             selections: Sequence[str] = (), scales: Sequence[str] = (),
-             progress: bool = True) -> list[EvalRow]:
-    """`peel evaluate`: PEEL through the device runtime (+ optional baselines), saved to
-    RUN/eval.json merged with any earlier rows for other methods/budgets."""
+    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names.
+    Test-split rows are saved to RUN/eval.json merged with earlier rows for other
+    methods/budgets; validation rows (``split="valid"``, for choosing settings) are only
+    returned. An incomplete run is refused unless ``partial``, whose rows are marked partial.
+    """
+    missing = runfolder.check_complete(run, partial)
     cfg = load_run_config(run)
     check_output_dir(run, "run folder")  # eval.json is written last: fail before the work
     budgets = list(budgets or cfg.deploy.budgets)
-    data = load_data(cfg)
-    rows = evaluate_peel(run, data, cfg, budgets)
+    data = run_data(run, cfg)
+    rows = evaluate_peel(run, data, cfg, budgets, split)
     for sel in selections:
-        rows += evaluate_peel(run, data, cfg, budgets, selection=sel)
+        rows += evaluate_peel(run, data, cfg, budgets, split, selection=sel)
     for scale in scales:
-        rows += evaluate_peel(run, data, cfg, budgets, scale=scale)
+        rows += evaluate_peel(run, data, cfg, budgets, split, scale=scale)
     if baselines:
-        rows += evaluate_baselines(data, cfg, budgets, progress)
-    _save_rows(Path(run) / "eval.json", rows, data, cfg)
+        methods = None if baselines is True else list(baselines)
+        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split)
+    if missing:
+        for row in rows:
+            row.detail.update(partial=True, missing_groups=missing)
+    if split == "test":
+        _save_rows(Path(run) / "eval.json", rows, data, cfg)
     return rows
 
 
@@ -466,8 +611,77 @@ def _save_rows(path: Path, rows: list[EvalRow], data: InteractionData, cfg: RunC
     merged = [r for r in old if (r["method"], r["budget"]) not in keys] + new
     write_json(path, {"peel_version": __version__, "dataset": data.name,
                       "n_items": data.n_items, "full_dim": cfg.pretrain.dim,
-                      "full_table_bytes": full_table_bytes(data, cfg.pretrain.dim),
+                      "full_table_bytes": full_table_bytes(data.n_items, cfg.pretrain.dim),
                       "rows": merged})
+
+
+# ---------------------------------------------------------------------------------------------
+# peel deploy / peel pretrain
+# ---------------------------------------------------------------------------------------------
+
+
+def deploy_package(run: str | Path, budget: int | float | str, out: str | Path, *,
+                   user: int | None = None, group: int | None = None,
+                   partial: bool = False, **overrides: Any) -> tuple[int, Any]:
+    """Write the package of one user group (``group``) or one user (``user``) of a run.
+
+    Built with the run's :func:`deploy_options` (``overrides``: similarity, weighting, scale,
+    selection, seed), so it ranks exactly as ``peel evaluate`` measured. A one-user package
+    also stores the items the user already has (excluded when ranking) and the dataset's item
+    ids when they are integers. A bare folder of group files (no config.toml) takes the
+    package defaults. Returns (group, BudgetReport).
+    """
+    from peel.package import build_package
+
+    if (user is None) == (group is None):
+        raise ValueError("deploy: give exactly one of user= or group=")
+    runfolder.check_complete(run, partial)
+    group = runfolder.find_user_group(run, user) if user is not None else group
+    arrays = runfolder.load_group(run, int(group))
+    is_run = runfolder.config_path(run).exists()
+    cfg = load_run_config(run) if is_run else None
+    options = with_overrides(deploy_options(cfg) if cfg else DeployOptions(), **overrides)
+    seen = item_ids = None
+    if cfg is not None and user is not None:
+        data = run_data(run, cfg)
+        seen = data.seen_matrix("test")[user].indices.astype(np.int64)
+        item_ids = _integer_ids(data.item_ids)
+    report = build_package(out, arrays, budget, user=user, group=int(group), options=options,
+                           item_ids=item_ids, seen=seen)
+    return int(group), report
+
+
+def _integer_ids(ids: np.ndarray) -> np.ndarray | None:
+    """The dataset's own item ids when they are integers (packages store int64 ids)."""
+    try:
+        return np.asarray(ids).astype(np.int64)
+    except ValueError:
+        return None
+
+
+def pretrain_only(spec: str, data_cfg: DataConfig, pretrain_cfg: PretrainConfig,
+                  out: str | Path, cache_dir: str | Path | bool | None = None,
+                  progress: bool = True) -> dict[str, Any]:
+    """Stage 1 alone (`peel pretrain`): embeddings, log and test/valid metrics in ``out``."""
+    from peel.eval import dot_scorer
+    from peel.eval import evaluate as evaluate_scorer
+
+    pretrain_cfg.validate()
+    out = Path(out)
+    data = resolve_data(spec, data_cfg, cache_dir)
+    write_run_metadata(out, "pretrain", {"data": data_cfg, "pretrain": pretrain_cfg,
+                                         "data_source": spec}, pretrain_cfg.seed)
+    t0 = time.perf_counter()
+    result = pretrain(data, pretrain_cfg, out_dir=out / "checkpoint", progress=progress)
+    seconds = time.perf_counter() - t0
+    scorer = dot_scorer(result.user_emb, result.item_emb)
+    valid = evaluate_scorer(scorer, data, "valid").metrics if data.valid.nnz else {}
+    test = evaluate_scorer(scorer, data, "test").metrics if data.test.nnz else {}
+    save_result(result, out, test)
+    summary = {"dataset": data.name, "best_epoch": result.best_epoch, "seconds": seconds,
+               "valid": valid, "test": test, "out": str(out)}
+    write_json(out / "pretrain_summary.json", summary)
+    return summary
 
 
 def demo_config(seed: int = 0) -> RunConfig:
@@ -480,5 +694,6 @@ def demo_config(seed: int = 0) -> RunConfig:
                                 diversity=0.1, seed=seed),
         groups=GroupConfig(n_user_groups=6, n_item_groups=10),
         finetune=FinetuneConfig(max_epochs=15, patience=3),
-        deploy=DeployConfig(budgets=PAPER_BUDGETS, baselines=("pmf", "lightgcn")),
+        deploy=DeployConfig(budgets=PAPER_BUDGETS,
+                            baselines=("pmf", "lightgcn", "lightgcn-svd")),
     )

@@ -27,7 +27,7 @@ from safetensors.numpy import load_file as load_np_tensors
 from safetensors.numpy import save_file as save_np_tensors
 
 from peel.data import InteractionData
-from peel.eval import dot_scorer, evaluate
+from peel.eval import dot_scorer, evaluate, selection_recall
 from peel.executor import deterministic_torch
 from peel.io import atomic_path, write_json
 
@@ -266,7 +266,8 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+        raise ValueError(f"device {name!r} asked for but CUDA is not available; use device "
+                         "'cpu' (--device cpu)")
     return torch.device(name)
 
 
@@ -346,9 +347,9 @@ def _pretrain(data: InteractionData, cfg: PretrainConfig, out_dir: str | Path | 
                                batch_size=cfg.eval_batch_size).metrics
             record["valid"] = metrics
             evaluated = (u_emb, i_emb)
-            if metrics["recall@20"] > state.best_recall:
+            if selection_recall(metrics) > state.best_recall:
                 state.best_recall, state.best_epoch, state.bad_evals = (
-                    metrics["recall@20"], state.epoch, 0)
+                    selection_recall(metrics), state.epoch, 0)
                 best = (u_emb, i_emb)
             else:
                 state.bad_evals += 1
@@ -446,7 +447,7 @@ def _final_embeddings(model: Model, prop: Propagator) -> tuple[np.ndarray, np.nd
 def _postfix(record: dict[str, Any], state: _State) -> dict[str, str]:
     post = {"loss": f"{record['loss']:.4f}"}
     if "valid" in record:
-        post["val_R@20"] = f"{record['valid']['recall@20']:.4f}"
+        post["val_R@20"] = f"{selection_recall(record['valid']):.4f}"
     post["best"] = f"{max(state.best_recall, 0):.4f}@{state.best_epoch}"
     return post
 

@@ -16,22 +16,34 @@ from typing import Any
 
 from peel.errors import PeelError
 from peel.io import check_output_dir, read_json, write_json, write_text
+from peel.runfolder import check_complete
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
-METHOD_ORDER = ("PMF", "LightGCN", "PEEL")
+METHOD_ORDER = ("PMF", "LightGCN", "lightgcn-svd", "PEEL")
 
 
 class ReportError(PeelError):
     """An ``eval.json`` that is not what ``peel evaluate`` writes; names the file and field."""
 
 
-def collect(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+def collect(runs: Sequence[str | Path], partial: bool = False) -> list[dict[str, Any]]:
+    """Every run's eval.json rows; incomplete runs and partial rows are refused unless
+    ``partial`` (a table would otherwise compare figures over different sets of users)."""
     rows: list[dict[str, Any]] = []
     for run in runs:
+        check_complete(run, partial)
         path = Path(run) / "eval.json"
         if not path.exists():
-            raise FileNotFoundError(f"{path}: run not evaluated yet; run `peel evaluate {run}`")
-        rows.extend(read_eval(path, str(run)))
+            raise FileNotFoundError(f"{path}: run not evaluated yet; evaluate it first "
+                                    f"(peel evaluate {run})")
+        checked = read_eval(path, str(run))
+        flagged = [r["method"] for r in checked
+                   if isinstance(r.get("detail"), dict) and r["detail"].get("partial")]
+        if flagged and not partial:
+            raise ValueError(f"{path}: rows of {', '.join(sorted(set(flagged)))} were evaluated "
+                             "on an incomplete run (partial); re-evaluate the finished run, or "
+                             "pass partial=True (--partial)")
+        rows.extend(checked)
     return rows
 
 
@@ -161,9 +173,10 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
     return True
 
 
-def write_report(runs: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+def write_report(runs: Sequence[str | Path], out: str | Path,
+                 partial: bool = False) -> dict[str, Any]:
     out = check_output_dir(out)  # before reading: a bad --out is reported first, not last
-    rows = collect(runs)
+    rows = collect(runs, partial)
     write_text(out / "results.md", markdown(rows) + "\n")
     write_text(out / "results.csv", to_csv(rows))
     write_json(out / "results.json", rows)

@@ -1,0 +1,53 @@
+"""Methods PEEL is compared with, one module each, behind one interface.
+
+Every class here implements :class:`BudgetedRecommender` (``fit(data, budget_bytes)``,
+``scores``, ``rank``, ``bytes_used``, ``params``) and is registered under the name that
+``[deploy] baselines`` and ``peel evaluate --baselines pmf,lightgcn-svd`` use. A new baseline
+is one new module plus one line in :data:`REGISTRY`; the shared contract test then runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from peel.baselines.base import (
+    FLOAT_BYTES,
+    BudgetedRecommender,
+    EmbeddingRecommender,
+    baseline_config,
+    dims_for_budgets,
+    fixed_size_bytes,
+    fixed_size_dim,
+)
+from peel.baselines.lightgcn import LightGCN
+from peel.baselines.lightgcn_svd import LightGCNSVD
+from peel.baselines.pmf import PMF
+from peel.pretrain import PretrainConfig
+
+#: Registry name -> class; the names ``[deploy] baselines`` accepts.
+REGISTRY: dict[str, type[EmbeddingRecommender]] = {
+    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD)
+}
+
+
+def check_names(names: Iterable[str], where: str = "baselines") -> None:
+    """Refuse unknown method names, listing the known ones."""
+    unknown = [n for n in names if n not in REGISTRY]
+    if unknown:
+        raise ValueError(f"{where}: unknown baseline(s) {', '.join(map(repr, unknown))}; "
+                         f"expected any of {', '.join(REGISTRY)}")
+
+
+def make_baseline(name: str, config: PretrainConfig,
+                  run: str | Path | None = None) -> EmbeddingRecommender:
+    """A fresh instance of baseline ``name``; ``run`` lets lightgcn-svd reuse its stage 1."""
+    check_names([name])
+    if name == LightGCNSVD.name and run is not None:
+        return LightGCNSVD.from_run(run, config)
+    return REGISTRY[name](config)
+
+
+__all__ = ["FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender", "EmbeddingRecommender",
+           "LightGCN", "LightGCNSVD", "baseline_config", "check_names", "dims_for_budgets",
+           "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
