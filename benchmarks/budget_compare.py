@@ -83,7 +83,7 @@ def summarise(folder: Path, against: str) -> None:
 
     seeds: dict = {}
     paired: dict = {}
-    for path in sorted(folder.glob("seed*.json")):
+    for path in sorted(folder.glob("seed[0-9]*.json")):
         doc = json.loads(path.read_text())
         pu = np.load(folder / f"per_user_seed{doc['seed']}.npz", allow_pickle=False)
         for method, rows in doc["methods"].items():
@@ -109,7 +109,33 @@ def summarise(folder: Path, against: str) -> None:
                 }
     (folder / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
     (folder / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
-    print(json.dumps(seeds, indent=1))
+    table = markdown(seeds, paired)
+    (folder / "summary.md").write_text(table)
+    print(table)
+
+
+def markdown(seeds: dict, paired: dict) -> str:
+    """Means over seeds (Recall@20 / NDCG@20) and, per budget, PEEL minus each method with the
+    paired tests' p-values, one per seed."""
+    budgets = sorted({b for rows in seeds.values() for b in rows}, key=float)
+    n = max(len(c["recall@20"]) for rows in seeds.values() for c in rows.values())
+    lines = [f"Mean over {n} seed(s), Recall@20 / NDCG@20", "",
+             "| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
+    for method, rows in seeds.items():
+        cells = [(f"{np.mean(rows[b]['recall@20']):.4f} / {np.mean(rows[b]['ndcg@20']):.4f}"
+                  if b in rows else "") for b in budgets]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "PEEL minus method, Recall@20 per seed (Wilcoxon signed-rank p over users)", "",
+              "| method | budget | per seed |", "|---|---|---|"]
+    methods = sorted({m for per_seed in paired.values() for m in per_seed})
+    for method in methods:
+        for b in budgets:
+            tests = [p[method][b] for p in paired.values() if b in p.get(method, {})]
+            cells = [f"{t['mean_diff_recall@20']:+.4f} (p={t['wilcoxon_p']:.2g})"
+                     for t in tests if t["wilcoxon_p"] is not None]
+            if cells:
+                lines.append(f"| {method} | {b} | " + "; ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
