@@ -202,7 +202,19 @@ def run_data(run: str | Path, cfg: RunConfig | None = None) -> InteractionData:
     changed since training are refused before they are read, and so is a different split."""
     cfg = cfg or load_run_config(run)
     record = runfolder.read_record(run)
-    if cfg.run.data == runfolder.STORED:
+    if record is None:
+        log.warning("%s: no %s (made before runs pinned their data); the data is not checked",
+                    run, runfolder.DATA_RECORD)
+    return _verified_data(run, cfg, record)
+
+
+def _verified_data(run: str | Path, cfg: RunConfig, record: runfolder.DataRecord | None,
+                   given: InteractionData | None = None) -> InteractionData:
+    """``given``, the run's stored data or the configured files, checked against ``record``:
+    changed files are refused before they are read, a different split after."""
+    if given is not None:
+        data = given
+    elif cfg.run.data == runfolder.STORED:
         data = runfolder.load_stored_data(run)
     else:
         if record is not None:
@@ -210,25 +222,14 @@ def run_data(run: str | Path, cfg: RunConfig | None = None) -> InteractionData:
         data = load_data(cfg)
     if record is not None:
         runfolder.verify_split(run, record, data)
-    else:
-        log.warning("%s: no %s (made before runs pinned their data); the data is not checked",
-                    run, runfolder.DATA_RECORD)
     return data
 
 
 def _training_data(out: Path, cfg: RunConfig, given: InteractionData | None) -> InteractionData:
     """The data to train on, pinned in the run folder the first time and verified on resume."""
     record = runfolder.read_record(out)
-    if given is not None:
-        data = given
-    elif cfg.run.data == runfolder.STORED:
-        data = runfolder.load_stored_data(out)
-    else:
-        if record is not None:
-            runfolder.verify_files(out, record)
-        data = load_data(cfg)
+    data = _verified_data(out, cfg, record, given)
     if record is not None:
-        runfolder.verify_split(out, record, data)
         return data
     if given is not None:
         runfolder.store_data(out, data)
