@@ -555,3 +555,11 @@ def test_iter_lines_errors_name_the_line(tmp_path: Path) -> None:
     path.write_bytes(b"ok\n\xf8\n")
     with pytest.raises(PeelError, match=r"t\.txt:2: not UTF-8 text \(byte 0xf8\)"):
         list(iter_lines(path, block=2))
+
+
+def test_demo_seed_that_is_not_a_number_is_one_clean_error() -> None:
+    from peel.errors import ConfigError
+    from peel.pipeline import resolve_data
+
+    with pytest.raises(ConfigError, match="demo seed must be a non-negative integer"):
+        resolve_data("demo:abc")

@@ -37,6 +37,7 @@ from peel.budget import SCALES, SELECTIONS, SIMILARITIES, WEIGHTINGS, full_table
 from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, detect_format, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
+from peel.errors import ConfigError
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
 from peel.io import (
     atomic_path,
@@ -172,9 +173,17 @@ def resolve_data(spec: str, cfg: DataConfig | None = None,
     if is_demo(spec):
         from peel.synthetic import SyntheticConfig, make_demo
 
-        seed = int(spec.split(":", 1)[1]) if ":" in spec else 0
-        return make_demo(SyntheticConfig(seed=seed), cfg)
+        return make_demo(SyntheticConfig(seed=_demo_seed(spec)), cfg)
     return load_dataset(spec, cfg, cache_dir=cache_dir)
+
+
+def _demo_seed(spec: str) -> int:
+    """The SEED of ``demo:SEED``: a non-negative integer, or a one-line error saying so."""
+    raw = spec.split(":", 1)[1] if ":" in spec else "0"
+    if not (raw.isascii() and raw.isdigit()) or int(raw) >= 2**63:
+        raise ConfigError(f"data {spec!r}: the demo seed must be a non-negative integer below "
+                          f"2^63, e.g. demo:0")
+    return int(raw)
 
 
 def load_data(cfg: RunConfig) -> InteractionData:
