@@ -72,8 +72,9 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
             t0 = time.perf_counter()
             model = make_baseline(name, cfg.pretrain, run).fit(data, parse_budget(b, full))
             res = evaluate(model.scorer(), data, split)
-            keep(model.label, b, res.metrics, res.per_user, res.users, **model.params,
-                 bytes_used=model.bytes_used, seconds=time.perf_counter() - t0)
+            extra = {**model.params, "bytes_used": model.bytes_used,
+                     "seconds": time.perf_counter() - t0}  # params may hold its own seconds
+            keep(model.label, b, res.metrics, res.per_user, res.users, **extra)
             print(f"{name} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
     return out, per_user
 
