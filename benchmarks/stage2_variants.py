@@ -35,8 +35,8 @@ def references(base: Path, data, budgets: list[str], dim: int) -> dict[str, dict
     """Validation Recall/NDCG@20 of the pretrained model and of ``lightgcn-svd``."""
     full = evaluate(dot_scorer(*load_embeddings(base / "pretrain")), data, "valid").metrics
     svd = {}
+    model = make_baseline("lightgcn-svd", load_run_config(base).pretrain, base)  # one rotation
     for b in budgets:
-        model = make_baseline("lightgcn-svd", load_run_config(base).pretrain, base)
         model.fit(data, parse_budget(b, full_table_bytes(data.n_items, dim)))
         svd[b] = {**evaluate(model.scorer(), data, "valid").metrics, "dim": model.params["dim"]}
     return {"pretrained": {ALL_BLOCKS: full}, "lightgcn-svd": svd}
