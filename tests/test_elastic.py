@@ -476,6 +476,40 @@ def test_sandwich_loss_with_every_block_kept_is_the_plain_bpr_loss() -> None:
     assert float(sandwich) == pytest.approx(float(plain), rel=1e-6)
 
 
+def test_distillation_is_zero_when_kept_blocks_order_pairs_like_the_full_table() -> None:
+    """With every block kept the kept set IS the full table: the distillation term is the
+    cross-entropy of a distribution with itself (its entropy), and its gradient reaches the
+    kept blocks only, so a kept set that disagrees with the full table pays more."""
+    gen = torch.Generator().manual_seed(0)
+    items = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
+    users = np.random.default_rng(1).normal(size=(10, 16)).astype(np.float32)
+    groups = np.arange(30) % 3
+    lb = localise(Triples(np.arange(10), np.arange(10), np.arange(10, 20)))
+
+    def loss(distill: float, budgets: tuple[float, ...]) -> float:
+        cfg = FinetuneConfig(n_blocks=4, block_dim=4, transform="identity",
+                             importance="energy", train_budgets=budgets, distill=distill)
+        model = GroupModel(items, users, groups, np.full(3, 1 / 3), cfg, gen)
+        model.refresh_budget_masks()
+        value, _, _ = model.train_loss(lb, model.gather(lb, requires_grad=False))
+        return float(value)
+
+    margin = torch.tensor((users[:10] * items[:10]).sum(1) - (users[:10] * items[10:20]).sum(1))
+    p = torch.sigmoid(margin)
+    entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+    assert loss(2.0, (1.0,)) - loss(0.0, (1.0,)) == pytest.approx(2.0 * entropy, rel=1e-4)
+    # a kept set of a quarter of the blocks disagrees with the full table: it pays more
+    excess = loss(2.0, (0.25,)) - loss(0.0, (0.25,))
+    assert excess > 2.0 * entropy + 1e-3
+
+
+def test_distillation_needs_training_budgets() -> None:
+    with pytest.raises(ValueError, match="distill"):
+        FinetuneConfig(train_budgets=(), distill=1.0).validate()
+    with pytest.raises(ValueError, match="distill"):
+        FinetuneConfig(distill=-1.0).validate()
+
+
 def test_fine_tuning_never_ends_below_its_starting_point(tmp_path: Path) -> None:
     """Epoch 0 competes in early stopping: a harmful learning rate leaves the start as it was."""
     start, *_ = _svd_run(tmp_path / "a")

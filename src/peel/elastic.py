@@ -108,6 +108,11 @@ class FinetuneConfig:
     # table, selected from the current importance once per epoch), averaged. Empty: the full
     # table only (the paper). Needs scorer="dot" and similarity="aligned".
     train_budgets: tuple[float, ...] = (0.107, 0.213, 0.533)
+    # In-place distillation (slimmable networks, Yu & Huang 2019): weight of a loss that makes
+    # each training budget's kept blocks order every (positive, negative) pair the way the full
+    # table does, P = sigmoid(full margin, detached), cross-entropy against the kept blocks'
+    # margin. 0 = off. Needs train_budgets.
+    distill: float = 0.0
     mlp_layers: int = 2  # L2 tanh layers of Eq. 5
     mlp_hidden: int = 64
     controller_layers: int = 2  # L3 tanh layers of Eq. 7
@@ -162,6 +167,9 @@ class FinetuneConfig:
             raise ValueError("early_stop_budgets must be fractions in (0, 1]")
         if not all(0 < b <= 1 for b in self.train_budgets):
             raise ValueError("train_budgets must be fractions in (0, 1]")
+        if self.distill < 0 or (self.distill > 0 and not self.train_budgets):
+            raise ValueError("distill must be >= 0 and needs train_budgets (it distils the "
+                             "full table into each budget's kept blocks)")
         if self.train_budgets and (self.scorer, self.similarity) != ("dot", "aligned"):
             raise ValueError("train_budgets needs scorer='dot' and similarity='aligned' (the "
                              "kept blocks' scores are partial sums of the aligned dot product)")
@@ -440,7 +448,8 @@ class GroupModel:
 
     def _sandwich_loss(self, users: torch.Tensor, items: torch.Tensor, groups: torch.Tensor,
                        b: int) -> torch.Tensor:
-        """Mean BPR loss of the full table and of each budget's kept blocks.
+        """Mean BPR loss of the full table and of each budget's kept blocks (plus, with
+        ``distill``, each kept set's cross-entropy against the full table's pair order).
 
         The aligned score is a sum of per-block partial products, so every kept set's score is
         the same partials summed under its (item group, block) mask: one product, M sums.
@@ -448,8 +457,14 @@ class GroupModel:
         partial = (users.reshape(items.shape) * items).sum(-1)  # (2b, N)
         masks = self.budget_masks[:, groups]  # (M, 2b, N)
         scores = torch.cat([partial.sum(-1, keepdim=True).T, (partial * masks).sum(-1)])
-        losses = torch.nn.functional.softplus(scores[:, b:] - scores[:, :b]).mean(dim=1)
-        return losses.mean()
+        margin = scores[:, :b] - scores[:, b:]  # (1 + M, b): positive minus negative
+        losses = torch.nn.functional.softplus(-margin).mean(dim=1)
+        loss = losses.mean()
+        if self.cfg.distill > 0:
+            target = torch.sigmoid(margin[:1].detach()).expand_as(margin[1:])
+            kd = torch.nn.functional.binary_cross_entropy_with_logits(margin[1:], target)
+            loss = loss + self.cfg.distill * kd
+        return loss
 
     def refresh_budget_masks(self) -> None:
         """Kept (item group, block) pairs at each training budget, from the current importance."""

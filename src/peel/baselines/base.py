@@ -68,8 +68,9 @@ def dims_for_budgets(budgets: list[int], n_items: int) -> np.ndarray:
 def baseline_config(method: str, dim: int, base: PretrainConfig,
                     layers: int | None = None) -> PretrainConfig:
     """Stage 1's config retargeted to one fixed-size baseline: one block (no block
-    structure), no diversity term, ``layers`` (0 for PMF; None keeps the base's)."""
-    return replace(base, dim=dim, block_dim=dim, diversity=0.0,
+    structure), no diversity term, no nested prefixes, ``layers`` (0 for PMF; None keeps
+    the base's)."""
+    return replace(base, dim=dim, block_dim=dim, diversity=0.0, nested_dims=(),
                    layers=base.layers if layers is None else layers)
 
 
