@@ -159,6 +159,22 @@ def test_reuse_pretrain_copies_stage1_only_for_identical_settings(tmp_path: Path
         _check_pretrain_config(tmp_path / "ab" / "pretrain", other.pretrain)
 
 
+def test_stage1_made_before_a_setting_existed_counts_as_that_settings_default(
+        tmp_path: Path) -> None:
+    """Runs pretrained before ``nested_dims`` existed stay reusable at its default (their
+    behaviour), and are refused when the setting asks for something they did not do."""
+    from dataclasses import replace
+
+    cfg = demo_config(0)
+    stage = tmp_path / "pretrain"
+    stage.mkdir()
+    old = {k: v for k, v in asdict(cfg.pretrain).items() if k != "nested_dims"}
+    write_json(stage / "pretrain_config.json", old)
+    _check_pretrain_config(stage, cfg.pretrain)
+    with pytest.raises(ValueError, match="nested_dims"):
+        _check_pretrain_config(stage, replace(cfg.pretrain, nested_dims=(8,)))
+
+
 def _stage_arrays(out: Path) -> dict[str, bytes]:
     import numpy as np
 

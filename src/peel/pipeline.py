@@ -365,6 +365,10 @@ def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
                          "configuration; delete the pretrain folder to retrain")
     saved = read_json(path)
     wanted = json.loads(json.dumps(asdict(pcfg), default=str))
+    # a setting added after these embeddings were made is absent from the file; its default
+    # is the behaviour they were made with (new settings default to what came before)
+    defaults = json.loads(json.dumps(asdict(PretrainConfig()), default=str))
+    saved = {**{k: defaults[k] for k in defaults.keys() - saved.keys()}, **saved}
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "
