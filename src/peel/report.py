@@ -376,5 +376,5 @@ def write_report(runs: Sequence[str | Path], out: str | Path,
     write_json(out / "details.json", {"stages": stages, "blocks_summary": summary,
                                       "hyperparameters": hyper})
     plots = [m for m in ("recall@50", "ndcg@50")
-             if plot(rows, m, out / f"{m.replace('@', '')}.png")]
+             if plot(_seeded(rows), m, out / f"{m.replace('@', '')}.png")]
     return {"rows": len(rows), "out": str(out), "plots": plots}
