@@ -147,3 +147,14 @@ def test_tuning_needs_a_validation_split(data: InteractionData) -> None:
         tune("pmf", empty, 10**5, CFG, n_trials=2)
     with pytest.raises(ValueError, match="n_trials"):
         tune("pmf", data, 10**5, CFG, n_trials=0)
+
+
+def test_a_catalogue_under_20_items_is_tuned_on_its_whole_length() -> None:
+    from peel.data import from_interactions
+
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(60), 6)
+    items = (users % 2) * 6 + rng.integers(0, 6, users.size)  # 12 items, two communities
+    tiny = from_interactions(users, items, name="tiny")
+    model, log = tune("pmf", tiny, full_table_bytes(tiny.n_items, 8), CFG, n_trials=2, seed=0)
+    assert 0 < log[f"valid_{METRIC}"] <= 1 and model.bytes_used <= full_table_bytes(12, 8)

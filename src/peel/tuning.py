@@ -24,7 +24,7 @@ import numpy as np
 
 from peel.baselines import REGISTRY, EmbeddingRecommender, check_names, make_baseline
 from peel.data import InteractionData
-from peel.eval import evaluate
+from peel.eval import evaluate, selection_recall
 from peel.pretrain import PretrainConfig
 
 #: Trials per method and size used for the committed results (trial 0 = the configured one).
@@ -80,8 +80,9 @@ def draw_trials(name: str, space: Mapping[str, tuple], base: PretrainConfig, n_t
 
 
 def validation_recall(model: EmbeddingRecommender, data: InteractionData) -> float:
-    """Recall@20 of a fitted model on the validation split (full ranking, train excluded)."""
-    return float(evaluate(model.scorer(), data, "valid", ks=(20,)).metrics[METRIC])
+    """Recall@20 of a fitted model on the validation split (full ranking, train excluded;
+    the whole catalogue's recall when it has fewer than 20 items, as early stopping does)."""
+    return float(selection_recall(evaluate(model.scorer(), data, "valid", ks=(20,)).metrics))
 
 
 def tune(name: str, data: InteractionData, budget_bytes: int, base_cfg: PretrainConfig,
