@@ -1,15 +1,17 @@
 """PEEL against the one-model and fixed-size baselines at each budget, with per-user results.
 
     python benchmarks/budget_compare.py RUN --out DIR [--split test] \
-        [--baselines lightgcn-svd,lightgcn,pmf]
+        [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf] [--tune-trials 4]
     python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
 (every dimension); and each ``--baselines`` method of ``peel.baselines`` at each budget
-(``lightgcn-svd`` reuses the run's stage 1; ``lightgcn`` and ``pmf`` are retrained at the
-largest size that fits), with per-user results kept. It writes DIR/seed{S}.json (means) and
-DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by user).
+(``lightgcn-svd`` reuses the run's stage 1; ``lightgcn``, ``pmf`` and ``bpr-mf`` are retrained
+at the largest size that fits, with ``--tune-trials N`` chosen on the validation split among N
+trials by :func:`peel.tuning.tune`, the log kept in the row), with per-user results kept. It
+writes DIR/seed{S}.json (means) and DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20
+of every row, aligned by user).
 
 ``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
 ``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` plus DIR/paired.json: for each
@@ -34,13 +36,14 @@ def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]
     return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
 
 
-def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
-              ) -> tuple[dict, dict[str, np.ndarray]]:
-    from peel.baselines import make_baseline
+def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
+              tune_trials: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
     from peel.pipeline import evaluate_peel, load_run_config, run_data
     from peel.pretrain import load_embeddings
+    from peel.tuning import tune
 
     cfg = load_run_config(run)
     data = run_data(run)
@@ -69,9 +72,14 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
     for name in methods:  # every baseline through its peel.baselines class
         model = make_baseline(name, cfg.pretrain, run)  # lightgcn-svd rotates once here
+        same = None if REGISTRY[name].search_space else (lambda _cfg, m=model: m)
         for b in budgets:
             t0 = time.perf_counter()
-            model.fit(data, parse_budget(b, full))
+            if tune_trials:  # chosen on validation; the test split is read below, once
+                model, _ = tune(name, data, parse_budget(b, full), cfg.pretrain, tune_trials,
+                                seed=cfg.run.seed, run=run, make=same)
+            else:
+                model.fit(data, parse_budget(b, full))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
@@ -147,7 +155,10 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("valid", "test"))
     ap.add_argument("--budgets", default="0.107,0.213,0.533")
     ap.add_argument("--baselines", default="lightgcn-svd",
-                    help="comma-separated peel.baselines names, e.g. lightgcn-svd,lightgcn,pmf")
+                    help="comma-separated peel.baselines names, e.g. "
+                         "lightgcn-svd,lightgcn,pmf,bpr-mf")
+    ap.add_argument("--tune-trials", type=int, default=0,
+                    help="validation trials per baseline and budget (0: configured setting)")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
     args = ap.parse_args()
@@ -158,7 +169,7 @@ def main() -> None:
         ap.error("RUN and --out are required unless --summarise is given")
     args.out.mkdir(parents=True, exist_ok=True)
     doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
-                              [m for m in args.baselines.split(",") if m])
+                              [m for m in args.baselines.split(",") if m], args.tune_trials)
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():

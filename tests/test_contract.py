@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from peel.api import PEELRecommender
-from peel.baselines import REGISTRY, BudgetedRecommender
+from peel.baselines import REGISTRY, BudgetedRecommender, fixed_size_bytes, fixed_size_dim
 from peel.budget import full_table_bytes
 from peel.data import DataConfig, InteractionData, from_interactions
 from peel.eval import metrics_from_topk
@@ -79,7 +79,7 @@ def fitted(data: InteractionData, budget: int) -> dict[str, tuple[Any, Any]]:
 
 def test_every_registered_method_is_covered() -> None:
     assert set(CONFIGS) == {"peel", *REGISTRY}
-    assert {"pmf", "lightgcn", "lightgcn-svd"} <= set(REGISTRY)
+    assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -107,6 +107,26 @@ def test_contract(name: str, fitted: dict[str, tuple[Any, Any]], data: Interacti
     # deterministic for a seed
     np.testing.assert_array_equal(ranked, again.rank(users, k=K, split="test"))
     np.testing.assert_array_equal(scores, again.scores(users))
+
+
+#: Methods that store a (|V| + 1) x D' float32 table (items plus one user vector)
+FIXED_SIZE = ("pmf", "bpr-mf", "lightgcn", "lightgcn-svd")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_byte_accounting_at_three_budgets(name: str, data: InteractionData) -> None:
+    """bytes_used never exceeds the budget; for the fixed-size models it is exactly the
+    formula (|V| + 1) * D' * 4 with D' the largest size that fits (capped at lightgcn-svd's
+    pretrained width)."""
+    n = data.n_items
+    full16 = (n + 1) * 16 * 4
+    for budget in (full16 // 4 + 3, full16 // 2, full16 - 1):
+        model = CONFIGS[name]().fit(data, budget)
+        assert 0 < model.bytes_used <= budget, (name, budget, model.bytes_used)
+        if name in FIXED_SIZE:
+            dim = min(fixed_size_dim(budget, n), model.params.get("full_dim", 10**9))
+            assert model.params["dim"] == dim
+            assert model.bytes_used == fixed_size_bytes(dim, n) == (n + 1) * dim * 4
 
 
 def popularity_recall(data: InteractionData, users: np.ndarray) -> float:

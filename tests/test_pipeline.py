@@ -112,6 +112,54 @@ def test_evaluate_and_report(run_dir, capsys):
     assert (root / "report" / "recall50.png").exists()
 
 
+def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, capsys):
+    """--tune-trials records the validation choice in each baseline row; --reference adds the
+    every-block and pretrained rows; the report writes stages, blocks kept and settings."""
+    import csv
+
+    root, out = run_dir
+    assert main(["evaluate", str(out), "--tune-trials", "2", "--quiet"]) == 2
+    assert "--baselines" in capsys.readouterr().err
+    code = main(["evaluate", str(out), "--baselines", "pmf,bpr-mf,lightgcn-svd", "--budgets",
+                 "0.4", "--tune-trials", "2", "--reference", "--json", "--quiet"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"PMF", "BPR-MF", "lightgcn-svd", "PEEL (every block)", "pretrained (32-d)"} <= set(
+        rows)
+    for name in ("PMF", "BPR-MF"):
+        tuning = rows[name]["detail"]["tuning"]
+        recalls = [t["valid_recall@20"] for t in tuning["log"]]
+        assert tuning["trials"] == 2 and tuning["chosen_trial"] == recalls.index(max(recalls))
+    assert "nothing to tune" in rows["lightgcn-svd"]["detail"]["tuning"]["note"]
+    for name in ("PEEL (every block)", "pretrained (32-d)"):
+        assert rows[name]["budget"] == "all"
+        assert rows[name]["bytes_used"] <= rows[name]["budget_bytes"]
+    kept = rows["PEEL"]["detail"]["blocks_per_item_group"]
+    assert len(kept) == 3 and all(len(c) == 4 and min(c) >= 1 for c in kept.values())
+    assert all(c == [4, 4, 4, 4] for c in rows["PEEL (every block)"]["detail"][
+        "blocks_per_item_group"].values())
+
+    report = root / "report_tuned"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "train_summary.json").read_text())
+    stages = list(csv.DictReader((report / "stages.csv").open()))
+    assert float(stages[0]["pretrain_s"]) == pytest.approx(summary["seconds"]["pretrain"],
+                                                           abs=1e-6)  # CSV: 6 places
+    hyper = {(r["method"], r["budget"]): r
+             for r in csv.DictReader((report / "hyperparameters.csv").open())}
+    assert hyper[("PMF", "0.4")]["tuned"] == "yes"
+    assert json.loads(hyper[("PMF", "0.4")]["chosen"]) == rows["PMF"]["detail"]["tuning"][
+        "chosen"]
+    blocks = list(csv.DictReader((report / "blocks.csv").open()))
+    assert {(r["user_group"], r["item_group"]) for r in blocks
+            if r["method"] == "PEEL" and r["budget"] == "0.4"} == {
+        (str(g), str(i)) for g in range(3) for i in range(4)}
+    md = (report / "results.md").read_text()
+    assert "Stage timings" in md and "Blocks kept" in md and "hyper-parameters" in md
+    assert "pretrained (32-d)" in md
+
+
 def test_set_override_validation(capsys, tmp_path):
     code = main(["train", "demo", "--out", str(tmp_path / "r"), "--set", "groups.nope=1"])
     assert code == 2 and "has no key 'nope'" in capsys.readouterr().err

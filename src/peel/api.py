@@ -108,13 +108,18 @@ class Run:
 
     def evaluate(self, budgets: Sequence[str] | None = None, split: str = "test",
                  baselines: bool | Sequence[str] = False, partial: bool = False,
-                 progress: bool = False) -> list[EvalRow]:
+                 progress: bool = False, tune_trials: int = 0,
+                 reference: bool = False) -> list[EvalRow]:
         """Recall/NDCG of every user group's package at every budget, ranked on the device
         runtime (``budgets`` default to ``[deploy] budgets``). ``baselines``: True for the
-        run's list or names such as ``["pmf", "lightgcn-svd"]``. Test rows are also saved
-        to RUN/eval.json; ``split="valid"`` is for choosing settings and saves nothing."""
+        run's list or names such as ``["pmf", "lightgcn-svd"]``; ``tune_trials`` > 0 tunes
+        each baseline at each budget on the validation split (:mod:`peel.tuning`) and records
+        the chosen setting in the row's ``detail["tuning"]``; ``reference`` adds PEEL with
+        every block kept and the pretrained model (budget "all"). Test rows are also saved to
+        RUN/eval.json; ``split="valid"`` is for choosing settings and saves nothing."""
         return pipeline.evaluate(self.path, budgets, baselines=baselines, progress=progress,
-                                 split=split, partial=partial)
+                                 split=split, partial=partial, tune_trials=tune_trials,
+                                 reference=reference)
 
     def rankings(self, budget: str, split: str = "test",
                  partial: bool = False) -> dict[int, np.ndarray]:

@@ -214,10 +214,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from peel.pipeline import evaluate
 
     budgets = args.budgets.split(",") if args.budgets else None
+    if args.tune_trials and args.baselines is None:
+        raise UsageError("--tune-trials tunes the baselines: add --baselines (e.g. "
+                         "--baselines pmf,bpr-mf,lightgcn)")
     selections = args.selection.split(",") if args.selection else []
     rows = evaluate(args.run, budgets, baselines=_baselines_arg(args.baselines),
                     selections=selections, scales=[args.scale] if args.scale else [],
-                    progress=not args.quiet, split=args.split, partial=args.partial)
+                    progress=not args.quiet, split=args.split, partial=args.partial,
+                    tune_trials=args.tune_trials, reference=args.reference)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
@@ -327,7 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budgets", default=None, help="e.g. 5MB,10MB,0.5 (default: config)")
     ev.add_argument("--baselines", nargs="?", const="", default=None, metavar="NAMES",
                     help="also evaluate baselines per budget: the config's list, or a comma "
-                         "list such as pmf,lightgcn-svd")
+                         "list such as pmf,bpr-mf,lightgcn,lightgcn-svd")
+    ev.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                    help="tune each baseline at each budget on the validation split with N "
+                         "trials (the configured setting + N-1 random draws; 0: no tuning)")
+    ev.add_argument("--reference", action="store_true",
+                    help="also evaluate PEEL with every block kept and the run's pretrained "
+                         "model (budget 'all')")
     ev.add_argument("--selection", default=None,
                     help="extra block selections to evaluate, e.g. random (ablation)")
     ev.add_argument("--scale", default=None, choices=SCALES,

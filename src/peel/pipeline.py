@@ -460,6 +460,7 @@ class GroupRanking:
     users: np.ndarray
     items: np.ndarray  # (len(users), k); -1 pads rows with fewer rankable items
     bytes_used: int
+    blocks: tuple[int, ...] = ()  # blocks the package keeps for each item group
 
 
 def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
@@ -499,7 +500,7 @@ def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
                 ranked = pkg.rank_batch(vectors, k=k, exclude_indptr=rows.indptr,
                                         exclude_indices=rows.indices)
                 yield GroupRanking(label, g, users, np.asarray(ranked.items),
-                                   pkg.report.total)
+                                   pkg.report.total, tuple(len(b) for b in pkg.block_sets()))
 
 
 def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
@@ -511,7 +512,9 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
 
     ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
     with an override are labelled with it, e.g. "PEEL (scale=eq10)". ``per_user_out``, when
-    given, receives each budget's per-user metrics and user ids (for paired tests).
+    given, receives each budget's per-user metrics and user ids (for paired tests). Each
+    row's ``detail["blocks_per_item_group"]`` maps every user group to the number of blocks
+    its package keeps for each item group at that budget.
     """
     from peel.budget import parse_budget
     from peel.eval import metric_cutoffs, metrics_from_topk
@@ -524,8 +527,10 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     used: dict[str, int] = {b: 0 for b in budgets}
     n_users: dict[str, int] = {b: 0 for b in budgets}
     order: dict[str, list[np.ndarray]] = {b: [] for b in budgets}  # users, as ranked
+    blocks: dict[str, dict[str, list[int]]] = {b: {} for b in budgets}
     for ranked in peel_rankings(run, data, cfg, budgets, split, options):
         used[ranked.budget] = max(used[ranked.budget], ranked.bytes_used)
+        blocks[ranked.budget][str(ranked.group)] = list(ranked.blocks)
         n_users[ranked.budget] += len(ranked.users)
         metrics = metrics_from_topk(_valid_topk(ranked.items), ranked.users, truth, ks)
         for key, value in metrics.items():
@@ -543,8 +548,34 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     return [EvalRow(method, label, nbytes, used[label],
                     {k: float(np.concatenate(v).mean()) for k, v in per_user[label].items()},
-                    {"users": n_users[label]})
+                    {"users": n_users[label], "blocks_per_item_group": blocks[label]})
             for nbytes, label in sized]
+
+
+#: Budget label of the reference rows: every block kept / the whole pretrained model.
+EVERY_BLOCK = "all"
+
+
+def reference_rows(run: str | Path, data: InteractionData, cfg: RunConfig,
+                   split: str = "test") -> list[EvalRow]:
+    """What PEEL is measured against at no budget: its packages with every block kept, and
+    the run's pretrained model (every dimension, dot product). Both are labelled budget
+    "all"; its bytes are the larger of the two footprints, so each row fits its "budget"."""
+    from peel.eval import dot_scorer, metric_cutoffs
+    from peel.eval import evaluate as evaluate_scorer
+
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    every = evaluate_peel(run, data, cfg, [str(2 * full + 10**6)], split)[0]
+    user_emb, item_emb = load_embeddings(Path(run) / "pretrain")
+    res = evaluate_scorer(dot_scorer(user_emb, item_emb), data, split,
+                          ks=metric_cutoffs(ranking_k(cfg, data)))
+    dim = int(item_emb.shape[1])
+    pretrained_bytes = (data.n_items + 1) * dim * 4
+    nbytes = max(every.bytes_used, pretrained_bytes)
+    return [EvalRow(f"{cfg.run.label} (every block)", EVERY_BLOCK, nbytes, every.bytes_used,
+                    every.metrics, every.detail),
+            EvalRow(f"pretrained ({dim}-d)", EVERY_BLOCK, nbytes, pretrained_bytes,
+                    res.metrics, {"dim": dim, "users": len(res.users)})]
 
 
 def _valid_topk(items: np.ndarray) -> np.ndarray:
@@ -558,28 +589,42 @@ def _valid_topk(items: np.ndarray) -> np.ndarray:
 
 def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[str],
                        progress: bool = True, methods: Sequence[str] | None = None,
-                       run: str | Path | None = None, split: str = "test") -> list[EvalRow]:
+                       run: str | Path | None = None, split: str = "test",
+                       tune_trials: int = 0) -> list[EvalRow]:
     """Fixed-size baselines at every budget, each through the shared
     :class:`peel.baselines.BudgetedRecommender` interface and PEEL's metrics.
 
     ``lightgcn-svd`` reuses the run's stage-1 embeddings when ``run`` is given (it needs no
-    training at any budget); without a run it pretrains first.
+    training at any budget); without a run it pretrains first. ``tune_trials`` > 0 tunes every
+    method at every budget on the validation split with that many trials
+    (:func:`peel.tuning.tune`); the chosen setting and every trial go into the row's
+    ``detail["tuning"]``. 0 fits the configured setting only.
     """
-    from peel.baselines import make_baseline
+    from peel.baselines import REGISTRY, make_baseline
     from peel.budget import parse_budget
     from peel.eval import evaluate as evaluate_scorer
     from peel.eval import metric_cutoffs
+    from peel.tuning import tune
 
+    if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
+        raise ValueError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     ks = metric_cutoffs(ranking_k(cfg, data))
     rows = []
     for method in (cfg.deploy.baselines if methods is None else methods):
         model = make_baseline(method, cfg.pretrain, run=run)
+        same = None if REGISTRY[method].search_space else (lambda _cfg, m=model: m)
         for label in budgets:
             nbytes = parse_budget(label, full)
             if progress:
-                print(f"[peel] baseline {method} at {label} ...", flush=True)
-            model.fit(data, nbytes)
+                print(f"[peel] baseline {method} at {label}"
+                      + (f", {tune_trials} validation trials" if tune_trials else "") + " ...",
+                      flush=True)
+            if tune_trials:
+                model, _ = tune(method, data, nbytes, cfg.pretrain, tune_trials,
+                                seed=cfg.run.seed, run=run, make=same)
+            else:
+                model.fit(data, nbytes)
             metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
             rows.append(EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
                                 dict(model.params)))
@@ -589,10 +634,13 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
 def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
              baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
              scales: Sequence[str] = (), progress: bool = True, split: str = "test",
-             partial: bool = False) -> list[EvalRow]:
+             partial: bool = False, tune_trials: int = 0,
+             reference: bool = False) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
-    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names.
+    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names;
+    ``tune_trials``: validation trials per baseline and budget (0: no tuning);
+    ``reference``: also the every-block and pretrained-model rows (:func:`reference_rows`).
     Test-split rows are saved to RUN/eval.json merged with earlier rows for other
     methods/budgets; validation rows (``split="valid"``, for choosing settings) are only
     returned. An incomplete run is refused unless ``partial``, whose rows are marked partial.
@@ -607,9 +655,12 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
         rows += evaluate_peel(run, data, cfg, budgets, split, selection=sel)
     for scale in scales:
         rows += evaluate_peel(run, data, cfg, budgets, split, scale=scale)
+    if reference:
+        rows += reference_rows(run, data, cfg, split)
     if baselines:
         methods = None if baselines is True else list(baselines)
-        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split)
+        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split,
+                                   tune_trials=tune_trials)
     if missing:
         for row in rows:
             row.detail.update(partial=True, missing_groups=missing)

@@ -4,6 +4,8 @@ Every class here implements :class:`BudgetedRecommender` (``fit(data, budget_byt
 ``scores``, ``rank``, ``bytes_used``, ``params``) and is registered under the name that
 ``[deploy] baselines`` and ``peel evaluate --baselines pmf,lightgcn-svd`` use. A new baseline
 is one new module plus one line in :data:`REGISTRY`; the shared contract test then runs it.
+Each class declares ``search_space`` (PretrainConfig fields -> values) for :mod:`peel.tuning`,
+which gives every method the same number of validation trials.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from peel.baselines.base import (
     fixed_size_bytes,
     fixed_size_dim,
 )
+from peel.baselines.bpr_mf import BPRMF
 from peel.baselines.lightgcn import LightGCN
 from peel.baselines.lightgcn_svd import LightGCNSVD
 from peel.baselines.pmf import PMF
@@ -27,7 +30,7 @@ from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD)
+    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD)
 }
 
 
@@ -48,6 +51,6 @@ def make_baseline(name: str, config: PretrainConfig,
     return REGISTRY[name](config)
 
 
-__all__ = ["FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender", "EmbeddingRecommender",
+__all__ = ["BPRMF", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender", "EmbeddingRecommender",
            "LightGCN", "LightGCNSVD", "baseline_config", "check_names", "dims_for_budgets",
            "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
