@@ -38,6 +38,7 @@ from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, detect_format, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
 from peel.errors import ConfigError
+from peel.executor import Executor
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
 from peel.io import (
     atomic_path,
@@ -274,11 +275,14 @@ def _timed(timings: dict[str, float], name: str, progress: bool) -> Iterator[Non
 
 @locked_run("out")  # one process per run folder; refuses a second `peel train` (RunLock)
 def train(cfg: RunConfig, out: str | Path, progress: bool = True,
-          data: InteractionData | None = None) -> dict[str, Any]:
+          data: InteractionData | None = None, executor: Executor | None = None
+          ) -> dict[str, Any]:
     """Run (or resume) every server-side stage; returns the summary written to the run.
 
     ``data`` given in memory is saved into the run (RUN/data.npz) and the run's ``run.data``
     becomes "stored", so evaluation and deployment use exactly these splits later.
+    ``executor`` runs the group fine-tuning tasks (default: ``run.workers`` local processes;
+    a :class:`peel.executor.RayExecutor` runs them on Ray); results do not depend on it.
     """
     if data is not None:
         cfg = replace(cfg, run=replace(cfg.run, data=runfolder.STORED))
@@ -299,7 +303,8 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
         from peel.executor import make_executor
 
         summaries = finetune_groups(data, user_emb, item_emb, user_groups, item_groups,
-                                    cfg.finetune, out, make_executor(cfg.run.workers, progress),
+                                    cfg.finetune, out,
+                                    executor or make_executor(cfg.run.workers, progress),
                                     seed=cfg.run.seed)
     summary = {
         "peel_version": __version__,
@@ -554,41 +559,95 @@ def _valid_topk(items: np.ndarray) -> np.ndarray:
 
 def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[str],
                        progress: bool = True, methods: Sequence[str] | None = None,
-                       run: str | Path | None = None, split: str = "test") -> list[EvalRow]:
+                       run: str | Path | None = None, split: str = "test",
+                       executor: Executor | None = None) -> list[EvalRow]:
     """Fixed-size baselines at every budget, each through the shared
     :class:`peel.baselines.BudgetedRecommender` interface and PEEL's metrics.
 
     ``lightgcn-svd`` reuses the run's stage-1 embeddings when ``run`` is given (it needs no
-    training at any budget); without a run it pretrains first.
+    training at any budget); without a run it pretrains first. Without ``executor`` the
+    methods run here one after another (one model per method, refitted per budget); with
+    one, every method x budget is a task (e.g. a Ray task) and the data and the run's
+    pretrained tables are sent once. Rows are the same either way, in the same order.
     """
     from peel.baselines import make_baseline
     from peel.budget import parse_budget
-    from peel.eval import evaluate as evaluate_scorer
     from peel.eval import metric_cutoffs
 
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
-    ks = metric_cutoffs(ranking_k(cfg, data))
+    ks = tuple(metric_cutoffs(ranking_k(cfg, data)))
+    names = list(cfg.deploy.baselines if methods is None else methods)
+    if executor is not None:
+        tasks = [BaselineTask(m, label, parse_budget(label, full)) for m in names
+                 for label in budgets]
+        shared = BaselineShared(data, cfg.pretrain, split, ks,
+                                _pretrained(run) if "lightgcn-svd" in names else None)
+        return executor.map(baseline_row, tasks, labels=[f"{t.method}@{t.budget}"
+                                                         for t in tasks], shared=shared)
     rows = []
-    for method in (cfg.deploy.baselines if methods is None else methods):
+    for method in names:
         model = make_baseline(method, cfg.pretrain, run=run)
         for label in budgets:
             nbytes = parse_budget(label, full)
             if progress:
                 print(f"[peel] baseline {method} at {label} ...", flush=True)
-            model.fit(data, nbytes)
-            metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
-            rows.append(EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
-                                dict(model.params)))
+            rows.append(_fit_row(model, data, label, nbytes, split, ks))
     return rows
+
+
+@dataclass(frozen=True)
+class BaselineTask:
+    """One baseline at one budget: the unit a distributed executor runs."""
+
+    method: str
+    budget: str
+    budget_bytes: int
+
+
+@dataclass(frozen=True)
+class BaselineShared:
+    """What every baseline task reads; sent once per executor call, not once per task."""
+
+    data: InteractionData
+    config: Any  # PretrainConfig
+    split: str
+    ks: tuple[int, ...]
+    pretrained: tuple[np.ndarray, np.ndarray] | None  # the run's stage 1 (lightgcn-svd)
+
+
+def _pretrained(run: str | Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    return load_embeddings(Path(run) / "pretrain") if run is not None else None
+
+
+def baseline_row(task: BaselineTask, shared: BaselineShared) -> EvalRow:
+    """Fit one baseline at one budget and score it (an executor's task; module-level)."""
+    from peel.baselines import LightGCNSVD, make_baseline
+
+    if task.method == LightGCNSVD.name and shared.pretrained is not None:
+        model = LightGCNSVD.from_embeddings(*shared.pretrained, shared.config)
+    else:
+        model = make_baseline(task.method, shared.config)
+    return _fit_row(model, shared.data, task.budget, task.budget_bytes, shared.split,
+                    shared.ks)
+
+
+def _fit_row(model: Any, data: InteractionData, label: str, nbytes: int, split: str,
+             ks: Sequence[int]) -> EvalRow:
+    from peel.eval import evaluate as evaluate_scorer
+
+    model.fit(data, nbytes)
+    metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
+    return EvalRow(model.label, label, nbytes, model.bytes_used, metrics, dict(model.params))
 
 
 def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
              baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
              scales: Sequence[str] = (), progress: bool = True, split: str = "test",
-             partial: bool = False) -> list[EvalRow]:
+             partial: bool = False, executor: Executor | None = None) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
-    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names.
+    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names;
+    ``executor`` runs them as one task per method x budget (see :func:`evaluate_baselines`).
     Test-split rows are saved to RUN/eval.json merged with earlier rows for other
     methods/budgets; validation rows (``split="valid"``, for choosing settings) are only
     returned. An incomplete run is refused unless ``partial``, whose rows are marked partial.
@@ -605,7 +664,8 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
         rows += evaluate_peel(run, data, cfg, budgets, split, scale=scale)
     if baselines:
         methods = None if baselines is True else list(baselines)
-        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split)
+        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split,
+                                   executor=executor)
     if missing:
         for row in rows:
             row.detail.update(partial=True, missing_groups=missing)
