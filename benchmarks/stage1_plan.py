@@ -48,6 +48,9 @@ def plan(users: int, items: int, train: int, dim: int, layers: int,
         # a replica's whole table gradient is dense after full-graph propagation
         "allreduce_mb_per_step": table / 1e6,
         "ring_allreduce_gb_per_epoch_per_worker": 2 * table * steps / 1e9,
+        # ring all-reduce of that gradient over 10 Gb/s Ethernet (1.25 GB/s), k workers
+        "allreduce_ms_10gbe": {str(k): 2 * (k - 1) / k * table / 1.25e9 * 1e3
+                               for k in (2, 4, 8)},
         "propagation_gflop_per_step": propagation_flops / 1e9,
         "propagation_gflop_per_epoch": propagation_flops * steps / 1e9,
         # the node count at which one replica fills 64 GB (the same per-node costs scaled)
@@ -84,6 +87,8 @@ def markdown(p: dict[str, Any]) -> str:
             ("data-parallel all-reduce per step", f"{p['allreduce_mb_per_step']:.1f} MB"),
             ("ring all-reduce per epoch and worker",
              f"{p['ring_allreduce_gb_per_epoch_per_worker']:.1f} GB"),
+            ("all-reduce time per step on 10 Gb/s, 2 / 4 / 8 workers",
+             " / ".join(f"{v:.0f} ms" for v in p["allreduce_ms_10gbe"].values())),
             ("full-graph propagation per step", f"{p['propagation_gflop_per_step']:.2f} GFLOP"),
             ("full-graph propagation per epoch",
              f"{p['propagation_gflop_per_epoch']:.0f} GFLOP")]
@@ -91,6 +96,8 @@ def markdown(p: dict[str, Any]) -> str:
         m = p["measured"]
         rows.append(("measured seconds per epoch (median, this project's 2 cores)",
                      f"{m['median_s']:.1f} s over {m['epochs']} epochs (`{m['file']}`)"))
+        rows.append(("measured seconds per step (median epoch / steps)",
+                     f"{m['median_s'] / p['steps_per_epoch']:.2f} s"))
     lines += [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines) + "\n"
 
