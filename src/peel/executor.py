@@ -364,9 +364,9 @@ class RayExecutor:
         if self.address:
             ray.init(address=self.address, logging_level="warning")
         else:
-            # Ray starts workers 15 nice levels below the driver; on a shared machine that
-            # made one Ray worker 1.8x slower than the local executor's in-process run. A
-            # local Ray started for this run gets the driver's priority, as local workers do.
+            # Ray starts workers 15 nice levels below the driver, which starves them on a
+            # shared machine; a local Ray started for this run gets the driver's priority,
+            # as the local executor's workers do.
             cpus = (self.workers or available_cores()) * self.threads
             ray.init(num_cpus=cpus, include_dashboard=False, logging_level="warning",
                      _system_config={"worker_niceness": 0})
