@@ -173,3 +173,17 @@ def test_shared_data_goes_into_the_object_store_once(local_ray, monkeypatch) -> 
     got = ex.map(first_row_sum, tasks, shared=table)
     assert got == SerialExecutor(progress=False).map(first_row_sum, tasks, shared=table)
     assert puts == ["ndarray"]  # one put for 20 tasks
+
+
+def test_joining_no_cluster_is_one_line(monkeypatch) -> None:
+    """``--ray-address`` where no Ray runs: a message naming the address and the fix."""
+    from peel.errors import ConfigError
+
+    def refuse(*args: Any, **kw: Any) -> None:
+        raise ConnectionError("Could not find any running Ray instance.")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    with pytest.raises(ConfigError, match=r"--ray-address auto: no Ray cluster to join there"
+                                          r".*ray start --head"):
+        RayExecutor("auto", progress=False).connect()

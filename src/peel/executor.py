@@ -362,7 +362,13 @@ class RayExecutor:
             return
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # nothing leaves the machine
         if self.address:
-            ray.init(address=self.address, logging_level="warning")
+            try:
+                ray.init(address=self.address, logging_level="warning")
+            except ConnectionError as err:
+                raise ConfigError(
+                    f"--ray-address {self.address}: no Ray cluster to join there "
+                    f"({str(err).splitlines()[0]}); start one (`ray start --head`) or leave "
+                    "--ray-address out to start a local Ray") from err
         else:
             # Ray starts workers 15 nice levels below the driver, which starves them on a
             # shared machine; a local Ray started for this run gets the driver's priority,
