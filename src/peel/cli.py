@@ -18,6 +18,7 @@ from peel import __version__
 from peel.budget import SCALES
 from peel.config import read_toml, section
 from peel.data import DataConfig, DataError, InteractionData
+from peel.errors import TaskError
 from peel.io import to_json
 
 log = logging.getLogger("peel")
@@ -192,15 +193,42 @@ def _run_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help=f"where {what} run: local processes, or Ray tasks "
+                        "(pip install 'peel-rec[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="join a running Ray cluster (default: start a local Ray with "
+                        "--workers CPUs, all cores if not given)")
+
+
+def _executor(args: argparse.Namespace, workers: int | None, threads: int, desc: str
+              ) -> Any:
+    """The executor the flags ask for (a context manager), or None for the command's own
+    default: ``run.workers`` local processes for groups, one baseline after another here."""
+    from peel.executor import make_executor
+
+    default = desc == "groups" or workers is None
+    if args.executor == "local" and args.ray_address is None and default:
+        return None
+    return make_executor(workers, progress=not args.quiet, backend=args.executor,
+                         address=args.ray_address, threads_per_worker=threads, desc=desc)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import contextlib
+
     from peel.pipeline import train
 
     cfg = _run_config(args)
+    executor = _executor(args, cfg.run.workers, cfg.finetune.threads, "groups")
     if args.reuse_pretrain:
         from peel.pipeline import reuse_pretrain
 
         reuse_pretrain(args.reuse_pretrain, args.out, cfg)
-    summary = train(cfg, args.out, progress=not args.quiet)
+    with executor if executor is not None else contextlib.nullcontext():
+        summary = train(cfg, args.out, progress=not args.quiet, executor=executor)
     if args.json:
         print(to_json({"seconds": summary["seconds"], "out": args.out,
                        "user_group_sizes": summary["user_group_sizes"]}))
@@ -211,6 +239,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import contextlib
+
     from peel.pipeline import evaluate
 
     budgets = args.budgets.split(",") if args.budgets else None
@@ -218,10 +248,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UsageError("--tune-trials tunes the baselines: add --baselines (e.g. "
                          "--baselines pmf,bpr-mf,lightgcn)")
     selections = args.selection.split(",") if args.selection else []
-    rows = evaluate(args.run, budgets, baselines=_baselines_arg(args.baselines),
-                    selections=selections, scales=[args.scale] if args.scale else [],
-                    progress=not args.quiet, split=args.split, partial=args.partial,
-                    tune_trials=args.tune_trials, reference=args.reference)
+    baselines = _baselines_arg(args.baselines)
+    executor = _executor(args, args.workers, 1, "baselines") if baselines else None
+    with executor if executor is not None else contextlib.nullcontext():
+        rows = evaluate(args.run, budgets, baselines=baselines,
+                        selections=selections, scales=[args.scale] if args.scale else [],
+                        progress=not args.quiet, split=args.split, partial=args.partial,
+                        tune_trials=args.tune_trials, reference=args.reference,
+                        executor=executor)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
@@ -324,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--json", action="store_true")
     tr.add_argument("--quiet", action="store_true")
+    add_executor_options(tr, "the user groups' fine-tuning tasks")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="deploy every group at every budget, rank on device")
@@ -349,6 +384,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow an incomplete run (rows are marked partial)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--workers", type=int, default=None,
+                    help="baseline tasks (method x budget) at a time (default: one after "
+                         "another here; with --executor ray: the cluster's CPUs)")
+    add_executor_options(ev, "the baselines' tasks (one per method x budget)")
     ev.set_defaults(func=cmd_evaluate)
 
     rep = sub.add_parser("report", help="Table III-style Markdown/CSV/JSON and plots")
@@ -385,7 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (UsageError, DataError, ValueError, FileNotFoundError, KeyError) as err:
+    except (UsageError, DataError, ValueError, FileNotFoundError, KeyError,
+            TaskError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"peel: error: {msg}", file=sys.stderr)
         return 2

@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 
 from peel.budget import SCALES, SIMILARITIES
 from peel.data import InteractionData, from_splits
+from peel.errors import OutputError
 from peel.eval import EvalResult, evaluate
 from peel.io import load_npz, read_json, save_npz, write_json
 from peel.rotation import svd_rotate
@@ -1069,6 +1070,42 @@ def finetune_groups(data: InteractionData, user_emb: np.ndarray, item_emb: np.nd
     todo.sort(key=lambda t: (-t.train.nnz, t.group))
     executor = executor if executor is not None else SerialExecutor()
     labels = [f"g{t.group:03d}" for t in todo]
-    for summary in executor.map(train_group, todo, labels=labels):
-        done[summary.group] = summary
+    if todo:  # the item table and item groups are every task's: sent once, not per group
+        shared = SharedTables(todo[0].item_emb, todo[0].item_group)
+        light = [replace(t, item_emb=_NOT_SENT, item_group=_NOT_SENT) for t in todo]
+        for summary in executor.map(train_group_shared, light, labels=labels, shared=shared):
+            _check_visible(summary)
+            done[summary.group] = summary
     return [done[g] for g in sorted(done)]
+
+
+@dataclass(frozen=True)
+class SharedTables:
+    """What every group's task reads: the (rotated) pretrained item table and item groups."""
+
+    item_emb: np.ndarray
+    item_group: np.ndarray
+
+
+#: Stands in for the shared tables in a task sent without them (never trained on).
+_NOT_SENT = np.empty(0, dtype=np.float32)
+
+
+def train_group_shared(task: GroupTask, shared: SharedTables) -> GroupSummary:
+    """:func:`train_group` for a task sent without the tables all groups share.
+
+    The item table is used as received (it may be a read-only view of Ray's object store;
+    training copies it into its own tensor); the small item-group array is copied because
+    torch warns on wrapping read-only arrays.
+    """
+    return train_group(replace(task, item_emb=shared.item_emb,
+                               item_group=np.array(shared.item_group)))
+
+
+def _check_visible(summary: GroupSummary) -> None:
+    """A worker on another machine writes where *it* sees the run folder: refuse to go on
+    when this machine cannot see the file (a cluster without a shared filesystem)."""
+    if not Path(summary.path).exists():
+        raise OutputError(f"{summary.path}: group {summary.group} was written by a worker but "
+                      "this machine cannot see the file; on a multi-node cluster put the run "
+                      "folder on a filesystem every node shares")

@@ -38,6 +38,7 @@ from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, detect_format, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
 from peel.errors import ConfigError
+from peel.executor import Executor
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
 from peel.io import (
     atomic_path,
@@ -274,11 +275,14 @@ def _timed(timings: dict[str, float], name: str, progress: bool) -> Iterator[Non
 
 @locked_run("out")  # one process per run folder; refuses a second `peel train` (RunLock)
 def train(cfg: RunConfig, out: str | Path, progress: bool = True,
-          data: InteractionData | None = None) -> dict[str, Any]:
+          data: InteractionData | None = None, executor: Executor | None = None
+          ) -> dict[str, Any]:
     """Run (or resume) every server-side stage; returns the summary written to the run.
 
     ``data`` given in memory is saved into the run (RUN/data.npz) and the run's ``run.data``
     becomes "stored", so evaluation and deployment use exactly these splits later.
+    ``executor`` runs the group fine-tuning tasks (default: ``run.workers`` local processes;
+    a :class:`peel.executor.RayExecutor` runs them on Ray); results do not depend on it.
     """
     if data is not None:
         cfg = replace(cfg, run=replace(cfg.run, data=runfolder.STORED))
@@ -299,7 +303,8 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
         from peel.executor import make_executor
 
         summaries = finetune_groups(data, user_emb, item_emb, user_groups, item_groups,
-                                    cfg.finetune, out, make_executor(cfg.run.workers, progress),
+                                    cfg.finetune, out,
+                                    executor or make_executor(cfg.run.workers, progress),
                                     seed=cfg.run.seed)
     summary = {
         "peel_version": __version__,
@@ -421,6 +426,8 @@ class EvalRow:
     method: str
     budget: str
     budget_bytes: int
+    tune_trials: int = 0
+    seed: int = 0
     bytes_used: int
     metrics: dict[str, float]
     detail: dict[str, Any] = field(default_factory=dict)
@@ -590,7 +597,8 @@ def _valid_topk(items: np.ndarray) -> np.ndarray:
 def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[str],
                        progress: bool = True, methods: Sequence[str] | None = None,
                        run: str | Path | None = None, split: str = "test",
-                       tune_trials: int = 0) -> list[EvalRow]:
+                       tune_trials: int = 0, executor: Executor | None = None
+                       ) -> list[EvalRow]:
     """Fixed-size baselines at every budget, each through the shared
     :class:`peel.baselines.BudgetedRecommender` interface and PEEL's metrics.
 
@@ -598,20 +606,30 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
     training at any budget); without a run it pretrains first. ``tune_trials`` > 0 tunes every
     method at every budget on the validation split with that many trials
     (:func:`peel.tuning.tune`); the chosen setting and every trial go into the row's
-    ``detail["tuning"]``. 0 fits the configured setting only.
+    ``detail["tuning"]``. 0 fits the configured setting only. Without ``executor`` the
+    methods run here one after another (one model per method, refitted per budget); with
+    one, every method x budget is a task (e.g. a Ray task) and the data and the run's
+    pretrained tables are sent once. Rows are the same either way, in the same order.
     """
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import parse_budget
-    from peel.eval import evaluate as evaluate_scorer
     from peel.eval import metric_cutoffs
     from peel.tuning import tune
 
     if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
         raise ValueError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
-    ks = metric_cutoffs(ranking_k(cfg, data))
+    ks = tuple(metric_cutoffs(ranking_k(cfg, data)))
+    names = list(cfg.deploy.baselines if methods is None else methods)
+    if executor is not None:
+        tasks = [BaselineTask(m, label, parse_budget(label, full), tune_trials, cfg.run.seed)
+                 for m in names for label in budgets]
+        shared = BaselineShared(data, cfg.pretrain, split, ks,
+                                _pretrained(run) if "lightgcn-svd" in names else None)
+        return executor.map(baseline_row, tasks, labels=[f"{t.method}@{t.budget}"
+                                                         for t in tasks], shared=shared)
     rows = []
-    for method in (cfg.deploy.baselines if methods is None else methods):
+    for method in names:
         model = make_baseline(method, cfg.pretrain, run=run)
         same = None if REGISTRY[method].search_space else (lambda _cfg, m=model: m)
         for label in budgets:
@@ -620,27 +638,82 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
                 print(f"[peel] baseline {method} at {label}"
                       + (f", {tune_trials} validation trials" if tune_trials else "") + " ...",
                       flush=True)
-            if tune_trials:
-                model, _ = tune(method, data, nbytes, cfg.pretrain, tune_trials,
-                                seed=cfg.run.seed, run=run, make=same)
-            else:
-                model.fit(data, nbytes)
-            metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
-            rows.append(EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
-                                dict(model.params)))
+            model, row = _fit_row(model, data, label, nbytes, split, ks, tune_trials,
+                                  cfg.run.seed, cfg.pretrain, run=run, make=same)
+            rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class BaselineTask:
+    """One baseline at one budget: the unit a distributed executor runs."""
+
+    method: str
+    budget: str
+    budget_bytes: int
+
+
+@dataclass(frozen=True)
+class BaselineShared:
+    """What every baseline task reads; sent once per executor call, not once per task."""
+
+    data: InteractionData
+    config: Any  # PretrainConfig
+    split: str
+    ks: tuple[int, ...]
+    pretrained: tuple[np.ndarray, np.ndarray] | None  # the run's stage 1 (lightgcn-svd)
+
+
+def _pretrained(run: str | Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    return load_embeddings(Path(run) / "pretrain") if run is not None else None
+
+
+def baseline_row(task: BaselineTask, shared: BaselineShared) -> EvalRow:
+    """Fit (or tune) one baseline at one budget and score it (an executor's task)."""
+    from peel.baselines import REGISTRY, LightGCNSVD, make_baseline
+
+    def build(cfg: Any) -> Any:
+        if task.method == LightGCNSVD.name and shared.pretrained is not None:
+            return LightGCNSVD.from_embeddings(*shared.pretrained, cfg)
+        return make_baseline(task.method, cfg)
+
+    model = build(shared.config)
+    same = None if REGISTRY[task.method].search_space else (lambda _cfg: model)
+    return _fit_row(model, shared.data, task.budget, task.budget_bytes, shared.split,
+                    shared.ks, task.tune_trials, task.seed, shared.config,
+                    make=same or build)[1]
+
+
+def _fit_row(model: Any, data: InteractionData, label: str, nbytes: int, split: str,
+             ks: Sequence[int], tune_trials: int = 0, seed: int = 0, base: Any = None,
+             run: str | Path | None = None, make: Any = None) -> tuple[Any, EvalRow]:
+    """Fit ``model`` at ``nbytes`` (or, with ``tune_trials``, the best of that many
+    validation trials of its method) and score it on ``split``."""
+    from peel.eval import evaluate as evaluate_scorer
+    from peel.tuning import tune
+
+    if tune_trials:
+        model, _ = tune(model.name, data, nbytes, base, tune_trials, seed=seed, run=run,
+                        make=make)
+    else:
+        model.fit(data, nbytes)
+    metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
+    return model, EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
+                          dict(model.params))
 
 
 def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
              baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
              scales: Sequence[str] = (), progress: bool = True, split: str = "test",
-             partial: bool = False, tune_trials: int = 0,
-             reference: bool = False) -> list[EvalRow]:
+             partial: bool = False, tune_trials: int = 0, reference: bool = False,
+             executor: Executor | None = None) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
     ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names;
     ``tune_trials``: validation trials per baseline and budget (0: no tuning);
-    ``reference``: also the every-block and pretrained-model rows (:func:`reference_rows`).
+    ``reference``: also the every-block and pretrained-model rows (:func:`reference_rows`);
+    ``executor`` runs the baselines as one task per method x budget
+    (see :func:`evaluate_baselines`).
     Test-split rows are saved to RUN/eval.json merged with earlier rows for other
     methods/budgets; validation rows (``split="valid"``, for choosing settings) are only
     returned. An incomplete run is refused unless ``partial``, whose rows are marked partial.
@@ -660,7 +733,7 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
     if baselines:
         methods = None if baselines is True else list(baselines)
         rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split,
-                                   tune_trials=tune_trials)
+                                   tune_trials=tune_trials, executor=executor)
     if missing:
         for row in rows:
             row.detail.update(partial=True, missing_groups=missing)
