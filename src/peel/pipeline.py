@@ -614,7 +614,6 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import parse_budget
     from peel.eval import metric_cutoffs
-    from peel.tuning import tune
 
     if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
         raise ValueError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
