@@ -17,6 +17,7 @@ the device's.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -37,6 +38,8 @@ from peel.pretrain import (
     learning_rate,
     resolve_device,
 )
+
+log = logging.getLogger(__name__)
 
 #: Users scored per call of the device functions when a whole split is ranked.
 RANK_BATCH = 512
@@ -137,6 +140,8 @@ def _train_bpr(data: InteractionData, cfg: PretrainConfig, items: ItemModel,
             else:
                 bad += 1
         history.append(record)
+        log.info("epoch %d loss %s valid R@20 %s (%.0f s)", epoch, record.get("loss"),
+                 record.get("valid", {}).get("recall@20"), time.perf_counter() - t_start)
         over_time = (cfg.max_minutes is not None
                      and time.perf_counter() - t_start > 60 * cfg.max_minutes)
         if bad >= cfg.patience or over_time:
