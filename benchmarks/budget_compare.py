@@ -24,7 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -37,7 +39,10 @@ def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]
 
 
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
-              tune_trials: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+              tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None
+              ) -> tuple[dict, dict[str, np.ndarray]]:
+    """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
+    dict joins the row (e.g. device latency)."""
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
@@ -83,6 +88,8 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
+            if on_fit is not None:
+                extra.update(on_fit(name, b, model))
             keep(model.label, b, res.metrics, res.per_user, res.users, **extra)
             print(f"{name} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
     return out, per_user

@@ -79,7 +79,7 @@ def fitted(data: InteractionData, budget: int) -> dict[str, tuple[Any, Any]]:
 
 def test_every_registered_method_is_covered() -> None:
     assert set(CONFIGS) == {"peel", *REGISTRY}
-    assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd"} <= set(REGISTRY)
+    assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd", "dlrm-ce", "lightrec"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -23,14 +23,16 @@ from peel.baselines.base import (
     fixed_size_dim,
 )
 from peel.baselines.bpr_mf import BPRMF
+from peel.baselines.dlrm_ce import DLRMCE, QROptions
 from peel.baselines.lightgcn import LightGCN
 from peel.baselines.lightgcn_svd import LightGCNSVD
+from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
 from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD)
+    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, DLRMCE, LightRec)
 }
 
 
@@ -44,13 +46,15 @@ def check_names(names: Iterable[str], where: str = "baselines") -> None:
 
 def make_baseline(name: str, config: PretrainConfig,
                   run: str | Path | None = None) -> EmbeddingRecommender:
-    """A fresh instance of baseline ``name``; ``run`` lets lightgcn-svd reuse its stage 1."""
+    """A fresh instance of baseline ``name``; ``run`` lets the methods built on the run's
+    stage 1 (lightgcn-svd, lightrec's teacher) reuse it."""
     check_names([name])
-    if name == LightGCNSVD.name and run is not None:
-        return LightGCNSVD.from_run(run, config)
+    if name in (LightGCNSVD.name, LightRec.name) and run is not None:
+        return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     return REGISTRY[name](config)
 
 
-__all__ = ["BPRMF", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender", "EmbeddingRecommender",
-           "LightGCN", "LightGCNSVD", "baseline_config", "check_names", "dims_for_budgets",
+__all__ = ["BPRMF", "DLRMCE", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender",
+           "EmbeddingRecommender", "LightGCN", "LightGCNSVD", "LightRec", "LightRecOptions",
+           "QROptions", "baseline_config", "check_names", "dims_for_budgets",
            "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
