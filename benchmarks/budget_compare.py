@@ -28,6 +28,11 @@ import numpy as np
 
 ALL = "1.0"  # budget key of "every block kept" / the full pretrained model
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
+#: Per-budget facts a method may report in its params, carried into seeds.json and summary.md
+#: (RULE: its estimator's held-back Spearman, blocks kept and where its time goes).
+DETAILS = ("blocks_kept", "estimator_spearman", "winner_valid_recall@20",
+           "best_labelled_valid_recall@20", "stage1_seconds", "label_seconds",
+           "estimator_seconds", "search_seconds", "deploy_seconds")
 
 
 def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]:
@@ -92,8 +97,9 @@ def summarise(folder: Path, against: str) -> None:
             name = "PEEL" if method == against else method
             for budget, row in rows.items():
                 cell = seeds.setdefault(name, {}).setdefault(budget, {})
-                for m in ("recall@20", "ndcg@20"):
-                    cell.setdefault(m, []).append(row[m])
+                for m in ("recall@20", "ndcg@20", *DETAILS):
+                    if m in row:
+                        cell.setdefault(m, []).append(row[m])
         ours = doc["methods"][against]
         for method, rows in doc["methods"].items():
             if method == against:
@@ -137,7 +143,23 @@ def markdown(seeds: dict, paired: dict) -> str:
                      for t in tests if t["wilcoxon_p"] is not None]
             if cells:
                 lines.append(f"| {method} | {b} | " + "; ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + details(seeds, budgets)) + "\n"
+
+
+def details(seeds: dict, budgets: list[str]) -> list[str]:
+    """Means over seeds of the :data:`DETAILS` a method reported (none: no table)."""
+    keys = [k for k in DETAILS if any(k in c for rows in seeds.values() for c in rows.values())]
+    if not keys:
+        return []
+    lines = ["", "Details, mean over seeds (seconds: upper bounds, shared machine)", "",
+             "| method | budget | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for method, rows in seeds.items():
+        for b in budgets:
+            cell = rows.get(b, {})
+            if any(k in cell for k in keys):
+                vals = [f"{np.mean(cell[k]):.4g}" if k in cell else "" for k in keys]
+                lines.append(f"| {method} | {b} | " + " | ".join(vals) + " |")
+    return lines
 
 
 def main() -> None:

@@ -23,11 +23,12 @@ from peel.baselines.base import (
 from peel.baselines.lightgcn import LightGCN
 from peel.baselines.lightgcn_svd import LightGCNSVD
 from peel.baselines.pmf import PMF
+from peel.baselines.rule import Rule, RuleConfig
 from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD)
+    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD, Rule)
 }
 
 
@@ -41,13 +42,14 @@ def check_names(names: Iterable[str], where: str = "baselines") -> None:
 
 def make_baseline(name: str, config: PretrainConfig,
                   run: str | Path | None = None) -> EmbeddingRecommender:
-    """A fresh instance of baseline ``name``; ``run`` lets lightgcn-svd reuse its stage 1."""
+    """A fresh instance of baseline ``name``; ``run`` lets the methods that build on PEEL's
+    stage 1 (lightgcn-svd, rule) reuse it through their ``from_run``."""
     check_names([name])
-    if name == LightGCNSVD.name and run is not None:
-        return LightGCNSVD.from_run(run, config)
+    if name in (LightGCNSVD.name, Rule.name) and run is not None:
+        return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     return REGISTRY[name](config)
 
 
 __all__ = ["FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender", "EmbeddingRecommender",
-           "LightGCN", "LightGCNSVD", "baseline_config", "check_names", "dims_for_budgets",
-           "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
+           "LightGCN", "LightGCNSVD", "Rule", "RuleConfig", "baseline_config", "check_names",
+           "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
