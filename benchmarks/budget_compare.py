@@ -7,14 +7,16 @@
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
 (every dimension); and each ``--baselines`` method of ``peel.baselines`` at each budget
-(``lightgcn-svd`` reuses the run's stage 1; ``lightgcn`` and ``pmf`` are retrained at the
-largest size that fits), with per-user results kept. It writes DIR/seed{S}.json (means) and
+(``lightgcn-svd`` and ``rule`` reuse the run's stage 1; ``lightgcn`` and ``pmf`` are retrained
+at the largest size that fits), with per-user results kept. It writes DIR/seed{S}.json (means) and
 DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by user).
 
 ``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
-``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` plus DIR/paired.json: for each
-seed and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's
-per-user Recall@20. Reporting only: run it on the test split after every choice is made.
+``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` (plus any :data:`DETAILS` a
+method reports, e.g. RULE's estimator Spearman and times) and DIR/paired.json: for each seed
+and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's per-user
+Recall@20; DIR/summary.md tabulates both. Reporting only: run it on the test split after every
+choice is made.
 """
 
 from __future__ import annotations
