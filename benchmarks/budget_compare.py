@@ -1,7 +1,7 @@
 """PEEL against the one-model and fixed-size baselines at each budget, with per-user results.
 
     python benchmarks/budget_compare.py RUN --out DIR [--split test] \
-        [--baselines lightgcn-svd,lightgcn,pmf]
+        [--baselines lightgcn-svd,lightgcn,pmf,rule] [--rule cycles=1000]
     python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
@@ -41,8 +41,23 @@ def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]
     return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
 
 
-def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
-              ) -> tuple[dict, dict[str, np.ndarray]]:
+def rule_overrides(pairs: list[str]) -> dict[str, object]:
+    """``--rule cycles=1000`` -> {"cycles": 1000}, typed like RuleConfig's defaults."""
+    from peel.baselines.rule import RuleConfig
+
+    base, out = RuleConfig(), {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(base, key):
+            raise SystemExit(f"--rule {pair!r}: expected KEY=VALUE with KEY a RuleConfig field")
+        default = getattr(base, key)
+        kind = type(default) if default is not None else (int if value.isdigit() else str)
+        out[key] = kind(value)
+    return out
+
+
+def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
+              rule: dict[str, object] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     from peel.baselines import make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
@@ -76,13 +91,20 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str]
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
     for name in methods:  # every baseline through its peel.baselines class
         model = make_baseline(name, cfg.pretrain, run)  # lightgcn-svd rotates once here
+        label = model.label
+        if name == "rule" and rule:  # a RuleConfig variant, labelled with its changes
+            from dataclasses import replace
+
+            model.rule = replace(model.rule, **rule)
+            model.rule.validate()
+            label += " (" + ", ".join(f"{k}={v}" for k, v in rule.items()) + ")"
         for b in budgets:
             t0 = time.perf_counter()
             model.fit(data, parse_budget(b, full))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
-            keep(model.label, b, res.metrics, res.per_user, res.users, **extra)
+            keep(label, b, res.metrics, res.per_user, res.users, **extra)
             print(f"{name} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
     return out, per_user
 
@@ -172,6 +194,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.107,0.213,0.533")
     ap.add_argument("--baselines", default="lightgcn-svd",
                     help="comma-separated peel.baselines names, e.g. lightgcn-svd,lightgcn,pmf")
+    ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                    help="RuleConfig override for the rule baseline, e.g. --rule cycles=1000")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
     args = ap.parse_args()
@@ -182,7 +206,8 @@ def main() -> None:
         ap.error("RUN and --out are required unless --summarise is given")
     args.out.mkdir(parents=True, exist_ok=True)
     doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
-                              [m for m in args.baselines.split(",") if m])
+                              [m for m in args.baselines.split(",") if m],
+                              rule_overrides(args.rule))
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():
