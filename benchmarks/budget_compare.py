@@ -1,22 +1,24 @@
 """PEEL against the one-model and fixed-size baselines at each budget, with per-user results.
 
     python benchmarks/budget_compare.py RUN --out DIR [--split test] \
-        [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf] [--tune-trials 4]
+        [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf,rule] [--tune-trials 4] [--rule cycles=1000]
     python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
 (every dimension); and each ``--baselines`` method of ``peel.baselines`` at each budget
-(``lightgcn-svd`` reuses the run's stage 1; ``lightgcn``, ``pmf`` and ``bpr-mf`` are retrained
-at the largest size that fits, with ``--tune-trials N`` chosen on the validation split among N
-trials by :func:`peel.tuning.tune`, the log kept in the row), with per-user results kept. It
-writes DIR/seed{S}.json (means) and DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20
-of every row, aligned by user).
+(``lightgcn-svd`` and ``rule`` reuse the run's stage 1; ``lightgcn``, ``pmf`` and ``bpr-mf``
+are retrained at the largest size that fits, with ``--tune-trials N`` chosen on the validation
+split among N trials by :func:`peel.tuning.tune`, the log kept in the row), with per-user
+results kept. It writes DIR/seed{S}.json (means) and DIR/per_user_seed{S}.npz (per-user
+Recall@20 / NDCG@20 of every row, aligned by user).
 
 ``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
-``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` plus DIR/paired.json: for each
-seed and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's
-per-user Recall@20. Reporting only: run it on the test split after every choice is made.
+``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` (plus any :data:`DETAILS` a
+method reports, e.g. RULE's estimator Spearman and times) and DIR/paired.json: for each seed
+and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's per-user
+Recall@20; DIR/summary.md tabulates both. Reporting only: run it on the test split after every
+choice is made.
 """
 
 from __future__ import annotations
@@ -32,17 +34,37 @@ import numpy as np
 
 ALL = "1.0"  # budget key of "every block kept" / the full pretrained model
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
+#: Per-budget facts a method may report in its params, carried into seeds.json and summary.md
+#: (RULE: its estimator's held-back Spearman, blocks kept and where its time goes).
+DETAILS = ("blocks_kept", "estimator_spearman", "winner_valid_recall@20",
+           "best_labelled_valid_recall@20", "stage1_seconds", "label_seconds",
+           "estimator_seconds", "search_seconds", "deploy_seconds")
 
 
 def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]:
     return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
 
 
+def rule_overrides(pairs: list[str]) -> dict[str, object]:
+    """``--rule cycles=1000`` -> {"cycles": 1000}, typed like RuleConfig's defaults."""
+    from peel.baselines.rule import RuleConfig
+
+    base, out = RuleConfig(), {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(base, key):
+            raise SystemExit(f"--rule {pair!r}: expected KEY=VALUE with KEY a RuleConfig field")
+        default = getattr(base, key)
+        kind = type(default) if default is not None else (int if value.isdigit() else str)
+        out[key] = kind(value)
+    return out
+
+
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
-              tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None
-              ) -> tuple[dict, dict[str, np.ndarray]]:
+              tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
+              rule: dict[str, object] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
     """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
-    dict joins the row (e.g. device latency)."""
+    dict joins the row (e.g. device latency); ``rule`` overrides RuleConfig fields."""
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
@@ -78,6 +100,13 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     for name in methods:  # every baseline through its peel.baselines class
         model = make_baseline(name, cfg.pretrain, run)  # lightgcn-svd rotates once here
         same = None if REGISTRY[name].search_space else (lambda _cfg, m=model: m)
+        label = model.label
+        if name == "rule" and rule:  # a RuleConfig variant, labelled with its changes
+            from dataclasses import replace
+
+            model.rule = replace(model.rule, **rule)
+            model.rule.validate()
+            label += " (" + ", ".join(f"{k}={v}" for k, v in rule.items()) + ")"
         for b in budgets:
             t0 = time.perf_counter()
             if tune_trials:  # chosen on validation; the test split is read below, once
@@ -90,7 +119,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
             if on_fit is not None:
                 extra.update(on_fit(name, b, model))
-            keep(model.label, b, res.metrics, res.per_user, res.users, **extra)
+            keep(label, b, res.metrics, res.per_user, res.users, **extra)
             print(f"{name} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
     return out, per_user
 
@@ -107,8 +136,9 @@ def summarise(folder: Path, against: str) -> None:
             name = "PEEL" if method == against else method
             for budget, row in rows.items():
                 cell = seeds.setdefault(name, {}).setdefault(budget, {})
-                for m in ("recall@20", "ndcg@20"):
-                    cell.setdefault(m, []).append(row[m])
+                for m in ("recall@20", "ndcg@20", *DETAILS):
+                    if m in row:
+                        cell.setdefault(m, []).append(row[m])
         ours = doc["methods"][against]
         for method, rows in doc["methods"].items():
             if method == against:
@@ -152,7 +182,23 @@ def markdown(seeds: dict, paired: dict) -> str:
                      for t in tests if t["wilcoxon_p"] is not None]
             if cells:
                 lines.append(f"| {method} | {b} | " + "; ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + details(seeds, budgets)) + "\n"
+
+
+def details(seeds: dict, budgets: list[str]) -> list[str]:
+    """Means over seeds of the :data:`DETAILS` a method reported (none: no table)."""
+    keys = [k for k in DETAILS if any(k in c for rows in seeds.values() for c in rows.values())]
+    if not keys:
+        return []
+    lines = ["", "Details, mean over seeds (seconds: upper bounds, shared machine)", "",
+             "| method | budget | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for method, rows in seeds.items():
+        for b in budgets:
+            cell = rows.get(b, {})
+            if any(k in cell for k in keys):
+                vals = [f"{np.mean(cell[k]):.4g}" if k in cell else "" for k in keys]
+                lines.append(f"| {method} | {b} | " + " | ".join(vals) + " |")
+    return lines
 
 
 def main() -> None:
@@ -163,9 +209,11 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.107,0.213,0.533")
     ap.add_argument("--baselines", default="lightgcn-svd",
                     help="comma-separated peel.baselines names, e.g. "
-                         "lightgcn-svd,lightgcn,pmf,bpr-mf")
+                         "lightgcn-svd,lightgcn,pmf,bpr-mf,rule")
     ap.add_argument("--tune-trials", type=int, default=0,
                     help="validation trials per baseline and budget (0: configured setting)")
+    ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                    help="RuleConfig override for the rule baseline, e.g. --rule cycles=1000")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
     args = ap.parse_args()
@@ -176,7 +224,8 @@ def main() -> None:
         ap.error("RUN and --out are required unless --summarise is given")
     args.out.mkdir(parents=True, exist_ok=True)
     doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
-                              [m for m in args.baselines.split(",") if m], args.tune_trials)
+                              [m for m in args.baselines.split(",") if m], args.tune_trials,
+                              rule=rule_overrides(args.rule))
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from peel.api import PEELRecommender
-from peel.baselines import REGISTRY, BudgetedRecommender, fixed_size_bytes, fixed_size_dim
+from peel.baselines import (
+    REGISTRY,
+    BudgetedRecommender,
+    Rule,
+    RuleConfig,
+    fixed_size_bytes,
+    fixed_size_dim,
+)
 from peel.budget import full_table_bytes
 from peel.data import DataConfig, InteractionData, from_interactions
 from peel.eval import metrics_from_topk
@@ -38,6 +45,8 @@ SMALL_RUN = apply_overrides(RunConfig(), [
 CONFIGS: dict[str, Any] = {
     "peel": lambda: PEELRecommender(SMALL_RUN),
     **{name: (lambda cls=cls: cls(SMALL_PRETRAIN)) for name, cls in REGISTRY.items()},
+    # RULE pretrains like lightgcn-svd here (inside `peel evaluate` it reuses the run's stage 1)
+    "rule": lambda: Rule(SMALL_PRETRAIN, RuleConfig(n_configs=200, eval_users=100)),
 }
 K = 10
 
@@ -79,7 +88,8 @@ def fitted(data: InteractionData, budget: int) -> dict[str, tuple[Any, Any]]:
 
 def test_every_registered_method_is_covered() -> None:
     assert set(CONFIGS) == {"peel", *REGISTRY}
-    assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd", "dlrm-ce", "lightrec"} <= set(REGISTRY)
+    assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd", "dlrm-ce", "lightrec",
+            "rule"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

@@ -283,3 +283,24 @@ def test_the_paper_configuration_ships_with_the_library() -> None:
     assert (cfg.pretrain.layer_combination, cfg.pretrain.sampling, cfg.pretrain.lr) == (
         "last", "uniform", 1e-3)
     assert cfg.run.label == "PEEL (paper)"
+
+
+def test_evaluate_baselines_rule_reuses_the_runs_stage1(run_dir, capsys, monkeypatch):
+    """`peel evaluate RUN --baselines rule`: RULE on the run's embeddings and item groups."""
+    import functools
+
+    from peel.baselines import rule
+
+    # fewer labelled configurations than the default 2,000, to keep the test short
+    monkeypatch.setattr(rule, "RuleConfig", functools.partial(rule.RuleConfig, n_configs=100))
+    _, out = run_dir
+    code = main(["evaluate", str(out), "--baselines", "rule", "--split", "valid", "--json",
+                 "--quiet"])
+    assert code == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["method"] == "RULE"]
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 < r["bytes_used"] <= r["budget_bytes"]
+        assert r["detail"]["n_item_groups"] == load_run_config(out).groups.n_item_groups
+        assert r["detail"]["stage1_seconds"] > 0  # the run's stage 1, not a retraining
+        assert r["detail"]["configs_labelled"] == 100

@@ -28,11 +28,12 @@ from peel.baselines.lightgcn import LightGCN
 from peel.baselines.lightgcn_svd import LightGCNSVD
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
+from peel.baselines.rule import Rule, RuleConfig
 from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, DLRMCE, LightRec)
+    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, DLRMCE, LightRec, Rule)
 }
 
 
@@ -47,14 +48,14 @@ def check_names(names: Iterable[str], where: str = "baselines") -> None:
 def make_baseline(name: str, config: PretrainConfig,
                   run: str | Path | None = None) -> EmbeddingRecommender:
     """A fresh instance of baseline ``name``; ``run`` lets the methods built on the run's
-    stage 1 (lightgcn-svd, lightrec's teacher) reuse it."""
+    stage 1 (lightgcn-svd, lightrec's teacher, rule) reuse it."""
     check_names([name])
-    if name in (LightGCNSVD.name, LightRec.name) and run is not None:
+    if name in (LightGCNSVD.name, LightRec.name, Rule.name) and run is not None:
         return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     return REGISTRY[name](config)
 
 
 __all__ = ["BPRMF", "DLRMCE", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender",
            "EmbeddingRecommender", "LightGCN", "LightGCNSVD", "LightRec", "LightRecOptions",
-           "QROptions", "baseline_config", "check_names", "dims_for_budgets",
-           "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
+           "QROptions", "Rule", "RuleConfig", "baseline_config", "check_names",
+           "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
