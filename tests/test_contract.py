@@ -79,7 +79,7 @@ def fitted(data: InteractionData, budget: int) -> dict[str, tuple[Any, Any]]:
 
 def test_every_registered_method_is_covered() -> None:
     assert set(CONFIGS) == {"peel", *REGISTRY}
-    assert {"pmf", "lightgcn", "lightgcn-svd"} <= set(REGISTRY)
+    assert {"pmf", "lightgcn", "lightgcn-svd", "lightgcn-fp16", "lightgcn-int8"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

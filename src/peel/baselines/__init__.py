@@ -21,13 +21,19 @@ from peel.baselines.base import (
     fixed_size_dim,
 )
 from peel.baselines.lightgcn import LightGCN
+from peel.baselines.lightgcn_quantized import (
+    LightGCNFP16,
+    LightGCNInt8,
+    QuantizedLightGCN,
+    TrainedCache,
+)
 from peel.baselines.lightgcn_svd import LightGCNSVD
 from peel.baselines.pmf import PMF
 from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD)
+    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD, LightGCNFP16, LightGCNInt8)
 }
 
 
@@ -39,15 +45,21 @@ def check_names(names: Iterable[str], where: str = "baselines") -> None:
                          f"expected any of {', '.join(REGISTRY)}")
 
 
-def make_baseline(name: str, config: PretrainConfig,
-                  run: str | Path | None = None) -> EmbeddingRecommender:
-    """A fresh instance of baseline ``name``; ``run`` lets lightgcn-svd reuse its stage 1."""
+def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = None,
+                  trained: TrainedCache | None = None) -> EmbeddingRecommender:
+    """A fresh instance of baseline ``name``; ``run`` lets lightgcn-svd reuse its stage 1,
+    ``trained`` (a dict shared by the caller) lets lightgcn-fp16 and lightgcn-int8 share a
+    training at the same dimension."""
     check_names([name])
     if name == LightGCNSVD.name and run is not None:
         return LightGCNSVD.from_run(run, config)
-    return REGISTRY[name](config)
+    cls = REGISTRY[name]
+    if trained is not None and issubclass(cls, QuantizedLightGCN):
+        return cls(config, trained=trained)
+    return cls(config)
 
 
 __all__ = ["FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender", "EmbeddingRecommender",
-           "LightGCN", "LightGCNSVD", "baseline_config", "check_names", "dims_for_budgets",
-           "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
+           "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD", "baseline_config",
+           "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
+           "make_baseline"]
