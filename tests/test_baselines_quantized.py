@@ -10,9 +10,22 @@ from hypothesis import strategies as st
 from peel.baselines import REGISTRY, LightGCNFP16, LightGCNInt8, make_baseline
 from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
 from peel.budget import KIND_F16, KIND_I8, full_table_bytes
+from peel.data import DataConfig, InteractionData, from_interactions
 from peel.pretrain import PretrainConfig
 from peel.quantize import encode
-from tests.test_contract import SMALL_PRETRAIN, planted
+
+SMALL = PretrainConfig(dim=64, block_dim=8, layers=1, epochs=2, batch_size=1024, lr=2e-2,
+                       patience=3, sampling="uniform", lr_half_life=0, diversity=0.0, seed=3)
+
+
+def planted(n_users: int = 120, n_items: int = 60) -> InteractionData:
+    """Three communities of users, each drawing from its own third of the items."""
+    rng = np.random.default_rng(0)
+    pools = np.array_split(rng.permutation(n_items), 3)
+    pairs = {(u, int(i)) for u in range(n_users)
+             for i in rng.choice(pools[u % 3], 10, replace=False)}
+    users, items = zip(*sorted(pairs), strict=True)
+    return from_interactions(list(users), list(items), DataConfig(seed=0), name="planted")
 
 
 @settings(max_examples=200, deadline=None)
@@ -42,7 +55,7 @@ def test_byte_formulas_and_ml1m_dimensions() -> None:
 @pytest.mark.parametrize("cls", [LightGCNFP16, LightGCNInt8])
 def test_fit_stores_what_it_counts(cls: type) -> None:
     data = planted()
-    cfg = PretrainConfig(**{**SMALL_PRETRAIN.__dict__, "dim": 64, "epochs": 2})
+    cfg = SMALL
     budget = full_table_bytes(data.n_items, 64) // 5  # D' below the cap
     model = cls(cfg).fit(data, budget)
     dim = model.params["dim"]
@@ -59,7 +72,7 @@ def test_fit_stores_what_it_counts(cls: type) -> None:
 
 def test_quantised_variants_share_one_training_per_dimension() -> None:
     data = planted()
-    cfg = PretrainConfig(**{**SMALL_PRETRAIN.__dict__, "dim": 16, "epochs": 2})
+    cfg = PretrainConfig(**{**SMALL.__dict__, "dim": 16, "block_dim": 16})
     cache: dict = {}
     budget = full_table_bytes(data.n_items, 16) * 10  # both capped at 16 dims
     fp16 = make_baseline("lightgcn-fp16", cfg, trained=cache).fit(data, budget)
