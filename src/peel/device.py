@@ -189,6 +189,7 @@ class Package:
         """The :data:`peel.budget.BLOCK_KINDS` code of every selected block (v3: all f32)."""
         self._order = order if order is not None else _ItemOrder(self.item_group)
         self._chunks = chunks
+        self._groups: list[list[int]] | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
@@ -326,22 +327,45 @@ class Package:
             q = chunks.sum(axis=1, dtype=np.float32)[None, :, :] * scale
         return np.ascontiguousarray(q, dtype=np.float32)
 
+    def _by_group(self) -> list[list[int]]:
+        """The selected blocks of every item group (indices into the selection), in order."""
+        if self._groups is None:
+            groups: list[list[int]] = [[] for _ in range(self.spec.n_groups)]
+            for i, g in enumerate(self.selection[:, 0].tolist()):
+                groups[g].append(i)
+            self._groups = groups
+        return self._groups
+
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
-        """Eq. 10 for one user over all rows (items in stored order)."""
+        """Eq. 10 for one user over all rows (items in stored order).
+
+        Item group by item group, one tile of rows at a time: each kept block's terms go to one
+        row of a small buffer and one reduction adds them up, so a block costs one product
+        call (plus its decode), not a product and an accumulation into the scores.
+        """
         q = self._queries(user[None, :], mode)[:, 0, :]
         scores = np.empty(self.n_items, dtype=np.float32)
-        groups = self.spec.n_groups
         folded = _FoldedQuery(q) if self.spec.mixed else None
-        for i, entry in enumerate(self._kernel()):
-            seg = scores[entry.lo: entry.hi]
-            if entry.kind != KIND_F32:
-                assert folded is not None
-                _decoded_scores(entry, folded.q[i], folded.qsum[i], folded.post, seg,
-                                accumulate=i >= groups)
-            elif i < groups:  # the first G blocks cover each item group exactly once
-                np.matmul(q[i], entry.values, out=seg)
-            else:
-                seg += q[i] @ entry.values
+        entries = self._kernel()
+        scratch = _SCRATCH.get(self.spec.block_dim, 1, self.spec.n_blocks)
+        for g, kept in enumerate(self._by_group()):
+            lo, hi = int(self.group_offsets[g]), int(self.group_offsets[g + 1])
+            for a in range(lo, hi, _TILE):
+                b = min(a + _TILE, hi)
+                out = scores[a:b]
+                if len(kept) > 1:
+                    buf = scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a)
+                for r, i in enumerate(kept):
+                    row = out if len(kept) == 1 else buf[r]
+                    entry = entries[i]
+                    if entry.kind == KIND_F32:
+                        np.matmul(q[i], entry.values[:, a - lo: b - lo], out=row)
+                    else:
+                        assert folded is not None
+                        _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
+                                      folded.post, row, scratch)
+                if len(kept) > 1:
+                    np.add.reduce(buf, axis=0, out=out)
         return scores
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
@@ -350,16 +374,26 @@ class Package:
         scores = np.empty((users.shape[0], self.n_items), dtype=np.float32)
         groups = self.spec.n_groups
         folded = _FoldedQuery(q) if self.spec.mixed else None
+        scratch = _SCRATCH.get(self.spec.block_dim, users.shape[0], 1)
         for i, entry in enumerate(self._kernel()):
             seg = scores[:, entry.lo: entry.hi]
-            if entry.kind != KIND_F32:
-                assert folded is not None
-                _decoded_scores(entry, folded.q[i], folded.qsum[i], folded.post, seg,
-                                accumulate=i >= groups)
-            elif i < groups:
-                np.matmul(q[i], entry.values, out=seg)
-            else:
-                seg += q[i] @ entry.values
+            if entry.kind == KIND_F32:
+                if i < groups:  # the first G blocks cover each item group exactly once
+                    np.matmul(q[i], entry.values, out=seg)
+                else:
+                    seg += q[i] @ entry.values
+                continue
+            assert folded is not None
+            n = entry.hi - entry.lo
+            for a in range(0, n, _TILE):
+                b = min(a + _TILE, n)
+                t = scratch.terms[: q.shape[1] * (b - a)].reshape(q.shape[1], b - a)
+                _decoded_tile(entry, a, b, folded.q[i], folded.qsum[i], folded.post, t,
+                              scratch)
+                if i < groups:
+                    np.copyto(seg[:, a:b], t)
+                else:
+                    np.add(seg[:, a:b], t, out=seg[:, a:b])
         return scores
 
     def scores(self, users: np.ndarray | None = None, similarity: str | None = None,
@@ -599,26 +633,30 @@ class _FoldedQuery:
         self.post = np.float32(2.0 ** (_F16_BIAS - exp))
 
 
+class _Buffers:
+    """Decode and product buffers for one thread (a few hundred KB, reused across calls)."""
+
+    def __init__(self, d: int, batch: int, blocks: int) -> None:
+        self.key = (d, batch, blocks)
+        self.floats = np.empty(d * _TILE, dtype=np.float32)  # a decoded tile, (d, rows)
+        self.ints = np.empty(d * _TILE, dtype=np.int32)  # float16 bits being widened
+        self.scale = np.empty(_TILE, dtype=np.int32)
+        self.offset = np.empty(_TILE, dtype=np.int32)
+        self.terms = np.empty(max(batch, blocks) * _TILE, dtype=np.float32)  # block terms
+
+
 class _Scratch(threading.local):
-    """Per-thread decode buffers (a few hundred KB), reused across calls and packages."""
+    """Per-thread :class:`_Buffers`, grown on demand, so concurrent rankings never share."""
 
-    def __init__(self) -> None:
-        self.size = 0
-        self.floats = np.empty(0, dtype=np.float32)
-        self.ints = np.empty(0, dtype=np.int32)
-        self.out = np.empty(0, dtype=np.float32)
-        self.scale = np.empty(0, dtype=np.int32)
-        self.offset = np.empty(0, dtype=np.int32)
+    buffers: _Buffers | None = None
 
-    def ensure(self, d: int, batch: int) -> None:
-        need = max(d, batch) * _TILE
-        if self.size < need:
-            self.size = need
-            self.floats = np.empty(need, dtype=np.float32)
-            self.ints = np.empty(need, dtype=np.int32)
-            self.out = np.empty(need, dtype=np.float32)
-            self.scale = np.empty(_TILE, dtype=np.int32)
-            self.offset = np.empty(_TILE, dtype=np.int32)
+    def get(self, d: int, batch: int, blocks: int) -> _Buffers:
+        have = self.buffers
+        if have is None or any(x < y for x, y in zip(have.key, (d, batch, blocks), strict=True)):
+            key = (d, batch, blocks) if have is None else tuple(
+                max(x, y) for x, y in zip(have.key, (d, batch, blocks), strict=True))
+            have = self.buffers = _Buffers(*key)
+        return have
 
 
 _SCRATCH = _Scratch()
@@ -633,46 +671,36 @@ def _f16_bits_as_f32(bits: np.ndarray, out: np.ndarray, signed: bool) -> np.ndar
     return out.view(np.float32)
 
 
-def _decoded_scores(entry: _Entry, q: np.ndarray, qsum: np.ndarray | np.float32,
-                    post: np.float32, out: np.ndarray, accumulate: bool) -> None:
-    """Add (or write) a float16 / int8 block's terms into ``out`` ((rows,) or (B, rows)).
+def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
+                  qsum: np.ndarray | np.float32, post: np.float32, out: np.ndarray,
+                  buffers: _Buffers) -> None:
+    """Write the terms of rows [a, b) (at most one tile) of a float16 / int8 block.
 
-    ``q`` is the block's folded query, (d,) or (B, d); each tile of rows is decoded into the
-    scratch buffers and multiplied there, never the whole block at once.
+    ``q`` is the block's folded query, (d,) or (B, d) (:class:`_FoldedQuery`); ``out`` is
+    (b - a,) or (B, b - a). The rows are decoded into the thread's buffers and multiplied
+    there; an int8 block's per-row scale then multiplies the d-dim products, and its offset
+    adds offset * sum(q).
     """
-    d, n = entry.values.shape
-    batch = 1 if q.ndim == 1 else q.shape[0]
-    scratch = _SCRATCH
-    scratch.ensure(d, batch)
-    for a in range(0, n, _TILE):
-        b = min(a + _TILE, n)
-        m = b - a
-        if entry.kind == KIND_F16:
-            tile = _f16_bits_as_f32(entry.values[:, a:b],
-                                    scratch.ints[: d * m].reshape(d, m), signed=True)
+    d, m = entry.values.shape[0], b - a
+    if entry.kind == KIND_F16:
+        tile = _f16_bits_as_f32(entry.values[:, a:b], buffers.ints[: d * m].reshape(d, m),
+                                signed=True)
+    else:
+        tile = buffers.floats[: d * m].reshape(d, m)
+        np.copyto(tile, entry.values[:, a:b], casting="unsafe")
+    np.matmul(q, tile, out=out)
+    if entry.scale is not None:
+        np.multiply(out, _f16_bits_as_f32(entry.scale[a:b], buffers.scale[:m], signed=False),
+                    out=out)
+    if entry.offset is not None:
+        off = _f16_bits_as_f32(entry.offset[a:b], buffers.offset[:m], signed=True)
+        if q.ndim == 1:
+            np.multiply(off, qsum, out=off)
+            np.add(out, off, out=out)
         else:
-            tile = scratch.floats[: d * m].reshape(d, m)
-            np.copyto(tile, entry.values[:, a:b], casting="unsafe")
-        t = scratch.out[: batch * m].reshape(m) if q.ndim == 1 else \
-            scratch.out[: batch * m].reshape(batch, m)
-        np.matmul(q, tile, out=t)
-        if entry.scale is not None:
-            np.multiply(t, _f16_bits_as_f32(entry.scale[a:b], scratch.scale[:m], signed=False),
-                        out=t)
-        if entry.offset is not None:
-            off = _f16_bits_as_f32(entry.offset[a:b], scratch.offset[:m], signed=True)
-            if q.ndim == 1:
-                np.multiply(off, qsum, out=off)
-                np.add(t, off, out=t)
-            else:
-                t += np.multiply.outer(qsum, off)
-        if post != 1:
-            np.multiply(t, post, out=t)
-        seg = out[..., a:b]
-        if accumulate:
-            np.add(seg, t, out=seg)
-        else:
-            np.copyto(seg, t)
+            out += np.multiply.outer(qsum, off)
+    if post != 1:
+        np.multiply(out, post, out=out)
 
 
 def _check_k(k: int) -> int:

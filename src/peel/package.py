@@ -65,7 +65,7 @@ DEFAULT_WEIGHTING = "none"
 DEFAULT_SCALE = "none"
 #: The precision rule ``precision="auto"`` (the default) stands for; see :data:`PRECISIONS` and
 #: docs/paper-notes.md, "Mixed precision": chosen on ml-1m validation Recall@20.
-DEFAULT_PRECISION = "int8"
+DEFAULT_PRECISION = "fp16"
 #: What ``--precision`` / ``precision=`` accept: "auto" or one of the rules.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 _RULE_KIND = {"fp32": KIND_F32, "fp16": KIND_F16, "int8": KIND_I8, "int8o": KIND_I8O}
