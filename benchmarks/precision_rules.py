@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -117,16 +118,17 @@ def main() -> None:
     results: dict[str, dict[str, dict]] = {}
     seconds = {}
     args.out.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.TemporaryDirectory(prefix="peel-rules-")
     for rule in rules:
         t0 = time.perf_counter()
         rows = evaluate_peel(args.run, data, cfg, budgets, "valid", precision=rule)
-        blocks = kept_blocks(args.run, cfg, budgets, full, rule, args.out)
+        blocks = kept_blocks(args.run, cfg, budgets, full, rule, Path(tmp.name))
         results[rule] = {r.budget: {**{k: r.metrics[k] for k in METRICS},
                                     "bytes_used": r.bytes_used, "budget_bytes": r.budget_bytes,
                                     **blocks[r.budget]} for r in rows}
         seconds[rule] = time.perf_counter() - t0
         print(rule, {b: round(results[rule][b]["recall@20"], 4) for b in budgets}, flush=True)
-    (args.out / "p.peel").unlink(missing_ok=True)
+    tmp.cleanup()
     auto, means = choose(results, rules)
     n_blocks = cfg.finetune.n_blocks * cfg.groups.n_item_groups
     doc = {"run": str(args.run), "dataset": data.name, "seed": cfg.run.seed, "split": "valid",
