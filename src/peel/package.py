@@ -280,8 +280,9 @@ def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SI
     value = arrays.alpha[:, :, None] * np.clip(1 - quantisation_errors(arrays, similarity), 0,
                                                None)
     per_byte = value / (counts[:, None, None] * per_row[None, None, :])
-    best = np.argmax(per_byte, axis=2)  # ties: the lower code, i.e. the more precise kind
-    score = np.take_along_axis(per_byte, best[:, :, None], axis=2)[:, :, 0]
+    score = per_byte.max(axis=2)
+    # ties (e.g. a pair of no value at all) go to the kind of fewest bytes
+    best = np.argmin(np.where(per_byte == score[:, :, None], per_row, np.inf), axis=2)
     order = selection_order(score if selection == "importance" else arrays.alpha, selection,
                             seed)
     return order, best[order[:, 0], order[:, 1]].astype(np.int64)
