@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -430,3 +431,32 @@ def test_no_package_exceeds_its_budget(n_items: int, n_blocks: int, block_dim: i
         assert all(s.size >= 1 for s in pkg.block_sets())  # every item group keeps a block
         assert pkg.report == report
         assert report.total / MB < budget / MB + 1e-12
+
+
+def _resigned(raw: bytes) -> bytes:
+    """``raw`` with a valid sha256 again, so a test reaches the checks past the digest."""
+    digest = hashlib.sha256(raw[:32])
+    digest.update(raw[64:])
+    return raw[:32] + digest.digest() + raw[64:]
+
+
+@pytest.mark.parametrize(("precision", "edit", "message"), [
+    ("int8", lambda k, b: (k.__setitem__(0, 9), None), "unknown block kind"),
+    ("int8", lambda k, b: (b.__setitem__(1, 0x80), None), "scales must be finite and non-neg"),
+    ("int8o", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7c"), None), "finite"),
+    ("fp16", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7e"), None), "float16 block"),
+])
+def test_v4_content_checks(group: GroupArrays, tmp_path: Path, precision: str, edit: object,
+                           message: str) -> None:
+    build_package(tmp_path / "p.peel", group, 0.3, options=DeployOptions(precision=precision))
+    raw = bytearray((tmp_path / "p.peel").read_bytes())
+    header_len = int.from_bytes(raw[12:16], "little")
+    arrays = json.loads(raw[64: 64 + header_len])["arrays"]
+    start = 64 + -(-header_len // 64) * 64
+    kinds = memoryview(raw)[start + arrays["kinds"]["offset"]:][: arrays["kinds"]["shape"][0]]
+    blocks = memoryview(raw)[start + arrays["blocks"]["offset"]:]
+    edit(kinds, blocks)  # type: ignore[operator]
+    kinds.release()
+    blocks.release()
+    with pytest.raises(PackageError, match=message):
+        read_package(_resigned(bytes(raw)), "edited.peel")
