@@ -328,3 +328,14 @@ def test_device_never_imports_torch_or_scipy(group: GroupArrays, tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8o"])
+def test_many_users_at_once_in_bounded_memory(tmp_path: Path, precision: str) -> None:
+    arrays = synthetic_group(n_items=3000, n_blocks=2, block_dim=4, n_item_groups=2,
+                             n_users=300, seed=4)
+    pkg = _build(tmp_path, arrays, 1.0, precision=precision)
+    many = pkg.scores(arrays.user_emb)  # 300 users: tiles of fewer rows
+    for u in (0, 150, 299):
+        np.testing.assert_allclose(many[u], pkg.scores(arrays.user_emb[u]), rtol=1e-5,
+                                   atol=1e-5)

@@ -374,7 +374,9 @@ class Package:
         scores = np.empty((users.shape[0], self.n_items), dtype=np.float32)
         groups = self.spec.n_groups
         folded = _FoldedQuery(q) if self.spec.mixed else None
-        scratch = _SCRATCH.get(self.spec.block_dim, users.shape[0], 1)
+        batch = users.shape[0]
+        tile = _TILE if batch <= 32 else max(64, _TILE * 32 // batch)  # terms stay ~1 MB
+        scratch = _SCRATCH.get(self.spec.block_dim, batch * tile // _TILE + 1, 1)
         for i, entry in enumerate(self._kernel()):
             seg = scores[:, entry.lo: entry.hi]
             if entry.kind == KIND_F32:
@@ -385,9 +387,9 @@ class Package:
                 continue
             assert folded is not None
             n = entry.hi - entry.lo
-            for a in range(0, n, _TILE):
-                b = min(a + _TILE, n)
-                t = scratch.terms[: q.shape[1] * (b - a)].reshape(q.shape[1], b - a)
+            for a in range(0, n, tile):
+                b = min(a + tile, n)
+                t = scratch.terms[: batch * (b - a)].reshape(batch, b - a)
                 _decoded_tile(entry, a, b, folded.q[i], folded.qsum[i], folded.post, t,
                               scratch)
                 if i < groups:
