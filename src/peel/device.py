@@ -190,6 +190,7 @@ class Package:
         self._order = order if order is not None else _ItemOrder(self.item_group)
         self._chunks = chunks
         self._groups: list[list[int]] | None = None
+        self._plan: list[tuple[int, int, list[tuple[int, _Entry]]]] | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
@@ -336,6 +337,14 @@ class Package:
             self._groups = groups
         return self._groups
 
+    def _group_plan(self) -> list[tuple[int, int, list[tuple[int, _Entry]]]]:
+        """(first row, end row, [(selection index, entry), ...]) of every item group."""
+        if self._plan is None:
+            entries, off = self._kernel(), self.group_offsets
+            self._plan = [(int(off[g]), int(off[g + 1]), [(i, entries[i]) for i in kept])
+                          for g, kept in enumerate(self._by_group())]
+        return self._plan
+
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
         """Eq. 10 for one user over all rows (items in stored order).
 
@@ -344,28 +353,28 @@ class Package:
         call (plus its decode), not a product and an accumulation into the scores.
         """
         q = self._queries(user[None, :], mode)[:, 0, :]
+        queries = list(q)
         scores = np.empty(self.n_items, dtype=np.float32)
         folded = _FoldedQuery(q) if self.spec.mixed else None
-        entries = self._kernel()
         scratch = _SCRATCH.get(self.spec.block_dim, 1, self.spec.n_blocks)
-        for g, kept in enumerate(self._by_group()):
-            lo, hi = int(self.group_offsets[g]), int(self.group_offsets[g + 1])
+        for lo, hi, kept in self._group_plan():
             for a in range(lo, hi, _TILE):
                 b = min(a + _TILE, hi)
+                whole = a == lo and b == hi  # one tile: the block views need no slicing
                 out = scores[a:b]
-                if len(kept) > 1:
-                    buf = scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a)
-                for r, i in enumerate(kept):
-                    row = out if len(kept) == 1 else buf[r]
-                    entry = entries[i]
+                rows = [out] if len(kept) == 1 else list(
+                    scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a))
+                for row, (i, entry) in zip(rows, kept, strict=True):
                     if entry.kind == KIND_F32:
-                        np.matmul(q[i], entry.values[:, a - lo: b - lo], out=row)
+                        np.matmul(queries[i], entry.values if whole else
+                                  entry.values[:, a - lo: b - lo], out=row)
                     else:
                         assert folded is not None
                         _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
                                       folded.post, row, scratch)
                 if len(kept) > 1:
-                    np.add.reduce(buf, axis=0, out=out)
+                    np.add.reduce(scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a),
+                                  axis=0, out=out)
         return scores
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
