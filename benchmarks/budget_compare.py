@@ -2,16 +2,20 @@
 
     python benchmarks/budget_compare.py RUN --out DIR [--split test] \
         [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf,rule] [--tune-trials 4] [--rule cycles=1000]
-    python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
+        [--precisions fp32,auto]
+    python benchmarks/budget_compare.py --summarise DIR [--against LABEL] [--keep-labels]
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
 (every dimension); and each ``--baselines`` method of ``peel.baselines`` at each budget
 (``lightgcn-svd`` and ``rule`` reuse the run's stage 1; ``lightgcn``, ``pmf`` and ``bpr-mf``
 are retrained at the largest size that fits, with ``--tune-trials N`` chosen on the validation
-split among N trials by :func:`peel.tuning.tune`, the log kept in the row), with per-user
-results kept. It writes DIR/seed{S}.json (means) and DIR/per_user_seed{S}.npz (per-user
-Recall@20 / NDCG@20 of every row, aligned by user).
+split among N trials by :func:`peel.tuning.tune`, the log kept in the row; ``lightgcn-fp16`` /
+``lightgcn-int8`` at the largest quantised size, sharing one training per dimension), with
+per-user results kept. ``--precisions`` scores PEEL once per package precision rule, labelled
+e.g. "PEEL (fp32)" and "PEEL (auto precision)"; without it PEEL is scored with the run's own
+[deploy] precision and labelled as the run is. It writes DIR/seed{S}.json (means) and
+DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by user).
 
 ``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
 ``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` (plus any :data:`DETAILS` a
@@ -62,9 +66,11 @@ def rule_overrides(pairs: list[str]) -> dict[str, object]:
 
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
               tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
-              rule: dict[str, object] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+              rule: dict[str, object] | None = None, precisions: list[str] | None = None
+              ) -> tuple[dict, dict[str, np.ndarray]]:
     """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
-    dict joins the row (e.g. device latency); ``rule`` overrides RuleConfig fields."""
+    dict joins the row (e.g. device latency); ``rule`` overrides RuleConfig fields;
+    ``precisions`` scores PEEL once per package precision rule."""
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
@@ -88,17 +94,22 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
         per_user["users"] = users[order]
 
     labels = {b: b for b in budgets} | {str(full + 10**6): ALL}
-    peel_pu: dict[str, dict[str, np.ndarray]] = {}
-    t0 = time.perf_counter()
-    for r in evaluate_peel(run, data, cfg, list(labels), split=split, per_user_out=peel_pu):
-        pu = peel_pu[r.budget]
-        keep(cfg.run.label, labels[r.budget], r.metrics, pu, pu["users"],
-             bytes_used=r.bytes_used)
-    out["seconds"]["peel_evaluate"] = time.perf_counter() - t0
+    for precision in precisions or [None]:
+        peel_pu: dict[str, dict[str, np.ndarray]] = {}
+        name = cfg.run.label if precision is None else (
+            f"{cfg.run.label} ({'auto precision' if precision == 'auto' else precision})")
+        t0 = time.perf_counter()
+        for r in evaluate_peel(run, data, cfg, list(labels), split=split, per_user_out=peel_pu,
+                               precision=precision):
+            pu = peel_pu[r.budget]
+            keep(name, labels[r.budget], r.metrics, pu, pu["users"], bytes_used=r.bytes_used,
+                 precision=precision or cfg.deploy.precision)
+        out["seconds"][f"peel_evaluate {name}"] = time.perf_counter() - t0
     res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
+    trained: dict = {}  # lightgcn-fp16 / -int8 share a training at the same dimension
     for name in methods:  # every baseline through its peel.baselines class
-        model = make_baseline(name, cfg.pretrain, run)  # lightgcn-svd rotates once here
+        model = make_baseline(name, cfg.pretrain, run, trained)  # lightgcn-svd rotates once
         same = None if REGISTRY[name].search_space else (lambda _cfg, m=model: m)
         label = model.label
         if name == "rule" and rule:  # a RuleConfig variant, labelled with its changes
@@ -124,7 +135,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     return out, per_user
 
 
-def summarise(folder: Path, against: str) -> None:
+def summarise(folder: Path, against: str, keep_labels: bool = False) -> None:
     from scipy.stats import wilcoxon
 
     seeds: dict = {}
@@ -133,7 +144,7 @@ def summarise(folder: Path, against: str) -> None:
         doc = json.loads(path.read_text())
         pu = np.load(folder / f"per_user_seed{doc['seed']}.npz", allow_pickle=False)
         for method, rows in doc["methods"].items():
-            name = "PEEL" if method == against else method
+            name = "PEEL" if method == against and not keep_labels else method
             for budget, row in rows.items():
                 cell = seeds.setdefault(name, {}).setdefault(budget, {})
                 for m in ("recall@20", "ndcg@20", *DETAILS):
@@ -156,14 +167,14 @@ def summarise(folder: Path, against: str) -> None:
                 }
     (folder / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
     (folder / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
-    table = markdown(seeds, paired)
+    table = markdown(seeds, paired, against if keep_labels else "PEEL")
     (folder / "summary.md").write_text(table)
     print(table)
 
 
-def markdown(seeds: dict, paired: dict) -> str:
-    """Means over seeds (Recall@20 / NDCG@20) and, per budget, PEEL minus each method with the
-    paired tests' p-values, one per seed."""
+def markdown(seeds: dict, paired: dict, ours: str = "PEEL") -> str:
+    """Means over seeds (Recall@20 / NDCG@20) and, per budget, ``ours`` minus each method with
+    the paired tests' p-values, one per seed."""
     budgets = sorted({b for rows in seeds.values() for b in rows}, key=float)
     n = max(len(c["recall@20"]) for rows in seeds.values() for c in rows.values())
     lines = [f"Mean over {n} seed(s), Recall@20 / NDCG@20", "",
@@ -172,7 +183,8 @@ def markdown(seeds: dict, paired: dict) -> str:
         cells = [(f"{np.mean(rows[b]['recall@20']):.4f} / {np.mean(rows[b]['ndcg@20']):.4f}"
                   if b in rows else "") for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "PEEL minus method, Recall@20 per seed (Wilcoxon signed-rank p over users)", "",
+    lines += ["", f"{ours} minus method, Recall@20 per seed (Wilcoxon signed-rank p over users)",
+              "",
               "| method | budget | per seed |", "|---|---|---|"]
     methods = sorted({m for per_seed in paired.values() for m in per_seed})
     for method in methods:
@@ -214,18 +226,24 @@ def main() -> None:
                     help="validation trials per baseline and budget (0: configured setting)")
     ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
                     help="RuleConfig override for the rule baseline, e.g. --rule cycles=1000")
+    ap.add_argument("--precisions", default="",
+                    help="score PEEL once per precision rule, e.g. fp32,auto (default: the "
+                         "run's [deploy] precision, one row labelled as the run)")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
+    ap.add_argument("--keep-labels", action="store_true",
+                    help="keep every method's label (default: --against becomes PEEL)")
     args = ap.parse_args()
     if args.summarise:
-        summarise(args.summarise, args.against)
+        summarise(args.summarise, args.against, args.keep_labels)
         return
     if args.run is None or args.out is None:
         ap.error("RUN and --out are required unless --summarise is given")
     args.out.mkdir(parents=True, exist_ok=True)
     doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
                               [m for m in args.baselines.split(",") if m], args.tune_trials,
-                              rule=rule_overrides(args.rule))
+                              rule=rule_overrides(args.rule),
+                              precisions=[p for p in args.precisions.split(",") if p] or None)
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():

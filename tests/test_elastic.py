@@ -29,7 +29,13 @@ from peel.elastic import (
 )
 from peel.executor import SerialExecutor
 from peel.groups import GroupConfig, make_item_groups
-from peel.package import GroupArrays, build_package, plan_package, synthetic_group
+from peel.package import (
+    DeployOptions,
+    GroupArrays,
+    build_package,
+    plan_package,
+    synthetic_group,
+)
 from peel.pretrain import mean_block_distance
 from peel.synthetic import SyntheticConfig, make_demo
 
@@ -211,7 +217,7 @@ def test_block_selection_follows_section_iv_c4() -> None:
     full = len(groups) * 3 * 4 * 4
     minimum = plan_package(GroupArrays(np.zeros((len(groups), 3, 4), np.float32), alpha,
                                        groups, np.zeros(0, np.int64), np.zeros((0, 12))),
-                           10**9)  # every block: the accounting of the largest package
+                           10**9, options=DeployOptions(precision="fp32"))  # every block
     assert minimum.total > full  # so "1.0" of the table cannot hold every block ...
     assert deployed_mask(alpha, groups, 4, 1.0).all()  # ... and 1.0 means every block
     one_each = deployed_mask(alpha, groups, 4, 0.4)
@@ -223,11 +229,12 @@ def test_block_selection_follows_section_iv_c4() -> None:
 
 
 def test_early_stopping_mask_is_the_devices_package(tmp_path: Path) -> None:
-    """The blocks scored during training are exactly the blocks a built package keeps."""
+    """The blocks scored during training are exactly the blocks a built float32 package keeps
+    (stage 2 trains for float32 kept sets; mixed-precision packages keep more blocks)."""
     arrays = synthetic_group(n_items=900, n_blocks=6, block_dim=4, n_item_groups=9, seed=3)
     for fraction in (0.3, 0.5, 0.8):
         path = tmp_path / f"p{fraction}.peel"
-        build_package(path, arrays, fraction, group=2)
+        build_package(path, arrays, fraction, group=2, options=DeployOptions(precision="fp32"))
         kept = np.zeros(arrays.alpha.shape, dtype=bool)
         for g, blocks in enumerate(open_package(path).block_sets()):
             kept[g, blocks] = True

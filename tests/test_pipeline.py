@@ -10,6 +10,7 @@ import pytest
 
 from peel.cli import main
 from peel.io import write_json
+from peel.package import DEFAULT_PRECISION
 from peel.pipeline import _check_pretrain_config, config_toml, demo_config, load_run_config
 from peel.synthetic import SyntheticConfig, make_demo, write_lightgcn_folder
 
@@ -92,11 +93,12 @@ def test_train_refuses_a_different_config_in_same_folder(run_dir, capsys):
 def test_evaluate_and_report(run_dir, capsys):
     root, out = run_dir
     code = main(["evaluate", str(out), "--baselines", "--selection", "random", "--scale",
-                 "eq10", "--json", "--quiet"])
+                 "eq10", "--precision", "fp32", "--json", "--quiet"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     methods = {r["method"] for r in rows}
-    assert methods == {"PEEL", "PEEL (selection=random)", "PEEL (scale=eq10)", "PMF"}
+    assert methods == {"PEEL", "PEEL (selection=random)", "PEEL (scale=eq10)",
+                       "PEEL (precision=fp32)", "PMF"}
     for r in rows:
         assert r["bytes_used"] <= r["budget_bytes"]
         for v in r["metrics"].values():
@@ -158,6 +160,20 @@ def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, caps
     md = (report / "results.md").read_text()
     assert "Stage timings" in md and "Blocks kept" in md and "hyper-parameters" in md
     assert "pretrained (32-d)" in md
+
+
+def test_precision_flags_of_deploy_and_evaluate(run_dir, capsys):
+    root, out = run_dir
+    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 4)):
+        pkg = root / f"g0_{precision}.peel"
+        assert main(["deploy", str(out), "--budget", "0.6", "--group", "0", "--out", str(pkg),
+                     "--precision", precision, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["format_version"] == version
+        assert info["precision"] == (DEFAULT_PRECISION if precision == "auto" else precision)
+    assert main(["evaluate", str(out), "--precision", "fp32,int4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'int4'" in err and "Traceback" not in err
 
 
 def test_set_override_validation(capsys, tmp_path):

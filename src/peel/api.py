@@ -142,8 +142,11 @@ class Run:
         """The device package of one user (``user=``) or one user group (``group=``).
 
         Built with the run's deploy settings (``overrides``: similarity, weighting, scale,
-        selection, seed), so it ranks as :meth:`evaluate` measured. Written to ``out`` when
-        given, else kept in memory. ``budget``: bytes, "5MB", or a fraction of the table.
+        selection, seed, precision), so it ranks as :meth:`evaluate` measured. Written to
+        ``out`` when given, else kept in memory. ``budget``: bytes, "5MB", or a fraction of the
+        table. ``precision="fp32"`` gives the float32 (format v3) package of earlier versions;
+        the default, the run's ``[deploy] precision`` ("auto"), stores blocks as
+        :data:`peel.package.DEFAULT_PRECISION` says.
         """
         if out is not None:
             pipeline.deploy_package(self.path, budget, out, user=user, group=group,

@@ -249,18 +249,31 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                          "--baselines pmf,bpr-mf,lightgcn)")
     selections = args.selection.split(",") if args.selection else []
     baselines = _baselines_arg(args.baselines)
+    precisions = _precisions_arg(args.precision)
     executor = _executor(args, args.workers, 1, "baselines") if baselines else None
     with executor if executor is not None else contextlib.nullcontext():
         rows = evaluate(args.run, budgets, baselines=baselines,
                         selections=selections, scales=[args.scale] if args.scale else [],
                         progress=not args.quiet, split=args.split, partial=args.partial,
                         tune_trials=args.tune_trials, reference=args.reference,
-                        executor=executor)
+                        executor=executor, precisions=precisions)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
         print(rows_table(rows))
     return 0
+
+
+def _precisions_arg(value: str | None) -> list[str]:
+    """``--precision fp32,int8`` -> ["fp32", "int8"], each checked (a one-line error if not)."""
+    from peel.package import PRECISION_CHOICES
+
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    bad = [n for n in names if n not in PRECISION_CHOICES]
+    if bad:
+        raise ValueError(f"--precision: unknown rule(s) {', '.join(map(repr, bad))}; expected "
+                         f"any of {', '.join(PRECISION_CHOICES)}")
+    return names
 
 
 def _baselines_arg(value: str | None) -> bool | list[str]:
@@ -378,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--scale", default=None, choices=SCALES,
                     help="also evaluate with this Eq. 10 factor setting, e.g. eq10 (the "
                          "paper's max|S_k|/|S_g|)")
+    ev.add_argument("--precision", default=None, metavar="RULES",
+                    help="also evaluate PEEL with kept blocks stored by these precision rules "
+                         "(comma-separated: auto, fp32, fp16, int8, int8o, value; the run's "
+                         "own is [deploy] precision, default auto)")
     ev.add_argument("--split", default="test", choices=["test", "valid"],
                     help="valid: for choosing settings (nothing is saved)")
     ev.add_argument("--partial", action="store_true",

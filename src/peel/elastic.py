@@ -602,8 +602,11 @@ def deployed_mask(weights: np.ndarray, item_group: np.ndarray, block_dim: int,
         mask[:] = True
         return mask
     try:
+        # float32 kept sets: stage 2 trains for the blocks a float32 package keeps (mixed
+        # precision packages keep more of them; training for those is not measured yet)
         pairs = kept_pairs(weights, item_group, block_dim, float(fraction),
-                           DeployOptions(similarity=similarity, scale=scale), group)
+                           DeployOptions(similarity=similarity, scale=scale, precision="fp32"),
+                           group)
     except BudgetError:  # below a package's minimum (tiny catalogues): one block per group
         pairs = selection_order(weights)[: weights.shape[0]]
     mask[pairs[:, 0], pairs[:, 1]] = True

@@ -51,7 +51,7 @@ from peel.io import (
     write_run_metadata,
     write_text,
 )
-from peel.package import DEFAULT_WEIGHTING, DeployOptions
+from peel.package import DEFAULT_WEIGHTING, PRECISION_CHOICES, DeployOptions
 from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,9 @@ class DeployConfig:
     scale: str | None = None  # Eq. 10 factor, "eq10" | "none"; None: what fine-tuning used
     baselines: tuple[str, ...] = ("pmf", "lightgcn", "lightgcn-svd")
     k: int = 50  # ranked list length; metrics at the cutoffs 20, 50 and k that are <= k
+    # how kept blocks are stored: "auto" (peel.package.DEFAULT_PRECISION, chosen on
+    # validation), "fp32" (the format-v3 packages of before), "fp16", "int8", "int8o", "value"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,8 @@ class RunConfig:
             raise ValueError(f"deploy.similarity must be one of {SIMILARITIES} (or left out)")
         if self.deploy.weighting is not None and self.deploy.weighting not in WEIGHTINGS:
             raise ValueError(f"deploy.weighting must be one of {WEIGHTINGS} (or left out)")
+        if self.deploy.precision not in PRECISION_CHOICES:
+            raise ValueError(f"deploy.precision must be one of {PRECISION_CHOICES}")
         if isinstance(self.deploy.k, bool) or not isinstance(self.deploy.k, int) \
                 or self.deploy.k < 1:
             raise ValueError(f"deploy.k must be a positive integer, got {self.deploy.k!r}")
@@ -445,7 +450,8 @@ def deploy_options(cfg: RunConfig) -> DeployOptions:
     return DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
                          weighting=dcfg.weighting or DEFAULT_WEIGHTING,
                          scale=dcfg.scale or cfg.finetune.scale,
-                         selection=dcfg.selection, seed=cfg.run.seed)
+                         selection=dcfg.selection, seed=cfg.run.seed,
+                         precision=dcfg.precision)
 
 
 def with_overrides(options: DeployOptions, **changes: Any) -> DeployOptions:
@@ -513,21 +519,21 @@ def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
 def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                   budgets: Sequence[str], split: str = "test",
                   selection: str | None = None, scale: str | None = None,
-                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None
-                  ) -> list[EvalRow]:
+                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None,
+                  precision: str | None = None) -> list[EvalRow]:
     """PEEL's figures: metrics of :func:`peel_rankings` at the cutoffs <= ``[deploy] k``.
 
-    ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
-    with an override are labelled with it, e.g. "PEEL (scale=eq10)". ``per_user_out``, when
-    given, receives each budget's per-user metrics and user ids (for paired tests). Each
-    row's ``detail["blocks_per_item_group"]`` maps every user group to the number of blocks
-    its package keeps for each item group at that budget.
+    ``selection`` / ``scale`` / ``precision`` override the run's block selection / Eq. 10
+    factor / block storage; rows made with an override are labelled with it, e.g.
+    "PEEL (scale=eq10)". ``per_user_out``, when given, receives each budget's per-user metrics
+    and user ids (for paired tests). Each row's ``detail["blocks_per_item_group"]`` maps every
+    user group to the number of blocks its package keeps for each item group at that budget.
     """
     from peel.budget import parse_budget
     from peel.eval import metric_cutoffs, metrics_from_topk
 
     own = deploy_options(cfg)
-    options = with_overrides(own, selection=selection, scale=scale)
+    options = with_overrides(own, selection=selection, scale=scale, precision=precision)
     ks = metric_cutoffs(ranking_k(cfg, data))
     truth = data.split_matrix(split)
     per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for b in budgets}
@@ -548,7 +554,8 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
             per_user_out[label] = {key: np.concatenate(v) for key, v in parts.items()}
             per_user_out[label]["users"] = np.concatenate(order[label])
     changed = [f"{name}={value}" for name, value, default in
-               (("selection", selection, own.selection), ("scale", scale, own.scale))
+               (("selection", selection, own.selection), ("scale", scale, own.scale),
+                ("precision", precision, own.precision))
                if value not in (None, default)]
     method = f"{cfg.run.label} ({', '.join(changed)})" if changed else cfg.run.label
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
@@ -705,10 +712,12 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
              baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
              scales: Sequence[str] = (), progress: bool = True, split: str = "test",
              partial: bool = False, tune_trials: int = 0, reference: bool = False,
-             executor: Executor | None = None) -> list[EvalRow]:
+             executor: Executor | None = None, precisions: Sequence[str] = ()
+             ) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
     ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names;
+    ``selections`` / ``scales`` / ``precisions`` add PEEL rows built with those settings;
     ``tune_trials``: validation trials per baseline and budget (0: no tuning);
     ``reference``: also the every-block and pretrained-model rows (:func:`reference_rows`);
     ``executor`` runs the baselines as one task per method x budget
@@ -727,6 +736,8 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
         rows += evaluate_peel(run, data, cfg, budgets, split, selection=sel)
     for scale in scales:
         rows += evaluate_peel(run, data, cfg, budgets, split, scale=scale)
+    for precision in precisions:
+        rows += evaluate_peel(run, data, cfg, budgets, split, precision=precision)
     if reference:
         rows += reference_rows(run, data, cfg, split)
     if baselines:
@@ -763,10 +774,10 @@ def deploy_package(run: str | Path, budget: int | float | str, out: str | Path, 
     """Write the package of one user group (``group``) or one user (``user``) of a run.
 
     Built with the run's :func:`deploy_options` (``overrides``: similarity, weighting, scale,
-    selection, seed), so it ranks exactly as ``peel evaluate`` measured. A one-user package
-    also stores the items the user already has (excluded when ranking) and the dataset's item
-    ids when they are integers. A bare folder of group files (no config.toml) takes the
-    package defaults. Returns (group, BudgetReport).
+    selection, seed, precision), so it ranks exactly as ``peel evaluate`` measured. A one-user
+    package also stores the items the user already has (excluded when ranking) and the
+    dataset's item ids when they are integers. A bare folder of group files (no config.toml)
+    takes the package defaults. Returns (group, BudgetReport).
     """
     from peel.package import build_package
 
