@@ -431,8 +431,6 @@ class EvalRow:
     method: str
     budget: str
     budget_bytes: int
-    tune_trials: int = 0
-    seed: int = 0
     bytes_used: int
     metrics: dict[str, float]
     detail: dict[str, Any] = field(default_factory=dict)
@@ -657,6 +655,8 @@ class BaselineTask:
     method: str
     budget: str
     budget_bytes: int
+    tune_trials: int = 0
+    seed: int = 0
 
 
 @dataclass(frozen=True)
