@@ -128,15 +128,24 @@ def test_byte_accounting_at_three_budgets(name: str, data: InteractionData) -> N
     """bytes_used never exceeds the budget; for the fixed-size models it is exactly the
     formula (|V| + 1) * D' * 4 with D' the largest size that fits (capped at lightgcn-svd's
     pretrained width)."""
+    from peel.budget import BudgetError
+
     n = data.n_items
     full16 = (n + 1) * 16 * 4
+    fitted_budgets = 0
     for budget in (full16 // 4 + 3, full16 // 2, full16 - 1):
-        model = CONFIGS[name]().fit(data, budget)
+        try:
+            model = CONFIGS[name]().fit(data, budget)
+        except BudgetError as err:  # a package has a floor (headers, one block per group)
+            assert "minimum" in str(err), err
+            continue
+        fitted_budgets += 1
         assert 0 < model.bytes_used <= budget, (name, budget, model.bytes_used)
         if name in FIXED_SIZE:
             dim = min(fixed_size_dim(budget, n), model.params.get("full_dim", 10**9))
             assert model.params["dim"] == dim
             assert model.bytes_used == fixed_size_bytes(dim, n) == (n + 1) * dim * 4
+    assert fitted_budgets >= 1 if name not in FIXED_SIZE else fitted_budgets == 3
 
 
 def popularity_recall(data: InteractionData, users: np.ndarray) -> float:
