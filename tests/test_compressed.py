@@ -238,6 +238,26 @@ def test_straight_through_codes_are_hard_forward_and_learn(teacher) -> None:
     assert grad is not None and bool((grad.abs().sum(dim=2) > 0).all())
 
 
+def test_straight_through_gradient_is_the_references(teacher) -> None:
+    """Same codebook gradient as LightRec's ``(onehot + soft - stop(soft)) @ C`` per level."""
+    items = torch.from_numpy(teacher[1][:40])
+    gen = torch.Generator().manual_seed(1)
+    model = CodebookItems(teacher[1], 2, 8, LightRecOptions(codewords=8, tau=0.7), 0.1, gen)
+    weight = torch.randn(items.shape, generator=gen)
+    (model.encode(items, hard=False)[0] * weight).sum().backward()
+    ours = model.codebooks.grad.clone()
+    books = model.codebooks.detach().clone().requires_grad_(True)
+    out, res = torch.zeros_like(items), items
+    for book in books:
+        logits = (2 * res @ book.T - book.pow(2).sum(1)) / 0.7
+        soft = torch.softmax(logits, dim=1)
+        onehot = torch.nn.functional.one_hot(logits.argmax(1), 8).to(soft.dtype)
+        chosen = (onehot + soft - soft.detach()) @ book
+        out, res = out + chosen, res - chosen
+    (out * weight).sum().backward()
+    torch.testing.assert_close(ours, books.grad, rtol=1e-4, atol=1e-5)
+
+
 def test_more_codebooks_reconstruct_the_teacher_better(teacher) -> None:
     items = teacher[1]
     errors = []

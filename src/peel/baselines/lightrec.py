@@ -103,7 +103,9 @@ class CodebookItems(ItemModel):
 
     def encode(self, x: torch.Tensor, hard: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(vectors, codes) of teacher vectors ``x``; ``hard=False`` is the straight-through
-        relaxation used in training (same forward values, softmax gradients)."""
+        relaxation used in training: the same forward values, and the gradient of
+        ``(onehot + soft - stop(soft)) @ C`` (the reference's), written so that no (n, K)
+        one-hot is kept for the backward pass."""
         out = torch.zeros_like(x)
         res = x
         codes = []
@@ -111,12 +113,10 @@ class CodebookItems(ItemModel):
             logits = (2 * res @ book.T - book.pow(2).sum(1)) / self.tau
             idx = logits.argmax(dim=1)
             codes.append(idx)
-            if hard:
-                chosen = book[idx]
-            else:
+            chosen = book[idx]
+            if not hard:  # value: the chosen codeword; gradient: also through the softmax
                 soft = torch.softmax(logits, dim=1)
-                onehot = torch.nn.functional.one_hot(idx, book.shape[0]).to(soft.dtype)
-                chosen = (onehot + soft - soft.detach()) @ book
+                chosen = chosen + (soft - soft.detach()) @ book.detach()
             out = out + chosen
             res = res - chosen
         return out, torch.stack(codes, dim=1)
