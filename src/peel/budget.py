@@ -534,6 +534,7 @@ def fit(spec: PackageSpec, order: np.ndarray, budget: int,
     if best.report.total > budget:
         raise BudgetError(minimum_message(budget, best.report, spec))
     hi = len(order)
+    lo, hi, best = _bracket(spec, rows, budget, lo, hi, best)
     while lo < hi:  # invariant: prefix lo fits; the answer is in [lo, hi]
         mid = (lo + hi + 1) // 2
         candidate = layout(spec, mid, int(rows[mid]), budget)
@@ -542,6 +543,36 @@ def fit(spec: PackageSpec, order: np.ndarray, budget: int,
         else:
             hi = mid - 1
     return best
+
+
+#: Bound on how far a package's total can stray from its payload arithmetic: the header's
+#: digits and the 64-byte alignment of each array (a dozen arrays at most).
+_LAYOUT_SLACK = 2048
+
+
+def _bracket(spec: PackageSpec, rows: np.ndarray, budget: int, lo: int, hi: int,
+             best: Layout) -> tuple[int, int, Layout]:
+    """Narrow [lo, hi] for :func:`fit` without building layouts: the total of a prefix is
+    the minimum's plus the added block bytes and per-block list entries, give or take
+    :data:`_LAYOUT_SLACK`. A device shrink then builds two or three layouts, not log2(G*N)
+    (each one encodes the JSON header). The narrowed bounds are checked, never trusted."""
+    unit = 1 if spec.mixed else 4 * spec.block_dim  # payload bytes per unit of ``rows``
+    per_block = 2 * 2 + 4 + (1 if spec.mixed else 0)  # selection, weight, kind
+    k = np.arange(len(rows), dtype=np.int64)
+    estimate = (best.report.total + (np.asarray(rows, np.int64) - int(rows[lo])) * unit
+                + (k - lo) * per_block)
+    top = int(np.searchsorted(estimate, budget + _LAYOUT_SLACK, side="right")) - 1
+    sure = int(np.searchsorted(estimate, budget - _LAYOUT_SLACK, side="right")) - 1
+    if lo < top < hi:
+        over = layout(spec, top + 1, int(rows[top + 1]), budget)
+        if over.report.total > budget:  # as the bound says: nothing beyond top fits
+            hi = top
+    sure = min(sure, hi)
+    if sure > lo:
+        fits = layout(spec, sure, int(rows[sure]), budget)
+        if fits.report.total <= budget:
+            lo, best = sure, fits
+    return lo, hi, best
 
 
 def minimum_message(budget: int, minimum: BudgetReport, spec: PackageSpec) -> str:

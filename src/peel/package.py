@@ -19,6 +19,13 @@ array and a smaller budget's package is a byte prefix of a larger one's payload.
 is not stored as a permutation: ``item_group`` (one byte per item in item-index order) defines
 it, and the device derives the permutation once (4x smaller than int32 indices, which at
 91,599 items is 275 KB more budget for blocks).
+
+Mixed precision (format v4, issue 20): a ``kinds`` array after ``weights`` says how each kept
+block is stored (``peel.budget.BLOCK_KINDS``: float32, float16, or int8 with a float16 scale,
+and optionally offset, per item row; ``peel.quantize``), and the payload is then bytes, each
+block padded to 4. Which kind each (item group, block) pair gets, and the order, come from a
+precision rule (:func:`precision_order`) that does not depend on the budget, so the prefix
+property holds. ``precision="fp32"`` writes the v3 file of earlier versions byte for byte.
 """
 
 from __future__ import annotations
