@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import ray
 
+    started = time.perf_counter()
     configs = args.configs.split(",")
     if configs[0] != "local:1":
         raise SystemExit("--configs must start with local:1, the reference")
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": {"shared_mb": (shared.item_emb.nbytes + shared.item_group.nbytes) / 1e6,
                      "ray_put_s": put_seconds(shared), "runs": overhead},
     }
+    res["total_s"] = time.perf_counter() - started  # the whole script, for planning reruns
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "scaling.json", res)
     write_text(args.results / "scaling.md", markdown(res))
