@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 import shutil
 import sys
@@ -155,6 +156,11 @@ def markdown(res: dict[str, Any]) -> str:
            "`wall` excludes it.", "",
            "| stage | executor | workers | wall s | startup s | speed-up vs local x1 | "
            "identical to local x1 |", "|---|---|---|---|---|---|---|"]
+    loads = [r.get("load_avg_1min") for r in res["finetune"] + res["baselines"]["runs"]]
+    if all(loads):  # recorded since the gowalla run
+        low, high = min(min(x) for x in loads), max(max(x) for x in loads)
+        out[2] += (f" The 1-minute load average (all jobs on the machine) was {low:.1f}-"
+                   f"{high:.1f} at the start and end of these runs.")
     for stage, rows in (("group fine-tuning", res["finetune"]),
                         ("baselines", res["baselines"]["runs"])):
         for r in rows:
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import ray
 
+    started = time.perf_counter()
     configs = args.configs.split(",")
     if configs[0] != "local:1":
         raise SystemExit("--configs must start with local:1, the reference")
@@ -206,7 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     finetune = []
     for spec in configs:
         print(f"fine-tuning, {spec} ...", flush=True)
+        load = os.getloadavg()[0]
         row = time_finetune(args.base, args.work, spec, cfg, data)
+        row["load_avg_1min"] = [load, os.getloadavg()[0]]  # before, after: other jobs
         row["identical"] = row["digests"] == (finetune[0]["digests"] if finetune
                                               else row["digests"])
         folder = Path(row.pop("folder"))
@@ -223,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     baselines = []
     for spec in configs:
         print(f"baselines, {spec} ...", flush=True)
+        load = os.getloadavg()[0]
         row = time_baselines(spec, base_cfg, data, budgets, methods, args.base)
+        row["load_avg_1min"] = [load, os.getloadavg()[0]]
         row["identical"] = row["rows_sha256"] == (baselines[0]["rows_sha256"] if baselines
                                                   else row["rows_sha256"])
         baselines.append(row)
@@ -251,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": {"shared_mb": (shared.item_emb.nbytes + shared.item_group.nbytes) / 1e6,
                      "ray_put_s": put_seconds(shared), "runs": overhead},
     }
+    res["total_s"] = time.perf_counter() - started  # the whole script, for planning reruns
     args.results.mkdir(parents=True, exist_ok=True)
     write_json(args.results / "scaling.json", res)
     write_text(args.results / "scaling.md", markdown(res))
