@@ -4,7 +4,6 @@
         [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf,rule] [--tune-trials 4] [--rule cycles=1000]
         [--precisions fp32,auto]
     python benchmarks/budget_compare.py --summarise DIR [--against LABEL] [--keep-labels]
-    python benchmarks/budget_compare.py --merge OUT DIR1 DIR2 ...   # one run split by budgets
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
@@ -22,8 +21,10 @@ DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by 
 ``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` (plus any :data:`DETAILS` a
 method reports, e.g. RULE's estimator Spearman and times) and DIR/paired.json: for each seed
 and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's per-user
-Recall@20; DIR/summary.md tabulates both. Reporting only: run it on the test split after every
-choice is made.
+Recall@20 (none for a row kept without per-user results); DIR/summary.md tabulates both. A
+run scored in parts (one budget per process, say)
+is joined first by ``benchmarks/combine_seed_files.py``. Reporting only: run it on the test
+split after every choice is made.
 """
 
 from __future__ import annotations
@@ -136,37 +137,6 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     return out, per_user
 
 
-def merge(out: Path, parts: list[Path]) -> None:
-    """Join seed files of one run scored in parts (e.g. ``--budgets`` split over processes):
-    methods and budgets are united, rows present in several parts must agree exactly."""
-    out.mkdir(parents=True, exist_ok=True)
-    docs = [json.loads(next(p.glob("seed[0-9]*.json")).read_text()) for p in parts]
-    seeds = {d["seed"] for d in docs}
-    if len(seeds) != 1 or len({d["run"] for d in docs}) != 1:
-        raise SystemExit("--merge: the parts must come from one run (one seed)")
-    doc = {**docs[0], "methods": {}, "seconds": {}, "parts": [str(p) for p in parts]}
-    per_user: dict[str, np.ndarray] = {}
-    for part, d in zip(parts, docs, strict=True):
-        for method, rows in d["methods"].items():
-            for budget, row in rows.items():
-                old = doc["methods"].setdefault(method, {}).get(budget)
-                same = {k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
-                if old is not None and {k: v for k, v in old.items()
-                                        if k not in ("seconds", "train_seconds")} != same:
-                    raise SystemExit(f"--merge: {method} at {budget} differs between parts")
-                doc["methods"][method][budget] = row
-        doc["seconds"].update({f"{part.name}: {k}": v for k, v in d["seconds"].items()})
-        with np.load(part / f"per_user_seed{d['seed']}.npz", allow_pickle=False) as pu:
-            for key in pu.files:
-                if key in per_user and not np.array_equal(per_user[key], pu[key]):
-                    raise SystemExit(f"--merge: per-user {key} differs between parts")
-                per_user[key] = pu[key]
-    seed = seeds.pop()
-    (out / f"seed{seed}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    np.savez(out / f"per_user_seed{seed}.npz", **per_user)
-    print(f"merged {len(parts)} parts into {out}")
-
-
 def summarise(folder: Path, against: str, keep_labels: bool = False) -> None:
     from scipy.stats import wilcoxon
 
@@ -187,8 +157,8 @@ def summarise(folder: Path, against: str, keep_labels: bool = False) -> None:
             if method == against:
                 continue
             for budget in rows:
-                if budget not in ours:
-                    continue
+                if budget not in ours or f"{method}|{budget}|recall@20" not in pu:
+                    continue  # e.g. a row kept from a run that saved no per-user results
                 a = pu[f"{against}|{budget}|recall@20"]
                 b = pu[f"{method}|{budget}|recall@20"]
                 stat = wilcoxon(a, b, zero_method="wilcox") if np.any(a != b) else None
@@ -262,19 +232,12 @@ def main() -> None:
                     help="score PEEL once per precision rule, e.g. fp32,auto (default: the "
                          "run's [deploy] precision, one row labelled as the run)")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
-    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
-                    help="OUT DIR1 DIR2...: join parts of one run's scoring into OUT")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
     ap.add_argument("--keep-labels", action="store_true",
                     help="keep every method's label (default: --against becomes PEEL)")
     args = ap.parse_args()
     if args.summarise:
         summarise(args.summarise, args.against, args.keep_labels)
-        return
-    if args.merge:
-        if len(args.merge) < 3:
-            ap.error("--merge OUT DIR1 DIR2 ...: at least two parts")
-        merge(args.merge[0], args.merge[1:])
         return
     if args.run is None or args.out is None:
         ap.error("RUN and --out are required unless --summarise is given")

@@ -88,3 +88,20 @@ def test_search_space_names_pretrain_fields() -> None:
         space = REGISTRY[name].search_space
         assert space and set(space) <= fields
         assert all(isinstance(v, tuple) and v for v in space.values())
+
+
+def test_float_lightgcn_shares_the_training_of_the_same_dimension() -> None:
+    """LightGCN at D' (fp32) and LightGCN-fp16 at the budget that buys the same D' are one
+    model; with a shared cache it is trained once, and equals an uncached training."""
+    data = planted()
+    cfg = PretrainConfig(**{**SMALL.__dict__, "dim": 16, "block_dim": 16})
+    fp32_budget = full_table_bytes(data.n_items, 8) + 8 * 4  # (|V| + 1) * 8 * 4: D' = 8
+    fp16_budget = quantized_bytes(8, data.n_items, KIND_F16)  # D' = 8 at float16
+    cache: dict = {}
+    fp32 = make_baseline("lightgcn", cfg, trained=cache).fit(data, fp32_budget)
+    fp16 = make_baseline("lightgcn-fp16", cfg, trained=cache).fit(data, fp16_budget)
+    assert fp32.params["dim"] == fp16.params["dim"] == 8 and len(cache) == 1
+    fresh = make_baseline("lightgcn", cfg).fit(data, fp32_budget)
+    np.testing.assert_array_equal(fresh.item_emb, fp32.item_emb)
+    np.testing.assert_array_equal(fp16.user_emb, fp32.user_emb)
+    assert not np.array_equal(fp16.item_emb, fp32.item_emb)  # stored at float16

@@ -46,3 +46,23 @@ def test_pieces_from_different_runs_are_refused(tmp_path: Path) -> None:
     c = _part(tmp_path / "c", {"PEEL": {"0.2": {"recall@20": 0.5}}}, np.arange(5), {})
     with pytest.raises(SystemExit, match="other users"):
         combine_mod.combine([a, c], tmp_path / "out2")
+
+
+def test_relabel_renames_one_part_so_old_and_new_rows_coexist(tmp_path: Path) -> None:
+    users = np.arange(3)
+    old = _part(tmp_path / "old", {"PEEL": {"0.2": {"recall@20": 0.5}}}, users,
+                {"PEEL|0.2|recall@20": np.full(3, 0.5)})
+    new = _part(tmp_path / "new", {"PEEL": {"0.2": {"recall@20": 0.7}}}, users,
+                {"PEEL|0.2|recall@20": np.full(3, 0.7)})
+    with pytest.raises(SystemExit, match="differs"):
+        combine_mod.combine([old, new], tmp_path / "clash")
+    relabel = combine_mod.parse_relabel([f"{old}:PEEL=PEEL (fp32)"])
+    combine_mod.combine([old, new], tmp_path / "out", relabel)
+    doc = json.loads((tmp_path / "out" / "seed7.json").read_text())
+    assert doc["methods"]["PEEL (fp32)"]["0.2"]["recall@20"] == 0.5
+    assert doc["methods"]["PEEL"]["0.2"]["recall@20"] == 0.7
+    with np.load(tmp_path / "out" / "per_user_seed7.npz") as pu:
+        assert pu["PEEL (fp32)|0.2|recall@20"][0] == 0.5
+        assert pu["PEEL|0.2|recall@20"][0] == 0.7
+    with pytest.raises(SystemExit, match="PART_DIR:OLD=NEW"):
+        combine_mod.parse_relabel(["PEEL=x"])

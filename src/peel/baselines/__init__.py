@@ -24,13 +24,8 @@ from peel.baselines.base import (
 )
 from peel.baselines.bpr_mf import BPRMF
 from peel.baselines.dlrm_ce import DLRMCE, QROptions
-from peel.baselines.lightgcn import LightGCN
-from peel.baselines.lightgcn_quantized import (
-    LightGCNFP16,
-    LightGCNInt8,
-    QuantizedLightGCN,
-    TrainedCache,
-)
+from peel.baselines.lightgcn import LightGCN, TrainedCache
+from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8
 from peel.baselines.lightgcn_svd import LightGCNSVD
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
@@ -56,12 +51,13 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
                   trained: TrainedCache | None = None) -> EmbeddingRecommender:
     """A fresh instance of baseline ``name``; ``run`` lets the methods built on the run's
     stage 1 (lightgcn-svd, lightrec's teacher, rule) reuse it; ``trained`` (a dict shared by
-    the caller) lets lightgcn-fp16 and lightgcn-int8 share a training at the same dimension."""
+    the caller) lets lightgcn, lightgcn-fp16 and lightgcn-int8 share a training at the same
+    dimension."""
     check_names([name])
     if name in (LightGCNSVD.name, LightRec.name, Rule.name) and run is not None:
         return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     cls = REGISTRY[name]
-    if trained is not None and issubclass(cls, QuantizedLightGCN):
+    if trained is not None and issubclass(cls, LightGCN):
         return cls(config, trained=trained)
     return cls(config)
 

@@ -16,8 +16,7 @@ is what a device computes with.
 
 from __future__ import annotations
 
-import time
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
@@ -25,11 +24,7 @@ from peel.baselines.base import FLOAT_BYTES, baseline_config
 from peel.baselines.lightgcn import LightGCN
 from peel.budget import KIND_F16, KIND_I8, row_bytes
 from peel.data import InteractionData
-from peel.pretrain import PretrainConfig, pretrain
 from peel.quantize import encode
-
-#: A shared cache of trained float tables: key -> (user_emb, item_emb, best_epoch, seconds).
-TrainedCache = dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, int, float]]
 
 
 def quantized_bytes(dim: int, n_items: int, kind: int) -> int:
@@ -63,24 +58,6 @@ class QuantizedLightGCN(LightGCN):
         "l2": (1e-5, 1e-4, 1e-3),
         "layers": (1, 2, 3),
     }
-
-    def __init__(self, config: PretrainConfig | None = None,
-                 trained: TrainedCache | None = None) -> None:
-        super().__init__(config)
-        self.trained = trained
-
-    def _train(self, data: InteractionData, cfg: PretrainConfig
-               ) -> tuple[np.ndarray, np.ndarray, int, float]:
-        """Train LightGCN with ``cfg`` (or reuse the shared cache's identical training)."""
-        key = (data.name, data.n_users, data.n_items, data.train.nnz, repr(cfg))
-        if self.trained is not None and key in self.trained:
-            return self.trained[key]
-        t0 = time.perf_counter()
-        result = pretrain(data, cfg, progress=False)
-        value = (result.user_emb, result.item_emb, result.best_epoch, time.perf_counter() - t0)
-        if self.trained is not None:
-            self.trained[key] = value
-        return value
 
     def fit(self, data: InteractionData, budget_bytes: int) -> QuantizedLightGCN:
         dim = quantized_dim(budget_bytes, data.n_items, self.kind, self.config.dim)
