@@ -2,7 +2,7 @@
 
     python benchmarks/budget_compare.py RUN --out DIR [--split test] \
         [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf,rule] [--tune-trials 4] [--rule cycles=1000]
-        [--precisions fp32,auto]
+        [--precisions fp32,auto] [--no-peel]
     python benchmarks/budget_compare.py --summarise DIR [--against LABEL] [--keep-labels]
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
@@ -68,11 +68,13 @@ def rule_overrides(pairs: list[str]) -> dict[str, object]:
 
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
               tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
-              rule: dict[str, object] | None = None, precisions: list[str] | None = None
-              ) -> tuple[dict, dict[str, np.ndarray]]:
+              rule: dict[str, object] | None = None, precisions: list[str] | None = None,
+              peel: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
     """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
     dict joins the row (e.g. device latency); ``rule`` overrides RuleConfig fields;
-    ``precisions`` scores PEEL once per package precision rule."""
+    ``precisions`` scores PEEL once per package precision rule; ``peel=False`` scores the
+    baselines alone (a part joined later with one that scored PEEL: a fixed-size baseline
+    needs only the run's data and config, so it can train while the run's stage 2 does)."""
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
@@ -96,7 +98,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
         per_user["users"] = users[order]
 
     labels = {b: b for b in budgets} | {str(full + 10**6): ALL}
-    for precision in precisions or [None]:
+    for precision in (precisions or [None]) if peel else []:
         peel_pu: dict[str, dict[str, np.ndarray]] = {}
         name = cfg.run.label if precision is None else (
             f"{cfg.run.label} ({'auto precision' if precision == 'auto' else precision})")
@@ -107,8 +109,9 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
             keep(name, labels[r.budget], r.metrics, pu, pu["users"], bytes_used=r.bytes_used,
                  precision=precision or cfg.deploy.precision)
         out["seconds"][f"peel_evaluate {name}"] = time.perf_counter() - t0
-    res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
-    keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
+    if peel:
+        res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
+        keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
     trained: dict = {}  # lightgcn-fp16 / -int8 share a training at the same dimension
     for name in methods:  # every baseline through its peel.baselines class
         model = make_baseline(name, cfg.pretrain, run, trained)  # lightgcn-svd rotates once
@@ -231,6 +234,9 @@ def main() -> None:
     ap.add_argument("--precisions", default="",
                     help="score PEEL once per precision rule, e.g. fp32,auto (default: the "
                          "run's [deploy] precision, one row labelled as the run)")
+    ap.add_argument("--no-peel", action="store_true",
+                    help="score the baselines only (PEEL and the pretrained model are scored "
+                         "by another part; join them with combine_seed_files.py)")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
     ap.add_argument("--keep-labels", action="store_true",
@@ -245,7 +251,8 @@ def main() -> None:
     doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
                               [m for m in args.baselines.split(",") if m], args.tune_trials,
                               rule=rule_overrides(args.rule),
-                              precisions=[p for p in args.precisions.split(",") if p] or None)
+                              precisions=[p for p in args.precisions.split(",") if p] or None,
+                              peel=not args.no_peel)
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():
