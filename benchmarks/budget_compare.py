@@ -66,6 +66,14 @@ def rule_overrides(pairs: list[str]) -> dict[str, object]:
     return out
 
 
+def method_budgets(spec: str, budgets: list[str]) -> tuple[str, list[str]]:
+    """``"lightgcn-fp16@0.107+0.213"`` -> ("lightgcn-fp16", ["0.107", "0.213"]); a plain name
+    takes every budget. Lets one process score a method at a few budgets only (e.g. the one
+    whose training another method's budget already paid for)."""
+    name, sep, own = spec.partition("@")
+    return name, ([b for b in own.split("+") if b] if sep else list(budgets))
+
+
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
               tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
               rule: dict[str, object] | None = None, precisions: list[str] | None = None,
@@ -112,8 +120,9 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     if peel:
         res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
         keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
-    trained: dict = {}  # lightgcn-fp16 / -int8 share a training at the same dimension
-    for name in methods:  # every baseline through its peel.baselines class
+    trained: dict = {}  # lightgcn, -fp16 and -int8 share a training at the same dimension
+    for spec in methods:  # every baseline through its peel.baselines class
+        name, own_budgets = method_budgets(spec, budgets)
         model = make_baseline(name, cfg.pretrain, run, trained)  # lightgcn-svd rotates once
         same = None if REGISTRY[name].search_space else (lambda _cfg, m=model: m)
         label = model.label
@@ -123,7 +132,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
             model.rule = replace(model.rule, **rule)
             model.rule.validate()
             label += " (" + ", ".join(f"{k}={v}" for k, v in rule.items()) + ")"
-        for b in budgets:
+        for b in own_budgets:
             t0 = time.perf_counter()
             if tune_trials:  # chosen on validation; the test split is read below, once
                 model, _ = tune(name, data, parse_budget(b, full), cfg.pretrain, tune_trials,
@@ -226,7 +235,8 @@ def main() -> None:
     ap.add_argument("--budgets", default="0.107,0.213,0.533")
     ap.add_argument("--baselines", default="lightgcn-svd",
                     help="comma-separated peel.baselines names, e.g. "
-                         "lightgcn-svd,lightgcn,pmf,bpr-mf,rule")
+                         "lightgcn-svd,lightgcn,pmf,bpr-mf,rule; NAME@B1+B2 scores NAME at "
+                         "those budgets only")
     ap.add_argument("--tune-trials", type=int, default=0,
                     help="validation trials per baseline and budget (0: configured setting)")
     ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",

@@ -44,3 +44,9 @@ def test_means_over_seeds_and_paired_tests_only_where_users_were_kept(tmp_path: 
     assert np.isclose(test["mean_diff_recall@20"], (ours - theirs).mean())
     assert test["users"] == 200 and test["wilcoxon_p"] < 1e-10
     assert "| LightGCN | 0.2 | +0.09" in (tmp_path / "summary.md").read_text()
+
+
+def test_a_method_may_name_its_own_budgets() -> None:
+    assert bc.method_budgets("lightgcn", ["0.1", "0.2"]) == ("lightgcn", ["0.1", "0.2"])
+    assert bc.method_budgets("lightgcn-fp16@0.107+0.213", ["0.5"]) == (
+        "lightgcn-fp16", ["0.107", "0.213"])
