@@ -1,0 +1,506 @@
+"""The paper's experiments beyond Table III as one-command reports (``peel experiment ...``).
+
+* :func:`dynamic` (RQ2, Fig. 3): a device starts at one budget and its budget changes along a
+  sequence; for each method, the *measured* wall-clock of what it must do to obtain the new
+  table after each change (PEEL: an on-device shrink, or a server round trip when the budget
+  grows; fixed-size baselines: retraining; ``lightgcn-svd``: re-truncation; RULE: a new
+  search), its accuracy at each step and the bytes a device downloads.
+* :func:`sweep` (RQ3, Fig. 5): one hyper-parameter over a list of values, a run folder per value
+  (re-running skips the finished ones), evaluated at one budget on validation and test.
+* :func:`latency` (RQ5, Table IV) lives in :mod:`peel.latency` (the ranking processes import
+  numpy only); this module only drives it.
+
+Each experiment is a thin caller of the public API (:mod:`peel.pipeline`, :mod:`peel.device`,
+:mod:`peel.baselines`) and writes a folder: ``report.md``, a CSV and a JSON of every figure, a
+PNG (when matplotlib is installed), the command, the machine and every stage's wall-clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from peel import __version__, pipeline, runfolder
+from peel.budget import full_table_bytes, parse_budget, prefix_sizes
+from peel.data import InteractionData
+from peel.device import Package, open_package
+from peel.io import atomic_path, check_output_dir, read_json, write_json, write_text
+
+#: The paper's Fig. 3 sequence (25 -> 10 -> 5 MB as fractions of the full table) and a budget
+#: that grows back, which a device cannot serve from what it holds.
+DYNAMIC_BUDGETS = ("0.533", "0.213", "0.107", "0.533")
+METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
+#: Baselines built on the run's own stage 1: their first deployment also costs stage 1.
+STAGE1_METHODS = ("lightgcn-svd", "rule", "lightrec")
+#: What each kind of baseline does when the budget changes.
+BASELINE_ACTIONS = {"lightgcn-svd": "re-truncate", "rule": "new search"}
+
+
+# ---------------------------------------------------------------------------------------------
+# What every report records: command, machine, stage wall-clock
+# ---------------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    """The machine the figures were measured on (timings mean nothing without it)."""
+    info: dict[str, Any] = {
+        "platform": platform.platform(), "python": sys.version.split()[0],
+        "numpy": np.__version__, "cpus": os.cpu_count(),
+        "threads_env": {v: os.environ.get(v) for v in
+                        ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
+        "peel_version": __version__,
+    }
+    with contextlib.suppress(OSError):  # not on every platform
+        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+                 if ln.startswith("model name")]
+        info["cpu"] = names[0] if names else platform.processor()
+    meminfo = Path("/proc/meminfo")
+    if meminfo.exists():
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory_gb"] = round(int(line.split()[1]) / 2**20, 1)
+    return info
+
+
+class Stages:
+    """Wall-clock of each named stage of an experiment, in the order they ran."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, progress: bool = False) -> Iterator[None]:
+        if progress:
+            print(f"[peel] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that made a report (``peel experiment ...`` from the CLI)."""
+    args = list(sys.argv if argv is None else argv)
+    if args and args[0].endswith(("peel", "cli.py", "__main__.py")):
+        args[0] = "peel"
+    return " ".join(args)
+
+
+def header_lines(title: str, meta: dict[str, Any]) -> list[str]:
+    """The Markdown head every report shares: command, machine, stage wall-clock."""
+    m = meta["machine"]
+    out = [f"# {title}", "", f"Command: `{meta['command']}`", "",
+           f"Machine: {m.get('cpu', '?')}, {m.get('cpus')} logical CPUs, "
+           f"{m.get('memory_gb', '?')} GB RAM, {m['platform']}, Python {m['python']}, "
+           f"numpy {m['numpy']}; load average at start {m.get('load_average')}. "
+           "Timings are upper bounds: the machine is shared with other jobs.", "",
+           "Stage wall-clock (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                meta["stages"].items()), ""]
+    return out
+
+
+def to_csv(records: Sequence[dict[str, Any]]) -> str:
+    """Flat CSV of dict records (columns: the union of keys, first-seen order)."""
+    import csv
+    import io
+
+    cols = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    writer.writeheader()
+    for r in records:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, dict | list) else v)
+                         for k, v in r.items()})
+    return buf.getvalue()
+
+
+def md_table(records: Sequence[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    """A Markdown table of ``columns``; floats to 4 significant places."""
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return "" if v is None else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in records]
+    return lines
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None without the ``plot`` extra."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    plt = _pyplot()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# RQ2: dynamic budgets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """The budget sequence, the methods compared and how steps are timed."""
+
+    budgets: tuple[str, ...] = DYNAMIC_BUDGETS
+    baselines: tuple[str, ...] = ("lightgcn-svd",)
+    split: str = "test"  # reporting only: nothing here chooses a setting
+    shrink_reps: int = 5  # an on-device shrink takes microseconds: median of this many
+    metric: str = "recall@20"  # the accuracy panel of the plot
+
+    def validate(self) -> None:
+        from peel.baselines import check_names
+
+        if len(self.budgets) < 2:
+            raise ValueError("dynamic: give at least two budgets (a start and a change)")
+        check_names(self.baselines, "--baselines")
+        if self.split not in ("test", "valid"):
+            raise ValueError(f"--split {self.split!r}: expected test or valid")
+        if self.shrink_reps < 1:
+            raise ValueError("shrink_reps must be >= 1")
+        if self.metric not in METRICS:
+            raise ValueError(f"metric {self.metric!r}: expected one of {', '.join(METRICS)}")
+
+
+@dataclass
+class Step:
+    """One method after one budget change: what it did, how long, what it downloads, and
+    its accuracy (per-user metrics kept for PEEL, for the shrink == fresh deploy check)."""
+
+    method: str
+    step: int
+    budget: str
+    budget_bytes: int
+    action: str
+    seconds: float  # measured now
+    recorded_seconds: float = 0.0  # training time recorded in the run folder (step 0 only)
+    download_bytes: int = 0
+    full_download_bytes: int = 0
+    bytes_used: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
+    users: np.ndarray | None = None
+    per_user: dict[str, np.ndarray] | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON/CSV row (no per-user arrays)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("users", "per_user",
+                                                                   "metrics", "detail")}
+        return {**out, **self.metrics, "detail": self.detail}
+
+
+def _sized(budgets: Sequence[str], full: int) -> list[tuple[int, str]]:
+    return [(parse_budget(b, full), b) for b in budgets]
+
+
+def run_training_seconds(run: str | Path) -> dict[str, float]:
+    """Server training time recorded by ``peel train`` (stage 1 summed over resumes)."""
+    path = Path(run) / "train_summary.json"
+    if not path.exists():
+        return {}
+    summary = read_json(path)
+    secs = dict(summary.get("seconds", {}))
+    stage1 = summary.get("pretrain_seconds_all_sessions")
+    if stage1 is not None:
+        secs["pretrain"] = float(stage1)
+    return {k: float(v) for k, v in secs.items()}
+
+
+def _median_seconds(fn: Callable[[], Any], reps: int) -> tuple[float, Any]:
+    times, value = [], None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        value = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), value
+
+
+def held_block_bytes(old: Package, new: Package) -> int:
+    """Bytes of ``new``'s item blocks that a device holding ``old`` already has: the common
+    prefix of the two selection orders (same block, same storage kind)."""
+    n = min(old.n_selected, new.n_selected)
+    same = (np.all(old.selection[:n] == new.selection[:n], axis=1)
+            & (old.kinds[:n] == new.kinds[:n]))
+    common = int(np.argmin(same)) if not same.all() else n
+    spec = new.spec
+    unit = 1 if spec.mixed else 4 * spec.block_dim
+    sizes = prefix_sizes(spec, new.selection[:common], new.kinds[:common] if spec.mixed
+                         else None)
+    return int(sizes[common]) * unit
+
+
+@dataclass
+class _GroupChain:
+    """One user group's device package as the budget changes."""
+
+    group: int
+    users: np.ndarray
+    vectors: np.ndarray
+    exclude: Any  # csr rows of the users' seen items
+
+
+def _rank_users(pkg: Package, chain: _GroupChain, k: int) -> np.ndarray:
+    rows = chain.exclude
+    ranked = pkg.rank_batch(chain.vectors, k=k, exclude_indptr=rows.indptr,
+                            exclude_indices=rows.indices)
+    return pipeline._valid_topk(ranked.items)
+
+
+def _peel_group_steps(arrays: Any, chain: _GroupChain, sized: list[tuple[int, str]],
+                      options: Any, k: int, reps: int, tmp: Path
+                      ) -> Iterator[tuple[str, float, int, int, Package]]:
+    """(action, seconds, download bytes, full package bytes, package) of every step of one
+    group: build at the first budget (server), then shrink on the device when the package
+    holds the blocks, else a server round trip (build at the new budget, download the blocks
+    the device lacks)."""
+    from peel.package import build_package
+
+    pkg: Package | None = None
+    for i, (nbytes, _label) in enumerate(sized):
+        path = tmp / f"g{chain.group}_s{i}.peel"
+        complete = pkg is not None and pkg.n_selected == pkg.spec.n_groups * pkg.spec.n_blocks
+        if pkg is not None and (nbytes <= pkg.budget or complete):
+            seconds, pkg = _median_seconds(lambda p=pkg, b=nbytes: p.shrink(b), reps)
+            yield "shrink on device", seconds, 0, pkg.report.file_bytes, pkg
+            continue
+        t0 = time.perf_counter()
+        build_package(path, arrays, nbytes, group=chain.group, options=options)
+        new = open_package(path)
+        seconds = time.perf_counter() - t0
+        full_bytes = new.report.file_bytes
+        download = full_bytes - (held_block_bytes(pkg, new) if pkg is not None else 0)
+        yield ("deploy (server)" if pkg is None else "server round trip"), seconds, download, \
+            full_bytes, new
+        pkg = new
+
+
+def peel_dynamic(run: str | Path, data: InteractionData, cfg: Any, budgets: Sequence[str],
+                 split: str = "test", reps: int = 5) -> list[Step]:
+    """PEEL through a budget sequence, every user group's package on its own "device".
+
+    A step's time: for an on-device shrink, the slowest group package's shrink (devices work
+    in parallel; median of ``reps``); for a server deployment, the server's package builds
+    (plus opening and verifying each package) summed over the groups (one server builds them
+    all). Per-user metrics are kept (``Step.per_user``) so tests can compare a shrunk package
+    with a fresh deployment at the same budget.
+    """
+    from peel.eval import metric_cutoffs, metrics_from_topk
+
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    sized = _sized(budgets, full)
+    options = pipeline.deploy_options(cfg)
+    k = pipeline.ranking_k(cfg, data)
+    ks = metric_cutoffs(k)
+    truth, seen = data.split_matrix(split), data.seen_matrix(split)
+    steps = [Step(cfg.run.label, i, label, nbytes, "", 0.0) for i, (nbytes, label)
+             in enumerate(sized)]
+    parts: list[dict[str, list[np.ndarray]]] = [{} for _ in sized]
+    with tempfile.TemporaryDirectory(prefix="peel-dynamic-") as tmp:
+        for g, _ in runfolder.group_files(run):
+            arrays = runfolder.load_group(run, g)
+            has = truth.getnnz(axis=1)[arrays.users] > 0
+            chain = _GroupChain(g, arrays.users[has], arrays.user_emb[has],
+                                seen[arrays.users[has]])
+            for i, (action, secs, down, fbytes, pkg) in enumerate(
+                    _peel_group_steps(arrays, chain, sized, options, k, reps, Path(tmp))):
+                _add_group_step(steps[i], action, secs, down, fbytes, pkg)
+                if len(chain.users):
+                    topk = _rank_users(pkg, chain, k)
+                    for key, val in metrics_from_topk(topk, chain.users, truth, ks).items():
+                        parts[i].setdefault(key, []).append(val)
+                    parts[i].setdefault("users", []).append(chain.users)
+    for step, part in zip(steps, parts, strict=True):
+        users = np.concatenate(part.pop("users"))
+        step.users = users
+        step.per_user = {key: np.concatenate(v) for key, v in part.items()}
+        step.metrics = {key: float(v.mean()) for key, v in step.per_user.items()}
+        step.detail["users"] = len(users)
+    steps[0].recorded_seconds = sum(run_training_seconds(run).values())
+    return steps
+
+
+def _add_group_step(step: Step, action: str, seconds: float, download: int, full_bytes: int,
+                    pkg: Package) -> None:
+    """Fold one group's step into the method's step (see :func:`peel_dynamic` for how)."""
+    step.action = action
+    on_device = action == "shrink on device"
+    step.seconds = max(step.seconds, seconds) if on_device else step.seconds + seconds
+    step.download_bytes = max(step.download_bytes, download)
+    step.full_download_bytes = max(step.full_download_bytes, full_bytes)
+    step.bytes_used = max(step.bytes_used, pkg.report.total)
+    d = step.detail
+    d["group_seconds_max"] = max(d.get("group_seconds_max", 0.0), seconds)
+    d["group_seconds_sum"] = d.get("group_seconds_sum", 0.0) + seconds
+    d["download_bytes_sum"] = d.get("download_bytes_sum", 0) + download
+    d["full_package_bytes_sum"] = d.get("full_package_bytes_sum", 0) + full_bytes
+    d["groups"] = d.get("groups", 0) + 1
+
+
+def baseline_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any,
+                     budgets: Sequence[str], split: str = "test") -> list[Step]:
+    """One baseline through the budget sequence: at every step it is fitted again at the new
+    budget (retraining for the fixed-size and compressed methods, re-truncation for
+    ``lightgcn-svd``, a new search for RULE), timed, and scored on ``split``. The device
+    downloads the whole new table every time."""
+    from peel.baselines import make_baseline
+    from peel.eval import evaluate as evaluate_scorer
+    from peel.eval import metric_cutoffs
+
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    ks = metric_cutoffs(pipeline.ranking_k(cfg, data))
+    t0 = time.perf_counter()
+    model = make_baseline(name, cfg.pretrain, run=run)
+    setup = time.perf_counter() - t0  # e.g. lightgcn-svd's rotation of the run's stage 1
+    steps = []
+    for i, (nbytes, label) in enumerate(_sized(budgets, full)):
+        t0 = time.perf_counter()
+        model.fit(data, nbytes)
+        seconds = time.perf_counter() - t0 + (setup if i == 0 else 0.0)
+        metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
+        action = BASELINE_ACTIONS.get(name, "retrain")
+        steps.append(Step(model.label, i, label, nbytes, "train (server)" if i == 0 else action,
+                          seconds, download_bytes=model.bytes_used,
+                          full_download_bytes=model.bytes_used, bytes_used=model.bytes_used,
+                          metrics=metrics, detail=_jsonable_params(model.params)))
+    if name in STAGE1_METHODS:
+        steps[0].recorded_seconds = run_training_seconds(run).get("pretrain", 0.0)
+    return steps
+
+
+def _jsonable_params(params: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(params, default=str))
+
+
+def accumulate(steps: list[Step]) -> list[dict[str, Any]]:
+    """Rows with the accumulated deployment time (recorded training + measured steps) and
+    the accumulated measured time after the first deployment."""
+    rows, total, after = [], 0.0, 0.0
+    for s in steps:
+        total += s.seconds + s.recorded_seconds
+        after += s.seconds if s.step > 0 else 0.0
+        rows.append({**s.record(), "accumulated_seconds": total,
+                     "accumulated_after_first_seconds": after})
+    return rows
+
+
+def dynamic(run: str | Path, out: str | Path, config: DynamicConfig | None = None,
+            progress: bool = False, command: str | None = None) -> dict[str, Any]:
+    """RQ2 / Fig. 3: every method through ``config.budgets``; writes the report to ``out``."""
+    config = config or DynamicConfig()
+    config.validate()
+    out = check_output_dir(out)
+    stages = Stages()
+    run = runfolder.require_run(run)
+    runfolder.check_complete(run)
+    with stages("load run and data", progress):
+        cfg = pipeline.load_run_config(run)
+        data = pipeline.run_data(run, cfg)
+    with stages(f"PEEL ({cfg.run.label})", progress):
+        by_method = {cfg.run.label: accumulate(peel_dynamic(
+            run, data, cfg, config.budgets, config.split, config.shrink_reps))}
+    for name in config.baselines:
+        with stages(name, progress):
+            by_method[name] = accumulate(baseline_dynamic(name, run, data, cfg,
+                                                          config.budgets, config.split))
+    rows = [r for method_rows in by_method.values() for r in method_rows]
+    meta = {"command": command or command_line(), "machine": machine_info(),
+            "stages": stages.seconds, "run": str(run), "dataset": data.name,
+            "config": asdict(config), "full_table_bytes": full_table_bytes(
+                data.n_items, cfg.pretrain.dim),
+            "training_seconds_recorded": run_training_seconds(run)}
+    write_json(out / "dynamic.json", {"meta": meta, "rows": rows})
+    write_text(out / "dynamic.csv", to_csv([{k: v for k, v in r.items() if k != "detail"}
+                                            for r in rows]))
+    plotted = plot_dynamic(rows, config.metric, out / "dynamic.png")
+    write_text(out / "report.md", dynamic_markdown(rows, meta, plotted))
+    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+
+
+def dynamic_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: bool) -> str:
+    cfg = meta["config"]
+    out = header_lines(f"Dynamic budgets (RQ2, Fig. 3): {meta['dataset']}", meta)
+    out += [f"Budget sequence {' -> '.join(cfg['budgets'])} (fractions of the full float32 "
+            f"item table, {meta['full_table_bytes']:,} B); accuracy on the {cfg['split']} "
+            "split (reporting only, nothing is chosen from it).", "",
+            "What each method does after a change, timed here (`seconds`):",
+            "",
+            "* PEEL: each user group's package is a device; a smaller budget is an on-device "
+            "`Package.shrink` (the slowest group's, median of "
+            f"{cfg['shrink_reps']} repeats; devices work in parallel); a budget the package "
+            "cannot serve is a server round trip: the server builds every group's package at "
+            "the new budget (summed over groups) and a device downloads only the blocks it "
+            "lacks (`download_bytes`, the largest group's; `full_download_bytes` is a whole "
+            "new package). Network transfer time is not included.",
+            "* fixed-size and compressed baselines: retrained at the new size (the fit, timed); "
+            "`lightgcn-svd`: re-truncation of the run's SVD-rotated stage 1; RULE: a new "
+            "labelling, estimator and search. Their device downloads the whole new table.",
+            "* step 0 also counts the training recorded in the run folder "
+            "(`recorded_seconds`: PEEL's stage 1 + groups + stage 2; stage 1 for the methods "
+            "built on it); `accumulated_seconds` adds both, "
+            "`accumulated_after_first_seconds` only the measured changes after step 0.", ""]
+    cols = ["method", "step", "budget", "action", "seconds", "recorded_seconds",
+            "accumulated_seconds", "accumulated_after_first_seconds", "download_bytes",
+            "full_download_bytes", "bytes_used", *METRICS]
+    out += md_table(rows, cols)
+    out += ["", "Files: `dynamic.json` (every row, with each method's details and the "
+            "metadata), `dynamic.csv`"
+            + (", `dynamic.png` (accuracy and accumulated deployment time per step)."
+               if plotted else " (no plot: matplotlib is not installed).")]
+    return "\n".join(out) + "\n"
+
+
+def plot_dynamic(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
+    """Fig. 3's two panels: accuracy per step and accumulated deployment time (log)."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sub = [r for r in rows if r["method"] == method]
+        steps = [r["step"] for r in sub]
+        left.plot(steps, [r[metric] for r in sub], marker="o", label=method)
+        right.plot(steps, [max(r["accumulated_seconds"], 1e-6) for r in sub], marker="o",
+                   label=method)
+    labels = [f"{r['step']}: {r['budget']}" for r in rows if r["method"] == rows[0]["method"]]
+    for ax, ylabel in ((left, metric), (right, "accumulated deployment time (s)")):
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set_xlabel("step: budget (fraction of the full table)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
+__all__ = ["DYNAMIC_BUDGETS", "DynamicConfig", "Stages", "Step", "accumulate",
+           "baseline_dynamic", "dynamic", "held_block_bytes", "machine_info", "peel_dynamic",
+           "run_training_seconds"]

@@ -1,0 +1,168 @@
+"""`peel experiment dynamic / latency / sweep` on a tiny generated run (seconds each)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from peel import pipeline
+from peel.cli import main
+from peel.experiments import (
+    DynamicConfig,
+    accumulate,
+    held_block_bytes,
+    peel_dynamic,
+)
+from peel.synthetic import SyntheticConfig, make_demo, write_lightgcn_folder
+
+TINY_CONFIG = """
+[run]
+workers = 1
+
+[pretrain]
+dim = 32
+block_dim = 8
+layers = 1
+epochs = 2
+batch_size = 2048
+patience = 1
+
+[groups]
+n_user_groups = 2
+n_item_groups = 3
+
+[finetune]
+n_blocks = 4
+block_dim = 8
+max_epochs = 1
+patience = 1
+eval_users = 100
+
+[deploy]
+budgets = ["0.4", "0.8"]
+baselines = ["lightgcn-svd"]
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    data = make_demo(SyntheticConfig(n_users=200, n_items=120, n_communities=3, n_topics=6,
+                                     mean_interactions=20, seed=3))
+    write_lightgcn_folder(data, str(root / "data"))
+    (root / "cfg.toml").write_text(TINY_CONFIG)
+    out = root / "run"
+    assert main(["train", str(root / "data"), "--out", str(out), "--config",
+                 str(root / "cfg.toml"), "--seed", "1", "--quiet"]) == 0
+    return root, out
+
+
+def _loaded(run):
+    cfg = pipeline.load_run_config(run)
+    return cfg, pipeline.run_data(run, cfg)
+
+
+@pytest.mark.parametrize("split", ["test", "valid"])
+def test_shrunk_and_regrown_packages_rank_like_a_fresh_deploy(tiny_run, split):
+    """Every step of the chain (deploy, shrink, shrink, server round trip) gives each user
+    exactly the metrics of a package deployed directly at that budget."""
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    budgets = ["0.8", "0.5", "0.3", "0.8"]
+    steps = peel_dynamic(run, data, cfg, budgets, split, reps=1)
+    assert [s.action for s in steps] == ["deploy (server)", "shrink on device",
+                                         "shrink on device", "server round trip"]
+    for step in steps:
+        fresh: dict = {}
+        pipeline.evaluate_peel(run, data, cfg, [step.budget], split, per_user_out=fresh)
+        want = fresh[step.budget]
+        order = np.argsort(want["users"])
+        got = np.argsort(step.users)
+        assert np.array_equal(step.users[got], want["users"][order])
+        for key in ("recall@20", "ndcg@20"):
+            assert np.array_equal(step.per_user[key][got], want[key][order]), (step.step, key)
+        assert step.bytes_used <= step.budget_bytes
+
+
+def test_download_counts_only_the_missing_blocks(tiny_run):
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    steps = peel_dynamic(run, data, cfg, ["0.8", "0.3", "0.8"], "test", reps=1)
+    first, shrunk, grown = steps
+    assert first.download_bytes == first.full_download_bytes > 0
+    assert shrunk.download_bytes == 0 and shrunk.seconds < 0.5
+    # the grown package is the first one again; the device still holds the small prefix
+    assert grown.full_download_bytes == first.full_download_bytes
+    assert 0 < grown.download_bytes < grown.full_download_bytes
+    assert grown.detail["download_bytes_sum"] < grown.detail["full_package_bytes_sum"]
+
+
+def test_held_block_bytes_is_the_common_prefix(tiny_run, tmp_path):
+    from peel import runfolder
+    from peel.device import open_package
+    from peel.package import build_package
+
+    _, run = tiny_run
+    cfg, _ = _loaded(run)
+    arrays = runfolder.load_group(run, 0)
+    options = pipeline.deploy_options(cfg)
+    build_package(tmp_path / "big.peel", arrays, "0.8", options=options)
+    build_package(tmp_path / "small.peel", arrays, "0.3", options=options)
+    big, small = open_package(tmp_path / "big.peel"), open_package(tmp_path / "small.peel")
+    assert held_block_bytes(small, big) == small.blocks.nbytes
+    assert held_block_bytes(big, big) == big.blocks.nbytes
+    assert held_block_bytes(small, small) == small.blocks.nbytes
+
+
+def test_accumulated_time_adds_recorded_training_once(tiny_run):
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    steps = peel_dynamic(run, data, cfg, ["0.8", "0.3"], "test", reps=1)
+    assert steps[0].recorded_seconds > 0 and steps[1].recorded_seconds == 0
+    rows = accumulate(steps)
+    assert rows[-1]["accumulated_seconds"] == pytest.approx(
+        sum(s.seconds + s.recorded_seconds for s in steps))
+    assert rows[-1]["accumulated_after_first_seconds"] == pytest.approx(steps[1].seconds)
+
+
+def test_dynamic_config_refuses_bad_input():
+    with pytest.raises(ValueError, match="at least two"):
+        DynamicConfig(budgets=("0.5",)).validate()
+    with pytest.raises(ValueError, match="unknown baseline"):
+        DynamicConfig(baselines=("nope",)).validate()
+
+
+def test_cli_dynamic_writes_the_report(tiny_run, capsys):
+    root, run = tiny_run
+    out = root / "dyn"
+    code = main(["experiment", "dynamic", str(run), "--budgets", "0.8,0.4,0.8",
+                 "--baselines", "lightgcn-svd", "--out", str(out), "--quiet", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["method"] for r in rows} == {"PEEL", "lightgcn-svd"}
+    svd = [r for r in rows if r["method"] == "lightgcn-svd"]
+    assert [r["action"] for r in svd] == ["train (server)", "re-truncate", "re-truncate"]
+    assert all(r["download_bytes"] == r["bytes_used"] for r in svd)
+    for r in rows:
+        assert 0 <= r["recall@20"] <= 1 and r["bytes_used"] <= r["budget_bytes"]
+    acc = [r["accumulated_seconds"] for r in rows if r["method"] == "PEEL"]
+    assert acc == sorted(acc)
+    md = (out / "report.md").read_text()
+    assert "Command: `peel experiment dynamic" in md and "Machine:" in md
+    with open(out / "dynamic.csv") as fh:
+        assert len(list(csv.DictReader(fh))) == 6
+    meta = json.loads((out / "dynamic.json").read_text())["meta"]
+    assert set(meta["stages"]) == {"load run and data", "PEEL (PEEL)", "lightgcn-svd"}
+    pytest.importorskip("matplotlib")
+    assert (out / "dynamic.png").stat().st_size > 1000
+
+
+def test_cli_dynamic_bad_baseline_is_one_line(tiny_run, capsys):
+    root, run = tiny_run
+    code = main(["experiment", "dynamic", str(run), "--baselines", "nope",
+                 "--out", str(root / "bad"), "--quiet"])
+    assert code == 2
+    assert "unknown baseline" in capsys.readouterr().err
