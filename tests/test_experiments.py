@@ -166,3 +166,53 @@ def test_cli_dynamic_bad_baseline_is_one_line(tiny_run, capsys):
                  "--out", str(root / "bad"), "--quiet"])
     assert code == 2
     assert "unknown baseline" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- latency
+
+
+def test_cli_latency_times_every_method_on_both_devices(tiny_run, capsys):
+    root, run = tiny_run
+    out = root / "lat"
+    code = main(["experiment", "latency", str(run), "--budgets", "0.8", "--users", "20",
+                 "--baselines", "lightgcn-svd", "--out", str(out), "--quiet", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["device"], r["method"], r["budget"]) for r in rows} == {
+        (d, m, b) for d in ("iot", "cellphone") for m in ("PEEL", "lightgcn-svd")
+        for b in ("0.8",)}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["p99_ms"] >= r["p50_ms"] > 0 and r["floor_p50_ms"] > 0
+        assert r["ratio"] == pytest.approx(r["p50_ms"] / r["floor_p50_ms"])
+        assert r["peak_rss_mb"] >= r["rss_before_model_mb"] > 0
+        assert r["worker"]["imports"] == {"torch": False, "scipy": False}
+        assert r["worker"]["cap"] == "RLIMIT_AS"
+        assert len(r["worker"]["cpus"]) == min(r["threads"], len(r["worker"]["cpus"]) or 1)
+    md = (out / "report.md").read_text()
+    assert "RLIMIT_AS" in md and "Command: `peel experiment latency" in md
+    assert (out / "latency.csv").exists()
+    pytest.importorskip("matplotlib")
+    assert (out / "latency.png").stat().st_size > 1000
+
+
+def test_the_memory_cap_is_enforced(tmp_path):
+    """A floor of 100 MB does not fit the IoT device's 64 MB; it does fit a cellphone's."""
+    from dataclasses import asdict
+
+    from peel.experiments import run_worker
+    from peel.latency import DEVICES
+
+    base = {"kind": "floor", "nbytes": 100 * 2**20, "n_items": 1000, "k": 10, "n_users": 2,
+            "warmup": 0}
+    iot = run_worker({**base, "device": asdict(DEVICES["iot"])}, tmp_path, "iot")
+    assert iot["status"].startswith("failed under the 64 MB cap"), iot
+    phone = run_worker({**base, "device": asdict(DEVICES["cellphone"])}, tmp_path, "phone")
+    assert phone["status"] == "ok" and phone["peak_rss_mb"] > 100
+
+
+def test_latency_config_refuses_unknown_devices():
+    from peel.experiments import LatencyConfig
+
+    with pytest.raises(ValueError, match="--devices"):
+        LatencyConfig(devices=("watch",)).validate()

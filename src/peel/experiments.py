@@ -501,6 +501,296 @@ def plot_dynamic(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
     return True
 
 
-__all__ = ["DYNAMIC_BUDGETS", "DynamicConfig", "Stages", "Step", "accumulate",
-           "baseline_dynamic", "dynamic", "held_block_bytes", "machine_info", "peel_dynamic",
-           "run_training_seconds"]
+
+
+# ---------------------------------------------------------------------------------------------
+# RQ5: on-device latency (the timed processes are peel.latency workers)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Budgets (empty: the run's), methods, users timed and simulated devices."""
+
+    budgets: tuple[str, ...] = ()
+    baselines: tuple[str, ...] = ("lightgcn-svd",)
+    users: int = 200
+    devices: tuple[str, ...] = ("iot", "cellphone")
+    k: int = 50
+    warmup: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        from peel.baselines import check_names
+        from peel.latency import DEVICES
+
+        check_names(self.baselines, "--baselines")
+        bad = [d for d in self.devices if d not in DEVICES]
+        if bad or not self.devices:
+            raise ValueError(f"--devices {','.join(bad) or '(none)'}: expected any of "
+                             f"{', '.join(DEVICES)}")
+        if self.users < 1 or self.k < 1:
+            raise ValueError("--users and --k must be positive")
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """What a worker loads: a model file, its kind and the bytes of its item data."""
+
+    method: str
+    budget: str
+    kind: str  # package | dot | qr | lightrec
+    model: Path
+    users: Path
+    item_bytes: int
+    bytes_used: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def latency_users(run: Path, data: InteractionData, split: str, n: int, seed: int
+                  ) -> tuple[int, np.ndarray]:
+    """The largest user group and up to ``n`` of its users with held-out items (a random,
+    seeded choice): every method is timed on these users."""
+    sizes = [(len(runfolder.load_group(run, g).users), g) for g, _ in runfolder.group_files(run)]
+    group = max(sizes)[1]
+    users = runfolder.load_group(run, group).users
+    users = users[data.split_matrix(split).getnnz(axis=1)[users] > 0]
+    rng = np.random.default_rng(seed)
+    return group, np.sort(rng.choice(users, min(n, len(users)), replace=False))
+
+
+def _save_users(path: Path, vectors: np.ndarray, exclude: Any) -> Path:
+    from peel.io import save_npz
+
+    save_npz(path, {"users": np.ascontiguousarray(vectors, dtype=np.float32),
+                    "exclude_indptr": exclude.indptr.astype(np.int64),
+                    "exclude_indices": exclude.indices.astype(np.int64)})
+    return path
+
+
+def peel_device_model(run: Path, cfg: Any, group: int, users: np.ndarray, exclude: Any,
+                      budget: str, tmp: Path) -> DeviceModel:
+    """PEEL: the group's package at ``budget``, built with the run's deploy settings."""
+    from peel.package import build_package
+
+    arrays = runfolder.load_group(run, group)
+    path = tmp / f"peel_{budget}.peel"
+    full = full_table_bytes(arrays.n_items, cfg.pretrain.dim)
+    report = build_package(path, arrays, parse_budget(budget, full), group=group,
+                           options=pipeline.deploy_options(cfg))
+    rows = np.array([arrays.user_row(int(u)) for u in users], dtype=np.int64)
+    upath = _save_users(tmp / f"peel_{budget}_users.npz", arrays.user_emb[rows], exclude)
+    return DeviceModel(cfg.run.label, budget, "package", path, upath, report.item_blocks,
+                       report.total, {"blocks": report.n_selected})
+
+
+def baseline_device_model(model: Any, budget: str, users: np.ndarray, exclude: Any,
+                          tmp: Path) -> DeviceModel | str:
+    """A fitted baseline's device arrays, or why it has no device ranking here."""
+    from peel.baselines import DLRMCE, EmbeddingRecommender, LightRec, Rule
+    from peel.baselines.lightgcn_quantized import QuantizedLightGCN
+    from peel.io import save_npz
+
+    name = model.name
+    upath = _save_users(tmp / f"{name}_{budget}_users.npz", model.user_emb[users], exclude)
+    mpath = tmp / f"{name}_{budget}.npz"
+    if isinstance(model, Rule):
+        path = tmp / f"{name}_{budget}.peel"
+        model.package.save(path)
+        return DeviceModel(model.label, budget, "package", path, upath,
+                           model.package.report.item_blocks, model.bytes_used)
+    if isinstance(model, DLRMCE):
+        save_npz(mpath, {"q": model.arrays["q"], "r": model.arrays["r"]})
+        return DeviceModel(model.label, budget, "qr", mpath, upath,
+                           model.arrays["q"].nbytes + model.arrays["r"].nbytes,
+                           model.bytes_used, {"op": model.options.op})
+    if isinstance(model, LightRec):
+        save_npz(mpath, {"codebooks": model.arrays["codebooks"], "codes": model.arrays["codes"]})
+        return DeviceModel(model.label, budget, "lightrec", mpath, upath,
+                           model.arrays["codebooks"].nbytes + model.arrays["codes"].nbytes,
+                           model.bytes_used)
+    if isinstance(model, QuantizedLightGCN):
+        return "no numpy device ranking of a quantised LightGCN table in peel yet"
+    if type(model).scorer is EmbeddingRecommender.scorer and model.item_emb is not None:
+        item = np.ascontiguousarray(model.item_emb, dtype=np.float32)
+        save_npz(mpath, {"item_emb": item})
+        return DeviceModel(model.label, budget, "dot", mpath, upath, item.nbytes,
+                           model.bytes_used)
+    return f"{name}: no device ranking path in peel.latency"
+
+
+def run_worker(spec: dict[str, Any], tmp: Path, tag: str, timeout: float = 1800.0
+               ) -> dict[str, Any]:
+    """Time one spec in a fresh ``python -m peel.latency`` process set up as its device."""
+    import subprocess
+
+    from peel.latency import THREAD_VARS
+
+    spec_path, result_path = tmp / f"{tag}.json", tmp / f"{tag}_result.json"
+    spec_path.write_text(json.dumps(spec))
+    threads = str(spec["device"]["threads"])
+    env = {**os.environ, **dict.fromkeys(THREAD_VARS, threads)}
+    src = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-m", "peel.latency", str(spec_path),
+                           str(result_path)], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+    if proc.returncode != 0 or not result_path.exists():
+        return {"status": f"worker exited {proc.returncode}", "error": proc.stderr[-300:]}
+    return json.loads(result_path.read_text())
+
+
+def time_device_model(dm: DeviceModel, device: Any, n_users: int, n_items: int,
+                      cfg: LatencyConfig, tmp: Path) -> dict[str, Any]:
+    """One row of Table IV: the model's per-user top-k and the floor of its bytes."""
+    base = {"device": asdict(device), "k": cfg.k, "n_users": n_users, "warmup": cfg.warmup,
+            "n_items": n_items}
+    tag = f"{dm.method}_{dm.budget}_{device.name}".replace(" ", "_").replace("/", "_")
+    rank = run_worker({**base, "kind": dm.kind, "model": str(dm.model),
+                       "users": str(dm.users), "floor_bytes": dm.item_bytes, **dm.extra},
+                      tmp, tag)
+    floor = rank.pop("floor", {})
+    row = {"device": device.name, "threads": device.threads, "memory_cap_mb": device.memory_mb,
+           "method": dm.method, "budget": dm.budget, "bytes_used": dm.bytes_used,
+           "item_bytes": dm.item_bytes, "status": rank.get("status"),
+           "p50_ms": rank.get("p50_ms"), "p99_ms": rank.get("p99_ms"),
+           "mean_ms": rank.get("mean_ms"), "cpu_p50_ms": rank.get("cpu_p50_ms"),
+           "floor_p50_ms": floor.get("p50_ms"), "floor_status": floor.get("status"),
+           "peak_rss_mb": rank.get("peak_rss_mb"),
+           "rss_before_model_mb": rank.get("rss_before_model_mb"),
+           "load_ms": rank.get("load_ms")}
+    if row["p50_ms"] is not None and row["floor_p50_ms"]:
+        row["ratio"] = row["p50_ms"] / row["floor_p50_ms"]
+    row["worker"] = {k: v for k, v in rank.items() if k not in row}
+    return row
+
+
+def _latency_models(run: Path, cfg: Any, data: InteractionData, config: LatencyConfig,
+                    budgets: Sequence[str], tmp: Path, stages: Stages, progress: bool
+                    ) -> tuple[list[DeviceModel], dict[str, str], np.ndarray]:
+    """Every method's device model at every budget (baselines fitted here, timed as stages)."""
+    from peel.baselines import make_baseline
+
+    group, users = latency_users(run, data, "test", config.users, config.seed)
+    exclude = data.seen_matrix("test")[users]
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    models, skipped = [], {}
+    with stages("PEEL packages", progress):
+        models += [peel_device_model(run, cfg, group, users, exclude, b, tmp) for b in budgets]
+    for name in config.baselines:
+        with stages(f"fit {name}", progress):
+            model = make_baseline(name, cfg.pretrain, run=run)
+            for b in budgets:
+                dm = baseline_device_model(model.fit(data, parse_budget(b, full)), b, users,
+                                           exclude, tmp)
+                if isinstance(dm, str):
+                    skipped[name] = dm
+                    break
+                models.append(dm)
+    return models, skipped, users
+
+
+def latency(run: str | Path, out: str | Path, config: LatencyConfig | None = None,
+            progress: bool = False, command: str | None = None) -> dict[str, Any]:
+    """RQ5 / Table IV: per-user top-k latency of every method at every budget on each
+    simulated device (:data:`peel.latency.DEVICES`), with the memory-read floor."""
+    from peel.latency import DEVICES
+
+    config = config or LatencyConfig()
+    config.validate()
+    out = check_output_dir(out)
+    stages = Stages()
+    run = runfolder.require_run(run)
+    runfolder.check_complete(run)
+    with stages("load run and data", progress):
+        cfg = pipeline.load_run_config(run)
+        data = pipeline.run_data(run, cfg)
+    budgets = list(config.budgets or cfg.deploy.budgets)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="peel-latency-") as tmp:
+        models, skipped, users = _latency_models(run, cfg, data, config, budgets, Path(tmp),
+                                                 stages, progress)
+        for name in config.devices:
+            with stages(f"time on {name}", progress):
+                rows += [time_device_model(dm, DEVICES[name], len(users), data.n_items,
+                                           config, Path(tmp)) for dm in models]
+    meta = {"command": command or command_line(), "machine": machine_info(),
+            "stages": stages.seconds, "run": str(run), "dataset": data.name,
+            "config": asdict(config), "budgets": budgets, "skipped": skipped,
+            "devices": {n: asdict(DEVICES[n]) for n in config.devices},
+            "full_table_bytes": full_table_bytes(data.n_items, cfg.pretrain.dim)}
+    write_json(out / "latency.json", {"meta": meta, "rows": rows})
+    write_text(out / "latency.csv", to_csv([{k: v for k, v in r.items() if k != "worker"}
+                                            for r in rows]))
+    plotted = plot_latency(rows, out / "latency.png")
+    write_text(out / "report.md", latency_markdown(rows, meta, plotted))
+    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+
+
+def latency_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: bool) -> str:
+    cfg = meta["config"]
+    out = header_lines(f"On-device latency (RQ5, Table IV): {meta['dataset']}", meta)
+    devices = "; ".join(f"{n}: {d['threads']} thread(s), {d['memory_mb']} MB cap"
+                        for n, d in meta["devices"].items())
+    out += [f"Time to produce one user's top-{cfg['k']} list (the user's known items "
+            f"excluded), {cfg['users']} users of the largest user group (after "
+            f"{cfg['warmup']} untimed calls), each method at each budget in a fresh process "
+            f"that imports numpy and the device runtime only. Devices: {devices}.", "",
+            "How the devices are simulated: the BLAS thread variables are set to the "
+            "device's threads and the process is pinned to that many cores "
+            "(`os.sched_setaffinity`). This machine has "
+            f"{meta['machine'].get('cpus')} logical CPUs, so the paper's 4-vCPU cellphone "
+            "gets 2. The memory cap is `resource.setrlimit(RLIMIT_AS)` set, after the "
+            "interpreter, numpy and the runtime are loaded, to their address space plus the "
+            "device's memory: the model (a PEEL or RULE package is memory-mapped, other "
+            "models are read into memory), the user vectors and every ranking buffer must fit "
+            "in it, or the row fails. CPython and numpy alone occupy ~150 MB of address "
+            "space (~35 MB resident), which a native runtime on a phone would not, so they "
+            "are outside the cap. `peak_rss_mb` is `resource.getrusage(RUSAGE_SELF)."
+            "ru_maxrss` of the ranking process, `rss_before_model_mb` its resident size "
+            "before the model was loaded.", "",
+            "The floor (`floor_p50_ms`) is what reading the model's item bytes (`item_bytes`) "
+            "once and picking a top-k must cost: a float32 matrix-vector product over a dense "
+            "array of the same bytes plus `np.argpartition` of one score per item, timed in "
+            "its own process on the same device; `ratio` = p50 / floor.", ""]
+    if meta["skipped"]:
+        out += ["Not timed: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()),
+                ""]
+    cols = ["device", "method", "budget", "bytes_used", "item_bytes", "p50_ms", "p99_ms",
+            "floor_p50_ms", "ratio", "peak_rss_mb", "rss_before_model_mb", "status"]
+    out += md_table(rows, cols)
+    out += ["", "Files: `latency.json` (every row with the worker's details and the "
+            "metadata), `latency.csv`"
+            + (", `latency.png` (p50 per method and budget, one panel per device)."
+               if plotted else " (no plot: matplotlib is not installed).")]
+    return "\n".join(out) + "\n"
+
+
+def plot_latency(rows: list[dict[str, Any]], path: Path) -> bool:
+    """p50 latency against budget bytes, a panel per device, floors dashed."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return False
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    fig, axes = plt.subplots(1, len(devices), figsize=(5.5 * len(devices), 4), squeeze=False)
+    for ax, device in zip(axes[0], devices, strict=True):
+        sub = [r for r in rows if r["device"] == device and r["p50_ms"] is not None]
+        for method in dict.fromkeys(r["method"] for r in sub):
+            pts = sorted((r["bytes_used"] / 1e6, r["p50_ms"], r["floor_p50_ms"] or np.nan)
+                         for r in sub if r["method"] == method)
+            xs, ys, fs = zip(*pts, strict=True)
+            line = ax.plot(xs, ys, marker="o", label=f"{method} p50")[0]
+            ax.plot(xs, fs, linestyle="--", color=line.get_color(), label=f"{method} floor")
+        ax.set_title(device)
+        ax.set_xlabel("model bytes on the device (MB)")
+        ax.set_ylabel("ms per user (top-k)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save_figure(fig, path)
+    return True
+
+
+__all__ = ["DYNAMIC_BUDGETS", "DeviceModel", "DynamicConfig", "LatencyConfig", "Stages", "Step",
+           "accumulate", "baseline_device_model", "baseline_dynamic", "dynamic",
+           "held_block_bytes", "latency", "latency_users", "machine_info", "peel_device_model",
+           "peel_dynamic", "run_training_seconds", "run_worker", "time_device_model"]
