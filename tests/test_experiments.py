@@ -216,3 +216,63 @@ def test_latency_config_refuses_unknown_devices():
 
     with pytest.raises(ValueError, match="--devices"):
         LatencyConfig(devices=("watch",)).validate()
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def test_cli_sweep_reuses_stage_one_and_resumes(tiny_run, capsys):
+    """G_v = 3 is the base run itself; G_v = 2 trains groups and stage 2 on the base run's
+    stage 1; a second call trains nothing."""
+    root, run = tiny_run
+    out = root / "sweep"
+    argv = ["experiment", "sweep", str(run), "--param", "groups.n_item_groups=2,3",
+            "--budget", "0.5", "--out", str(out), "--quiet", "--json"]
+    assert main(argv) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["value"] for r in rows] == ["2", "3"]
+    new, base = rows
+    assert new["reused_stage1"] and not new["same_as_base_run"]
+    assert base["same_as_base_run"] and base["run"] == str(run)
+    folder = out / "runs" / "groups.n_item_groups=2"
+    assert (folder / "pretrain" / "embeddings.safetensors").read_bytes() == (
+        run / "pretrain" / "embeddings.safetensors").read_bytes()
+    assert pipeline.load_run_config(folder).groups.n_item_groups == 2
+    for r in rows:
+        assert r["bytes_used"] <= r["budget_bytes"]
+        for split in ("valid", "test"):
+            assert 0 <= r[split]["recall@50"] <= 1 and 0 <= r[split]["ndcg@50"] <= 1
+    stamp = (folder / "sweep_result.json").stat().st_mtime_ns
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert all(r["resumed_from_saved"] for r in again)
+    assert (folder / "sweep_result.json").stat().st_mtime_ns == stamp
+    assert [r["valid"] for r in again] == [r["valid"] for r in rows]
+    md = (out / "report.md").read_text()
+    assert "groups.n_item_groups" in md and "Command: `peel experiment sweep" in md
+    pytest.importorskip("matplotlib")
+    assert (out / "groups_n_item_groups.png").stat().st_size > 1000
+
+
+def test_sweep_over_blocks_trains_its_own_stage_one(tiny_run):
+    from peel.experiments import SweepConfig, sweep
+
+    root, run = tiny_run
+    info = sweep(run, root / "sweep_n", SweepConfig("finetune.n_blocks", ("2",), "0.5"))
+    row = info["rows"][0]
+    assert not row["reused_stage1"] and row["full_dim"] == 16
+    cfg = pipeline.load_run_config(row["run"])
+    assert cfg.pretrain.dim == 16 and cfg.finetune.n_blocks == 2
+    assert row["bytes_used"] <= row["budget_bytes"]
+
+
+def test_sweep_refuses_bad_parameters(tiny_run, capsys):
+    from peel.experiments import parse_param
+
+    with pytest.raises(ValueError, match="SECTION.KEY"):
+        parse_param("n_item_groups")
+    root, run = tiny_run
+    code = main(["experiment", "sweep", str(run), "--param", "groups.nope=1,2",
+                 "--out", str(root / "bad_sweep"), "--quiet"])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -790,7 +790,206 @@ def plot_latency(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+
+# ---------------------------------------------------------------------------------------------
+# RQ3: hyper-parameter sweeps (a run folder per value; finished values are skipped)
+# ---------------------------------------------------------------------------------------------
+
+#: Settings whose change alters the full embedding: [pretrain] follows, stage 1 is retrained.
+DIM_KEYS = ("finetune.n_blocks", "finetune.block_dim")
+SWEEP_METRICS = ("recall@50", "ndcg@50")
+SWEEP_RESULT = "sweep_result.json"
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One ``section.key`` over ``values``, evaluated at ``budget`` (a fraction or bytes of
+    the *base* run's full table, kept in bytes for every value)."""
+
+    key: str
+    values: tuple[str, ...]
+    budget: str = "0.213"
+    workers: int | None = None
+
+    def validate(self) -> None:
+        if not self.values:
+            raise ValueError(f"--param {self.key}: give at least one value")
+        if len(set(self.values)) != len(self.values):
+            raise ValueError(f"--param {self.key}: values repeat")
+
+
+def parse_param(text: str) -> tuple[str, tuple[str, ...]]:
+    """``groups.n_item_groups=5,10`` -> ("groups.n_item_groups", ("5", "10"))."""
+    key, sep, raw = text.partition("=")
+    values = tuple(v.strip() for v in raw.split(",") if v.strip())
+    if not sep or "." not in key or not values:
+        raise ValueError(f"--param {text!r}: expected SECTION.KEY=V1,V2,..., e.g. "
+                         "groups.n_item_groups=5,10,15,20,25")
+    return key.strip(), values
+
+
+def sweep_config(base: Any, key: str, value: str) -> Any:
+    """The base run's configuration with ``key=value``; a change of the block count or size
+    resizes stage 1 with it (``pretrain.dim`` = N x d)."""
+    from peel.overrides import apply_overrides
+
+    cfg = apply_overrides(base, [f"{key}={value}"])
+    if key in DIM_KEYS:
+        ft = cfg.finetune
+        cfg = replace(cfg, pretrain=replace(cfg.pretrain, dim=ft.n_blocks * ft.block_dim,
+                                            block_dim=ft.block_dim))
+    cfg.validate()
+    return cfg
+
+
+def _trained_config(cfg: Any) -> dict[str, Any]:
+    """What decides a run's training (not [deploy], not the worker count)."""
+    d = json.loads(json.dumps(asdict(cfg), default=str))
+    d.pop("deploy")
+    d["run"].pop("workers")
+    d["run"].pop("label")
+    return d
+
+
+def sweep_value(base_run: Path, base_cfg: Any, data: InteractionData, key: str, value: str,
+                budget_bytes: int, folder: Path, workers: int | None, progress: bool
+                ) -> dict[str, Any]:
+    """Train (or resume, or reuse) the run of one value and score it at ``budget_bytes`` on
+    validation and test; the result is saved in the value's folder."""
+    cfg = sweep_config(base_cfg, key, value)
+    if workers is not None:
+        cfg = replace(cfg, run=replace(cfg.run, workers=workers))
+    timings: dict[str, float] = {}
+    same_as_base = _trained_config(cfg) == _trained_config(base_cfg)
+    reuse = same_as_base or asdict(cfg.pretrain) == asdict(base_cfg.pretrain)
+    run = base_run if same_as_base else folder
+    t0 = time.perf_counter()
+    if not same_as_base:
+        if reuse and not (folder / "pretrain" / "embeddings.safetensors").exists():
+            pipeline.reuse_pretrain(base_run, folder, cfg)
+        stored = cfg.run.data == runfolder.STORED
+        pipeline.train(cfg, folder, progress=progress, data=data if stored else None)
+        cfg = pipeline.load_run_config(folder)
+    timings["train"] = time.perf_counter() - t0
+    metrics = {}
+    for split in ("valid", "test"):
+        t0 = time.perf_counter()
+        row = pipeline.evaluate_peel(run, data, cfg, [str(budget_bytes)], split)[0]
+        timings[f"evaluate {split}"] = time.perf_counter() - t0
+        metrics[split] = row.metrics
+    result = {"key": key, "value": value, "budget_bytes": budget_bytes, "run": str(run),
+              "reused_stage1": reuse, "same_as_base_run": same_as_base,
+              "full_dim": cfg.pretrain.dim, "bytes_used": row.bytes_used,
+              "valid": metrics["valid"], "test": metrics["test"], "seconds": timings,
+              "training_seconds_recorded": run_training_seconds(run)}
+    write_json(folder / SWEEP_RESULT, result)
+    return result
+
+
+def _finished(folder: Path, key: str, value: str, budget_bytes: int) -> dict[str, Any] | None:
+    path = folder / SWEEP_RESULT
+    if not path.exists():
+        return None
+    saved = read_json(path)
+    same = (saved.get("key"), saved.get("value"), saved.get("budget_bytes")) == (
+        key, value, budget_bytes)
+    return saved if same else None
+
+
+def sweep(run: str | Path, out: str | Path, config: SweepConfig,
+          progress: bool = False, command: str | None = None) -> dict[str, Any]:
+    """RQ3 / Fig. 5: PEEL for every value of one hyper-parameter; a run folder per value
+    under ``out/runs/`` (re-running skips the values whose result is saved)."""
+    config.validate()
+    out = check_output_dir(out)
+    stages = Stages()
+    run = runfolder.require_run(run)
+    runfolder.check_complete(run)
+    with stages("load run and data", progress):
+        base_cfg = pipeline.load_run_config(run)
+        data = pipeline.run_data(run, base_cfg)
+        sweep_config(base_cfg, config.key, config.values[0])  # a bad key fails before work
+    budget_bytes = parse_budget(config.budget, full_table_bytes(data.n_items,
+                                                                base_cfg.pretrain.dim))
+    rows = []
+    for value in config.values:
+        folder = out / "runs" / f"{config.key}={value}"
+        saved = _finished(folder, config.key, value, budget_bytes)
+        with stages(f"{config.key}={value}" + (" (saved)" if saved else ""), progress):
+            result = saved or sweep_value(run, base_cfg, data, config.key, value,
+                                          budget_bytes, folder, config.workers, progress)
+        rows.append({**result, "resumed_from_saved": saved is not None})
+    meta = {"command": command or command_line(), "machine": machine_info(),
+            "stages": stages.seconds, "run": str(run), "dataset": data.name,
+            "config": asdict(config), "budget_bytes": budget_bytes,
+            "base_value": _base_value(base_cfg, config.key)}
+    flat = [_flat_sweep_row(r) for r in rows]
+    write_json(out / "sweep.json", {"meta": meta, "rows": rows})
+    write_text(out / "sweep.csv", to_csv(flat))
+    name = config.key.replace(".", "_")
+    plotted = plot_sweep(flat, config.key, out / f"{name}.png")
+    write_text(out / "report.md", sweep_markdown(flat, meta, f"{name}.png" if plotted else None))
+    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+
+
+def _base_value(cfg: Any, key: str) -> Any:
+    sect, _, name = key.partition(".")
+    return getattr(getattr(cfg, sect), name, None)
+
+
+def _flat_sweep_row(r: dict[str, Any]) -> dict[str, Any]:
+    row = {k: r[k] for k in ("key", "value", "full_dim", "budget_bytes", "bytes_used",
+                             "reused_stage1", "same_as_base_run", "resumed_from_saved")}
+    for split in ("valid", "test"):
+        row.update({f"{split} {m}": r[split].get(m) for m in METRICS})
+    row["train_seconds"] = r["seconds"].get("train")
+    return row
+
+
+def sweep_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], png: str | None) -> str:
+    cfg = meta["config"]
+    key = cfg["key"]
+    out = header_lines(f"Hyper-parameter sweep (RQ3, Fig. 5): {key} on {meta['dataset']}", meta)
+    out += [f"PEEL with `{key}` in {', '.join(cfg['values'])} (the base run has "
+            f"{meta['base_value']}), every other setting the base run's, evaluated at "
+            f"{cfg['budget']} of the base run's full table = {meta['budget_bytes']:,} B (the "
+            "same bytes for every value). Each value is its own run folder under `runs/`; a "
+            "value equal to the base run's is the base run itself; values that leave "
+            "[pretrain] unchanged reuse the base run's stage 1 (`reused_stage1`); "
+            f"{', '.join(DIM_KEYS)} change the full dimension, so those runs train their own "
+            "stage 1 (much slower). Validation figures are what a choice would be made on; "
+            "test figures are reported only.", ""]
+    cols = ["value", "full_dim", "bytes_used", "reused_stage1", "resumed_from_saved",
+            *(f"{s} {m}" for s in ("valid", "test") for m in SWEEP_METRICS), "train_seconds"]
+    out += md_table(rows, cols)
+    out += ["", "Files: `sweep.json` (every value's metrics at @20 and @50, timings, run "
+            "folder), `sweep.csv`" + (f", `{png}` (Recall@50 and NDCG@50, validation and "
+                                      "test)." if png else " (no plot: no matplotlib).")]
+    return "\n".join(out) + "\n"
+
+
+def plot_sweep(rows: list[dict[str, Any]], key: str, path: Path) -> bool:
+    """Fig. 5 for one parameter: Recall@50 and NDCG@50 against its value, valid and test."""
+    plt = _pyplot()
+    if plt is None or not rows:
+        return False
+    fig, axes = plt.subplots(1, len(SWEEP_METRICS), figsize=(10, 4))
+    labels = [str(r["value"]) for r in rows]
+    for ax, metric in zip(axes, SWEEP_METRICS, strict=True):
+        for split, style in (("valid", "o-"), ("test", "s--")):
+            ax.plot(range(len(rows)), [r[f"{split} {metric}"] for r in rows], style,
+                    label=split)
+        ax.set_xticks(range(len(rows)), labels)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
 __all__ = ["DYNAMIC_BUDGETS", "DeviceModel", "DynamicConfig", "LatencyConfig", "Stages", "Step",
-           "accumulate", "baseline_device_model", "baseline_dynamic", "dynamic",
-           "held_block_bytes", "latency", "latency_users", "machine_info", "peel_device_model",
-           "peel_dynamic", "run_training_seconds", "run_worker", "time_device_model"]
+           "SweepConfig", "accumulate", "baseline_device_model", "baseline_dynamic", "dynamic",
+           "held_block_bytes", "latency", "latency_users", "machine_info", "parse_param",
+           "peel_device_model", "peel_dynamic", "run_training_seconds", "run_worker", "sweep",
+           "sweep_config", "sweep_value", "time_device_model"]
