@@ -269,7 +269,7 @@ def test_sweep_over_blocks_trains_its_own_stage_one(tiny_run):
 def test_sweep_refuses_bad_parameters(tiny_run, capsys):
     from peel.experiments import parse_param
 
-    with pytest.raises(ValueError, match="SECTION.KEY"):
+    with pytest.raises(ValueError, match=r"SECTION\.KEY"):
         parse_param("n_item_groups")
     root, run = tiny_run
     code = main(["experiment", "sweep", str(run), "--param", "groups.nope=1,2",
