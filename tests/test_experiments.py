@@ -144,7 +144,8 @@ def test_cli_dynamic_writes_the_report(tiny_run, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert {r["method"] for r in rows} == {"PEEL", "lightgcn-svd"}
     svd = [r for r in rows if r["method"] == "lightgcn-svd"]
-    assert [r["action"] for r in svd] == ["train (server)", "re-truncate", "re-truncate"]
+    assert [r["action"] for r in svd] == ["rotate stage 1 + truncate", "re-truncate",
+                                        "re-truncate"]
     assert all(r["download_bytes"] == r["bytes_used"] for r in svd)
     for r in rows:
         assert 0 <= r["recall@20"] <= 1 and r["bytes_used"] <= r["budget_bytes"]

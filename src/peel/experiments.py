@@ -43,8 +43,10 @@ DYNAMIC_BUDGETS = ("0.533", "0.213", "0.107", "0.533")
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
 #: Baselines built on the run's own stage 1: their first deployment also costs stage 1.
 STAGE1_METHODS = ("lightgcn-svd", "rule", "lightrec")
-#: What each kind of baseline does when the budget changes.
+#: What each kind of baseline does when the budget changes (default: "retrain"), and for its
+#: first deployment (default: "train (server)").
 BASELINE_ACTIONS = {"lightgcn-svd": "re-truncate", "rule": "new search"}
+FIRST_ACTIONS = {"lightgcn-svd": "rotate stage 1 + truncate", "rule": "search (server)"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,8 +387,9 @@ def baseline_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any
         model.fit(data, nbytes)
         seconds = time.perf_counter() - t0 + (setup if i == 0 else 0.0)
         metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
-        action = BASELINE_ACTIONS.get(name, "retrain")
-        steps.append(Step(model.label, i, label, nbytes, "train (server)" if i == 0 else action,
+        action = (FIRST_ACTIONS.get(name, "train (server)") if i == 0
+                  else BASELINE_ACTIONS.get(name, "retrain"))
+        steps.append(Step(model.label, i, label, nbytes, action,
                           seconds, download_bytes=model.bytes_used,
                           full_download_bytes=model.bytes_used, bytes_used=model.bytes_used,
                           metrics=metrics, detail=_jsonable_params(model.params)))
@@ -466,6 +469,11 @@ def dynamic_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
             "(`recorded_seconds`: PEEL's stage 1 + groups + stage 2; stage 1 for the methods "
             "built on it); `accumulated_seconds` adds both, "
             "`accumulated_after_first_seconds` only the measured changes after step 0.", ""]
+    out += ["Per method, after the first deployment (every change together):", ""]
+    out += md_table(dynamic_summary(rows, cfg["metric"]), ["method", "changes", "measured_seconds",
+                                            "download_bytes", "full_download_bytes",
+                                            f"min {cfg['metric']}", f"max {cfg['metric']}"])
+    out += ["", "Every step:", ""]
     cols = ["method", "step", "budget", "action", "seconds", "recorded_seconds",
             "accumulated_seconds", "accumulated_after_first_seconds", "download_bytes",
             "full_download_bytes", "bytes_used", *METRICS]
@@ -475,6 +483,23 @@ def dynamic_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
             + (", `dynamic.png` (accuracy and accumulated deployment time per step)."
                if plotted else " (no plot: matplotlib is not installed).")]
     return "\n".join(out) + "\n"
+
+
+def dynamic_summary(rows: list[dict[str, Any]], metric: str = "recall@20"
+                    ) -> list[dict[str, Any]]:
+    """Per method: the changes after step 0 together (time, bytes downloaded, a whole new
+    table each time), and the range of its accuracy over the sequence."""
+    out = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        sub = [r for r in rows if r["method"] == method]
+        later = [r for r in sub if r["step"] > 0]
+        out.append({"method": method, "changes": len(later),
+                    "measured_seconds": sum(r["seconds"] for r in later),
+                    "download_bytes": sum(r["download_bytes"] for r in later),
+                    "full_download_bytes": sum(r["full_download_bytes"] for r in later),
+                    f"min {metric}": min(r[metric] for r in sub),
+                    f"max {metric}": max(r[metric] for r in sub)})
+    return out
 
 
 def plot_dynamic(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
