@@ -186,7 +186,7 @@ def test_cli_latency_times_every_method_on_both_devices(tiny_run, capsys):
         assert r["status"] == "ok", r
         assert r["p99_ms"] >= r["p50_ms"] > 0 and r["floor_p50_ms"] > 0
         assert r["ratio"] == pytest.approx(r["p50_ms"] / r["floor_p50_ms"])
-        assert r["peak_rss_mb"] >= r["rss_before_model_mb"] > 0
+        assert 300 > r["peak_rss_mb"] >= r["rss_before_model_mb"] > 0  # not pytest's peak
         assert r["worker"]["imports"] == {"torch": False, "scipy": False}
         assert r["worker"]["cap"] == "RLIMIT_AS"
         assert len(r["worker"]["cpus"]) == min(r["threads"], len(r["worker"]["cpus"]) or 1)

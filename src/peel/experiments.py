@@ -340,7 +340,7 @@ def peel_dynamic(run: str | Path, data: InteractionData, cfg: Any, budgets: Sequ
                         parts[i].setdefault(key, []).append(val)
                     parts[i].setdefault("users", []).append(chain.users)
     for step, part in zip(steps, parts, strict=True):
-        users = np.concatenate(part.pop("users"))
+        users = np.concatenate(part.pop("users", [np.zeros(0, dtype=np.int64)]))
         step.users = users
         step.per_user = {key: np.concatenate(v) for key, v in part.items()}
         step.metrics = {key: float(v.mean()) for key, v in step.per_user.items()}
@@ -771,24 +771,53 @@ def latency_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
             "models are read into memory), the user vectors and every ranking buffer must fit "
             "in it, or the row fails. CPython and numpy alone occupy ~150 MB of address "
             "space (~35 MB resident), which a native runtime on a phone would not, so they "
-            "are outside the cap. `peak_rss_mb` is `resource.getrusage(RUSAGE_SELF)."
-            "ru_maxrss` of the ranking process, `rss_before_model_mb` its resident size "
-            "before the model was loaded.", "",
+            "are outside the cap. `peak_rss_mb` is the ranking process's peak resident size "
+            "(`VmHWM` of /proc/self/status; `resource.getrusage(RUSAGE_SELF).ru_maxrss`, in "
+            "`latency.json`, is not usable here: Linux carries the parent's peak across "
+            "fork + exec), `rss_before_model_mb` its resident size before the model was "
+            "loaded.", "",
             "The floor (`floor_p50_ms`) is what reading the model's item bytes (`item_bytes`) "
             "once and picking a top-k must cost: a float32 matrix-vector product over a dense "
             "array of the same bytes plus `np.argpartition` of one score per item, timed in "
-            "its own process on the same device; `ratio` = p50 / floor.", ""]
+            "the same process (same threads and cap) once the model is freed; `ratio` = "
+            "p50 / floor.", ""]
     if meta["skipped"]:
         out += ["Not timed: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()),
                 ""]
+    table, cols = latency_pivot(rows)
+    out += ["Table IV layout (ms per user, wall-clock; `x` = p50 / floor):", ""]
+    out += md_table(table, cols)
+    out += ["", "Every row:", ""]
     cols = ["device", "method", "budget", "bytes_used", "item_bytes", "p50_ms", "p99_ms",
-            "floor_p50_ms", "ratio", "peak_rss_mb", "rss_before_model_mb", "status"]
+            "floor_p50_ms", "ratio", "cpu_p50_ms", "peak_rss_mb", "rss_before_model_mb",
+            "status"]
     out += md_table(rows, cols)
     out += ["", "Files: `latency.json` (every row with the worker's details and the "
             "metadata), `latency.csv`"
             + (", `latency.png` (p50 per method and budget, one panel per device)."
                if plotted else " (no plot: matplotlib is not installed).")]
     return "\n".join(out) + "\n"
+
+
+def latency_pivot(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """One line per method and budget, the devices side by side (Table IV's layout), and
+    the second device's p50 over the first's."""
+    devices = list(dict.fromkeys(r["device"] for r in rows))
+    lines: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        line = lines.setdefault((r["method"], r["budget"]), {
+            "method": r["method"], "budget": r["budget"], "MB": r["bytes_used"] / 1e6})
+        for key, col in (("p50_ms", "p50"), ("p99_ms", "p99"), ("ratio", "x")):
+            line[f"{r['device']} {col}"] = r.get(key)
+    cols = ["method", "budget", "MB", *(f"{d} {c}" for d in devices for c in ("p50", "p99",
+                                                                              "x"))]
+    if len(devices) == 2:
+        name = f"{devices[1]}/{devices[0]} p50"
+        for line in lines.values():
+            a, b = line.get(f"{devices[0]} p50"), line.get(f"{devices[1]} p50")
+            line[name] = b / a if a and b else None
+        cols.append(name)
+    return list(lines.values()), cols
 
 
 def plot_latency(rows: list[dict[str, Any]], path: Path) -> bool:

@@ -210,10 +210,20 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
         floor = {**spec, "kind": "floor", "nbytes": spec["floor_bytes"]}
         out["floor"] = {**_timed(floor, device), "peak_rss_mb": _peak_rss_mb()}
     out["imports"] = {m: m in sys.modules for m in ("torch", "scipy")}  # must stay False
+    out["ru_maxrss_mb"] = _ru_maxrss_mb()
     return out
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident size: ``VmHWM`` (reset by exec) where Linux has it.
+    ``getrusage(RUSAGE_SELF).ru_maxrss`` is not: Linux carries the forking parent's peak
+    across fork + exec, so a worker started from a big process reports the parent's peak
+    (:func:`_ru_maxrss_mb`, recorded alongside)."""
+    hwm = _status_kb("VmHWM")
+    return hwm / 1024 if hwm is not None else _ru_maxrss_mb()
+
+
+def _ru_maxrss_mb() -> float:
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
