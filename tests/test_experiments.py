@@ -115,6 +115,10 @@ def test_held_block_bytes_is_the_common_prefix(tiny_run, tmp_path):
     assert held_block_bytes(small, big) == small.blocks.nbytes
     assert held_block_bytes(big, big) == big.blocks.nbytes
     assert held_block_bytes(small, small) == small.blocks.nbytes
+    # what the device keeps is byte for byte the start of the bigger package's blocks
+    held = held_block_bytes(small, big)
+    as_bytes = [np.frombuffer(p.blocks.tobytes(), dtype=np.uint8) for p in (small, big)]
+    assert np.array_equal(as_bytes[0][:held], as_bytes[1][:held])
 
 
 def test_accumulated_time_adds_recorded_training_once(tiny_run):
