@@ -12,6 +12,7 @@ from peel import pipeline
 from peel.cli import main
 from peel.experiments import (
     DynamicConfig,
+    LatencyConfig,
     accumulate,
     held_block_bytes,
     peel_dynamic,
@@ -217,8 +218,6 @@ def test_the_memory_cap_is_enforced(tmp_path):
 
 
 def test_latency_config_refuses_unknown_devices():
-    from peel.experiments import LatencyConfig
-
     with pytest.raises(ValueError, match="--devices"):
         LatencyConfig(devices=("watch",)).validate()
 
@@ -281,3 +280,56 @@ def test_sweep_refuses_bad_parameters(tiny_run, capsys):
                  "--out", str(root / "bad_sweep"), "--quiet"])
     assert code == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["lightgcn-svd", "dlrm-ce", "lightrec"])
+def test_worker_ranks_as_the_method_does(tiny_run, tmp_path, name):
+    """What the device process times is the method's own ranking (same top-k)."""
+    from dataclasses import asdict
+
+    from peel.baselines import make_baseline
+    from peel.budget import full_table_bytes, parse_budget
+    from peel.experiments import baseline_device_model, run_worker, time_device_model
+    from peel.latency import DEVICES
+
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    users = np.flatnonzero(data.test.getnnz(axis=1) > 0)[:3]
+    exclude = data.seen_matrix("test")[users]
+    model = make_baseline(name, cfg.pretrain, run=run)
+    model.fit(data, parse_budget("0.8", full_table_bytes(data.n_items, cfg.pretrain.dim)))
+    dm = baseline_device_model(model, "0.8", users, exclude, tmp_path)
+    spec = {"device": asdict(DEVICES["iot"]), "k": 10, "n_users": 3, "warmup": 0,
+            "n_items": data.n_items, "kind": dm.kind, "model": str(dm.model),
+            "users": str(dm.users), **dm.extra}
+    result = run_worker(spec, tmp_path, name)
+    assert result["status"] == "ok", result
+    assert result["first_user_items"] == model.rank(users[:1], k=10, split="test")[0].tolist()
+    row = time_device_model(dm, DEVICES["iot"], 3, data.n_items, LatencyConfig(k=10), tmp_path)
+    assert row["status"] == "ok" and row["floor_p50_ms"] > 0
+
+
+def test_worker_ranks_peel_as_the_package_does(tiny_run, tmp_path):
+    from dataclasses import asdict
+
+    from peel.api import Run
+    from peel.experiments import latency_users, peel_device_model, run_worker
+    from peel.latency import DEVICES
+
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    group, users = latency_users(run, data, "test", 3, seed=0)
+    exclude = data.seen_matrix("test")[users]
+    dm = peel_device_model(run, cfg, group, users, exclude, "0.5", tmp_path)
+    spec = {"device": asdict(DEVICES["iot"]), "k": 10, "n_users": len(users), "warmup": 0,
+            "n_items": data.n_items, "kind": dm.kind, "model": str(dm.model),
+            "users": str(dm.users)}
+    result = run_worker(spec, tmp_path, "peel")
+    assert result["status"] == "ok", result
+    from peel import runfolder
+
+    arrays = runfolder.load_group(run, group)
+    vector = arrays.user_emb[arrays.user_row(int(users[0]))]
+    pkg = Run.load(run).package("0.5", group=group)
+    want = pkg.rank(vector, k=10, exclude=exclude[0].indices).items.tolist()
+    assert result["first_user_items"] == want

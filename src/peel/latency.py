@@ -197,6 +197,12 @@ def time_ranker(rank: Callable[[int], Any], n_users: int, warmup: int, reps: int
     return wall, cpu
 
 
+def _items(result: Any) -> list[int]:
+    """The item indices of one ranking (a package's ``Ranking`` or a (1, k) array)."""
+    items = np.asarray(getattr(result, "items", result)).reshape(-1)
+    return [int(i) for i in items if i >= 0]
+
+
 def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Load the spec's model under its device's cap and time one top-k per user; with
     ``floor_bytes``, then the floor of that many bytes in the same process."""
@@ -243,6 +249,8 @@ def _timed(spec: dict[str, Any], device: Device) -> dict[str, Any]:
                                 int(spec.get("reps", 1)))
         out.update(percentiles_ms(wall), cpu_p50_ms=percentiles_ms(cpu)["p50_ms"],
                    timed_calls=len(wall), status="ok")
+        if spec["kind"] != "floor":  # what was timed, for checks against the method
+            out["first_user_items"] = _items(rank(0))
     except (MemoryError, OSError, ValueError) as err:  # an allocation or mmap over the cap
         out["status"] = f"failed under the {device.memory_mb} MB cap: {type(err).__name__}"
         out["error"] = str(err)[:300]
