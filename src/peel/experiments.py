@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +214,8 @@ class Step:
 
     def record(self) -> dict[str, Any]:
         """The JSON/CSV row (no per-user arrays)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("users", "per_user",
-                                                                   "metrics", "detail")}
+        skip = ("users", "per_user", "metrics", "detail")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
         return {**out, **self.metrics, "detail": self.detail}
 
 
