@@ -161,7 +161,7 @@ def test_cli_dynamic_writes_the_report(tiny_run, capsys):
     with open(out / "dynamic.csv") as fh:
         assert len(list(csv.DictReader(fh))) == 6
     meta = json.loads((out / "dynamic.json").read_text())["meta"]
-    assert set(meta["stages"]) == {"load run and data", "PEEL (PEEL)", "lightgcn-svd"}
+    assert set(meta["stages"]) == {"load run and data", "PEEL", "lightgcn-svd"}
     pytest.importorskip("matplotlib")
     assert (out / "dynamic.png").stat().st_size > 1000
 
