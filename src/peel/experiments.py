@@ -440,11 +440,17 @@ def dynamic(run: str | Path, out: str | Path, config: DynamicConfig | None = Non
                 data.n_items, cfg.pretrain.dim),
             "training_seconds_recorded": run_training_seconds(run)}
     write_json(out / "dynamic.json", {"meta": meta, "rows": rows})
+    plotted = write_dynamic_report(out, rows, meta)
+    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+
+
+def write_dynamic_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
+    """CSV, PNG and Markdown from the rows (also to re-render a saved ``dynamic.json``)."""
     write_text(out / "dynamic.csv", to_csv([{k: v for k, v in r.items() if k != "detail"}
                                             for r in rows]))
-    plotted = plot_dynamic(rows, config.metric, out / "dynamic.png")
+    plotted = plot_dynamic(rows, meta["config"]["metric"], out / "dynamic.png")
     write_text(out / "report.md", dynamic_markdown(rows, meta, plotted))
-    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+    return plotted
 
 
 def dynamic_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: bool) -> str:
@@ -755,11 +761,17 @@ def latency(run: str | Path, out: str | Path, config: LatencyConfig | None = Non
             "devices": {n: asdict(DEVICES[n]) for n in config.devices},
             "full_table_bytes": full_table_bytes(data.n_items, cfg.pretrain.dim)}
     write_json(out / "latency.json", {"meta": meta, "rows": rows})
+    plotted = write_latency_report(out, rows, meta)
+    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+
+
+def write_latency_report(out: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> bool:
+    """CSV, PNG and Markdown from the rows (also to re-render a saved ``latency.json``)."""
     write_text(out / "latency.csv", to_csv([{k: v for k, v in r.items() if k != "worker"}
                                             for r in rows]))
     plotted = plot_latency(rows, out / "latency.png")
     write_text(out / "report.md", latency_markdown(rows, meta, plotted))
-    return {"out": str(out), "rows": rows, "plot": plotted, "meta": meta}
+    return plotted
 
 
 def latency_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: bool) -> str:
@@ -806,7 +818,8 @@ def latency_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
     out += md_table(rows, cols)
     out += ["", "Files: `latency.json` (every row with the worker's details and the "
             "metadata), `latency.csv`"
-            + (", `latency.png` (p50 per method and budget, one panel per device)."
+            + (", `latency.png` (CPU-time p50 and the floor's against the model's bytes, "
+               "log scale, one panel per device)."
                if plotted else " (no plot: matplotlib is not installed).")]
     return "\n".join(out) + "\n"
 
@@ -837,23 +850,26 @@ def latency_pivot(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], lis
 
 
 def plot_latency(rows: list[dict[str, Any]], path: Path) -> bool:
-    """p50 latency against budget bytes, a panel per device, floors dashed."""
+    """CPU-time p50 against the model's bytes, a panel per device, floors dashed, log scale
+    (CPU time: wall-clock on a shared machine includes waiting for a core)."""
     plt = _pyplot()
     if plt is None or not rows:
         return False
     devices = list(dict.fromkeys(r["device"] for r in rows))
     fig, axes = plt.subplots(1, len(devices), figsize=(5.5 * len(devices), 4), squeeze=False)
     for ax, device in zip(axes[0], devices, strict=True):
-        sub = [r for r in rows if r["device"] == device and r["p50_ms"] is not None]
+        sub = [r for r in rows if r["device"] == device and r.get("cpu_p50_ms") is not None]
         for method in dict.fromkeys(r["method"] for r in sub):
-            pts = sorted((r["bytes_used"] / 1e6, r["p50_ms"], r["floor_p50_ms"] or np.nan)
+            pts = sorted((r["bytes_used"] / 1e6, r["cpu_p50_ms"],
+                          r.get("floor_cpu_p50_ms") or np.nan)
                          for r in sub if r["method"] == method)
             xs, ys, fs = zip(*pts, strict=True)
-            line = ax.plot(xs, ys, marker="o", label=f"{method} p50")[0]
+            line = ax.plot(xs, ys, marker="o", label=f"{method}")[0]
             ax.plot(xs, fs, linestyle="--", color=line.get_color(), label=f"{method} floor")
         ax.set_title(device)
         ax.set_xlabel("model bytes on the device (MB)")
-        ax.set_ylabel("ms per user (top-k)")
+        ax.set_ylabel("CPU ms per user, p50 (top-k)")
+        ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     _save_figure(fig, path)
