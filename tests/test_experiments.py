@@ -333,3 +333,16 @@ def test_worker_ranks_peel_as_the_package_does(tiny_run, tmp_path):
     pkg = Run.load(run).package("0.5", group=group)
     want = pkg.rank(vector, k=10, exclude=exclude[0].indices).items.tolist()
     assert result["first_user_items"] == want
+
+
+def test_a_fixed_size_baseline_retrains_at_every_change(tiny_run):
+    from peel.experiments import baseline_dynamic
+
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    steps = baseline_dynamic("bpr-mf", run, data, cfg, ["0.8", "0.4", "0.8"], "test")
+    assert [s.action for s in steps] == ["train (server)", "retrain", "retrain"]
+    assert all(s.seconds > 0 and s.download_bytes == s.bytes_used > 0 for s in steps)
+    assert steps[0].recorded_seconds == 0  # trained here, nothing recorded to add
+    assert steps[1].detail["dim"] < steps[0].detail["dim"] == steps[2].detail["dim"]
+    assert steps[2].metrics == steps[0].metrics  # the same budget retrains the same model
