@@ -346,3 +346,26 @@ def test_a_fixed_size_baseline_retrains_at_every_change(tiny_run):
     assert steps[0].recorded_seconds == 0  # trained here, nothing recorded to add
     assert steps[1].detail["dim"] < steps[0].detail["dim"] == steps[2].detail["dim"]
     assert steps[2].metrics == steps[0].metrics  # the same budget retrains the same model
+
+
+def test_worker_ranks_rule_as_its_package_does(tiny_run, tmp_path):
+    from dataclasses import asdict
+
+    from peel.baselines import Rule, RuleConfig
+    from peel.budget import full_table_bytes, parse_budget
+    from peel.experiments import baseline_device_model, run_worker
+    from peel.latency import DEVICES
+
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    model = Rule.from_run(run, cfg.pretrain, RuleConfig(n_configs=30, eval_users=50, cycles=3))
+    model.fit(data, parse_budget("0.5", full_table_bytes(data.n_items, cfg.pretrain.dim)))
+    users = np.flatnonzero(data.test.getnnz(axis=1) > 0)[:3]
+    dm = baseline_device_model(model, "0.5", users, data.seen_matrix("test")[users], tmp_path)
+    assert dm.kind == "package"
+    spec = {"device": asdict(DEVICES["iot"]), "k": 10, "n_users": 3, "warmup": 0,
+            "n_items": data.n_items, "kind": dm.kind, "model": str(dm.model),
+            "users": str(dm.users)}
+    result = run_worker(spec, tmp_path, "rule")
+    assert result["status"] == "ok", result
+    assert result["first_user_items"] == model.rank(users[:1], k=10, split="test")[0].tolist()
