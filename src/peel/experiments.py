@@ -470,7 +470,9 @@ def dynamic_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
             "new package). Network transfer time is not included.",
             "* fixed-size and compressed baselines: retrained at the new size (the fit, timed); "
             "`lightgcn-svd`: re-truncation of the run's SVD-rotated stage 1; RULE: a new "
-            "labelling, estimator and search. Their device downloads the whole new table.",
+            "labelling, estimator and search. Their device downloads the whole new table. "
+            "When a budget comes back, a server that kept the model of that budget could resend it "
+            "without retraining; here every change is refitted, as the paper assumes.",
             "* step 0 also counts the training recorded in the run folder "
             "(`recorded_seconds`: PEEL's stage 1 + groups + stage 2; stage 1 for the methods "
             "built on it); `accumulated_seconds` adds both, "
