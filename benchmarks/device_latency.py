@@ -11,10 +11,12 @@ one thread:
 * the block products alone (``scores`` without exclusions or top-K), p50;
 * every time both as wall-clock and as the CPU time of the ranking thread (``thread_time``),
   which on a shared machine leaves out the time spent waiting for a core;
-* the floor, timed interleaved with it: one float32 matrix-vector product over a dense
-  (rows, 128) array with the same bytes as the package's item blocks, plus ``np.argpartition``
-  of 91,599 scores, i.e. what reading the bytes the package holds once and picking a top-50
-  must cost (a float16 or int8 package holds 2x or ~3x the values in those bytes);
+* the floor, timed interleaved with it (:func:`peel.latency.floor_inputs` /
+  :func:`peel.latency.floor_step`, which ``peel experiment latency`` uses too): one float32
+  matrix-vector product over a dense (rows, 128) array with the same bytes as the package's
+  item blocks, plus ``np.argpartition`` of 91,599 scores, i.e. what reading the bytes the
+  package holds once and picking a top-50 must cost (a float16 or int8 package holds 2x or
+  ~3x the values in those bytes);
 * shrinking each precision's 53.3% package to 10.7% in memory (must copy nothing) and checking
   that it ranks exactly like a package built at 10.7%.
 
@@ -41,6 +43,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from peel.device import Package, open_package, shrink_file  # noqa: E402
+from peel.latency import floor_inputs, floor_step  # noqa: E402
 from peel.package import (  # noqa: E402
     DEFAULT_PRECISION,
     DeployOptions,
@@ -80,9 +83,7 @@ def time_ranking(pkg: Package, arrays: GroupArrays, cfg: BenchConfig) -> dict[st
     """Per-user rank latency and the floor, interleaved so load from neighbours hits both."""
     rng = np.random.default_rng(cfg.seed + 1)
     n = cfg.n_items
-    dense = rng.standard_normal((max(pkg.report.item_blocks // 512, 1), 128), dtype=np.float32)
-    vec = rng.standard_normal(128, dtype=np.float32)
-    floor_scores = rng.standard_normal(n, dtype=np.float32)
+    dense, vec, floor_scores = floor_inputs(pkg.report.item_blocks, n, cfg.seed + 1)
     excludes = [rng.choice(n, cfg.exclude, replace=False) for _ in range(cfg.users)]
     for u in range(min(20, cfg.users)):  # warm-up: page in the file, build views
         pkg.rank(arrays.user_emb[u], cfg.k, excludes[u])
@@ -91,7 +92,7 @@ def time_ranking(pkg: Package, arrays: GroupArrays, cfg: BenchConfig) -> dict[st
     cpu: dict[str, list[float]] = {k: [] for k in wall}
     mode = pkg._mode(None, None, None)
     steps = {
-        "floor": lambda u: (dense @ vec, np.argpartition(floor_scores, n - cfg.k)),
+        "floor": lambda u: floor_step(dense, vec, floor_scores, cfg.k),
         "rank": lambda u: pkg.rank(arrays.user_emb[u], cfg.k, excludes[u]),
         "matvec": lambda u: dense @ vec,
         "scores": lambda u: pkg._row_scores(arrays.user_emb[u], mode),  # products alone

@@ -432,6 +432,9 @@ def _register_optional(sub: Any) -> None:
     except ImportError:  # pragma: no cover - stage not installed
         return
     cli_device.register(sub)
+    from peel import cli_experiment
+
+    cli_experiment.register(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
