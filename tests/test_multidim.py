@@ -282,3 +282,27 @@ def test_evaluate_path_runs_both(data: InteractionData) -> None:
     assert [r.method for r in rows] == ["ESAPN", "AutoEmb"]
     assert all(0 < r.bytes_used <= r.budget_bytes for r in rows)
     assert json.dumps([r.detail for r in rows])
+
+
+def test_hard_negatives_are_the_best_scored_candidates() -> None:
+    from peel.baselines.multidim import hardest_negatives
+
+    gen = torch.Generator().manual_seed(0)
+    users_tab, items = torch.randn(5, 4, generator=gen), torch.randn(30, 4, generator=gen)
+    users = torch.tensor([0, 3, 3, 1])
+    cand = torch.randint(0, 30, (4, 6), generator=gen)
+    got = hardest_negatives(lambda i: users_tab[i], items, users, cand, 2)
+    for row in range(4):
+        scores = items[cand[row]] @ users_tab[users[row]]
+        assert set(got[row].tolist()) == set(cand[row, scores.topk(2).indices].tolist())
+
+
+@pytest.mark.parametrize("cls", [ESAPN, AutoEmb])
+def test_dns_fit_is_deterministic_and_within_budget(cls, data: InteractionData) -> None:
+    cfg = dataclasses.replace(CFG, sampling="dns", dns_candidates=8, epochs=3)
+    budget = int(0.7 * full_table_bytes(data.n_items, CFG.dim))
+    a, b = cls(cfg).fit(data, budget), cls(cfg).fit(data, budget)
+    assert a.bytes_used == dm.stored_bytes(a.arrays, CFG.dim) <= budget
+    np.testing.assert_array_equal(a.user_emb, b.user_emb)
+    users = np.arange(data.n_users)
+    np.testing.assert_array_equal(a.rank(users, k=K), b.rank(users, k=K))

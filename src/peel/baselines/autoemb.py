@@ -39,6 +39,8 @@ from peel.baselines.multidim import (
     batch_norm,
     class_tables,
     folded_bn,
+    hardest_negatives,
+    lifted_all,
     popularity_features,
     run_search,
     size_histogram,
@@ -179,7 +181,7 @@ class AutoEmbSearch(torch.nn.Module):
         coo = data.valid.tocoo()
         self.valid_u, self.valid_i = coo.row.astype(np.int64), coo.col.astype(np.int64)
         self.valid_sampler = NegativeSampler((data.train + data.valid).tocsr())
-        self.demoted = 0
+        self._items: torch.Tensor | None = None
 
     def _bpr(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mode: str,
              controllers: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,6 +224,17 @@ class AutoEmbSearch(torch.nn.Module):
             vloss.backward()
             self.ctrl_opt.step()
         return float(loss.detach())
+
+    def start_epoch(self) -> None:
+        """Refresh the lifted items that hard negatives are picked with."""
+        self._items = lifted_all(lambda i: self.item.mix(i, "eval")[0],
+                                 len(self.item.pop))
+
+    def hardest(self, users: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+        if self._items is None:
+            self.start_epoch()
+        return hardest_negatives(lambda i: self.user.mix(i, "eval")[0], self._items,
+                                 users, cand, k)
 
     @torch.no_grad()
     def item_weights(self) -> np.ndarray:

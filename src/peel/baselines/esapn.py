@@ -51,6 +51,8 @@ from peel.baselines.multidim import (
     batch_norm,
     class_tables,
     folded_bn,
+    hardest_negatives,
+    lifted_all,
     popularity_features,
     run_search,
     size_histogram,
@@ -170,6 +172,7 @@ class ESAPNSearch(torch.nn.Module):
             lr=options.policy_lr)
         self.gen = torch.Generator().manual_seed(cfg.seed + 1)
         self.refused = 0
+        self._items: torch.Tensor | None = None
 
     def item_bytes(self) -> int:
         counts = torch.bincount(self.item.level, minlength=len(self.sizes)).numpy()
@@ -248,6 +251,17 @@ class ESAPNSearch(torch.nn.Module):
             policy_loss.backward()
             self.policy_opt.step()
         return float(loss.detach())
+
+    def start_epoch(self) -> None:
+        """Refresh the lifted items that hard negatives are picked with."""
+        self._items = lifted_all(lambda i: self.item.lift(i, "eval")[0],
+                                 len(self.item.pop))
+
+    def hardest(self, users: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
+        if self._items is None:
+            self.start_epoch()
+        return hardest_negatives(lambda i: self.user.lift(i, "eval")[0], self._items,
+                                 users, cand, k)
 
     def _reinforce(self, side: Side, logp: torch.Tensor, reward: torch.Tensor,
                    free: torch.Tensor) -> torch.Tensor:

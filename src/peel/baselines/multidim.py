@@ -11,7 +11,8 @@ the device receives is only each item's row at its final size (:mod:`peel.device
 Change from the papers, the same for both (``docs/paper-notes.md``, "ESAPN and AutoEmb"): the
 papers' predictor is a CTR MLP over the concatenated user and item vectors trained on rating
 streams; here the score is the dot product of the lifted user and item vectors, trained with
-BPR (uniform negatives, ``cfg.negatives`` per positive) on the training split in time-free,
+BPR (stage 1's negatives: ``cfg.negatives`` per positive, uniform or the hardest of
+``dns_candidates`` uniform draws, as configured) on the training split in time-free,
 shuffled mini-batches (the papers stream the interactions once, in time order), with
 stage 1's optimiser (Adam, learning-rate half-life, L2 on the batch's rows) and early stopping
 on validation Recall@20 of the model as deployed. A dot product is what a device ranks with
@@ -109,6 +110,10 @@ class SizeSearch(Protocol):
     def train_step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
                    lr: float, rng: np.random.Generator) -> float: ...
 
+    def hardest(self, users: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor: ...
+
+    def start_epoch(self) -> None: ...
+
     def deploy(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]: ...
 
 
@@ -143,16 +148,23 @@ def _run(data: InteractionData, cfg: PretrainConfig, model: SizeSearch,
     best: tuple[float, int, np.ndarray, dict, dict, dict] | None = None
     history: list[dict[str, Any]] = []
     bad, step = 0, 0
+    dns = cfg.sampling == "dns"
+    draws = cfg.negatives * (cfg.dns_candidates if dns else 1)
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         rng = np.random.default_rng([cfg.seed, epoch])
         order = rng.permutation(len(pos_u))
+        if dns:
+            model.start_epoch()
         total, steps = 0.0, 0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start: start + cfg.batch_size]
-            neg = sampler.sample(pos_u[idx], cfg.negatives, rng)
-            total += model.train_step(torch.from_numpy(pos_u[idx]), torch.from_numpy(pos_i[idx]),
-                                      torch.from_numpy(neg), learning_rate(cfg, step), rng)
+            users = torch.from_numpy(pos_u[idx])
+            neg = torch.from_numpy(sampler.sample(pos_u[idx], draws, rng))
+            if dns:  # stage 1's hard negatives: the best-scored of the uniform candidates
+                neg = model.hardest(users, neg, cfg.negatives)
+            total += model.train_step(users, torch.from_numpy(pos_i[idx]), neg,
+                                      learning_rate(cfg, step), rng)
             steps += 1
             step += 1
         record: dict[str, Any] = {"epoch": epoch, "loss": total / max(steps, 1),
@@ -182,6 +194,27 @@ def _run(data: InteractionData, cfg: PretrainConfig, model: SizeSearch,
                         time.perf_counter() - t_start)
 
 
+@torch.no_grad()
+def hardest_negatives(user_vectors, item_table: torch.Tensor, users: torch.Tensor,
+                      cand: torch.Tensor, k: int) -> torch.Tensor:
+    """The ``k`` best-scored of each row's candidate negatives, as
+    :func:`peel.pretrain._hardest` does for stage 1: the users' current lifted vectors
+    (``user_vectors(ids)``) against ``item_table``, the lifted items as of the start of the
+    epoch (lifting every candidate at every step would cost a lift of the whole catalogue per
+    step; LightRec's candidates are one epoch old too)."""
+    uu, u_inv = torch.unique(users, return_inverse=True)
+    uv = user_vectors(uu)
+    scores = torch.einsum("bd,bmd->bm", uv[u_inv], item_table[cand])
+    return torch.gather(cand, 1, torch.topk(scores, k, dim=1).indices)
+
+
+@torch.no_grad()
+def lifted_all(vectors, n: int) -> torch.Tensor:
+    """``vectors(ids)`` for ids 0..n-1, :data:`DEPLOY_CHUNK` at a time."""
+    return torch.cat([vectors(torch.arange(s, min(s + DEPLOY_CHUNK, n)))
+                      for s in range(0, n, DEPLOY_CHUNK)])
+
+
 def _scorer(users: np.ndarray, arrays: dict[str, np.ndarray], sizes: tuple[int, ...],
             method: str):
     return lambda batch: dm.lifted_scores(users[np.asarray(batch, dtype=np.int64)], arrays,
@@ -198,6 +231,7 @@ class MultiDimRecommender(CompressedRecommender):
         "l2": (1e-5, 1e-4, 1e-3),
         "batch_size": (2048, 8192),
         "negatives": (1, 4),
+        "sampling": ("uniform", "dns"),
     }
 
     def __init__(self, config: PretrainConfig | None = None) -> None:
