@@ -1,13 +1,14 @@
 """ESAPN and AutoEmb at each budget on one trained run: test metrics, wall time, device latency.
 
     python benchmarks/multidim_compare.py RUN --out DIR [--budgets 0.107,0.213,0.533] \
-        [--methods esapn,autoemb] [--epochs 15] [--tune-trials 0] \
+        [--methods esapn,autoemb] [--epochs 10] [--tune-trials 0] \
         [--reference docs/results/ml-1m/issue14/seed0.json]
 
 Reporting only (test split). Every choice a fit makes (its early-stopping epoch, the sizes it
 deploys) is made on the validation split; ``--tune-trials N`` adds :func:`peel.tuning.tune`'s
 N validation trials per budget from each class's ``search_space`` (0: the run's ``[pretrain]``
-setting only). ``--epochs`` caps the training epochs (the run's config says 300 with
+setting only). ``--sampling`` picks the negatives (default uniform, see
+:data:`DEFAULT_SAMPLING`). ``--epochs`` caps the training epochs (the run's config says 300 with
 patience 5; the cap keeps one fit on ml-1m at a few minutes on this project's shared 2-core
 box, and each row's ``best_epoch`` / ``epochs_run`` say whether it bound). Per row: Recall /
 NDCG @20 and @50, the sizes chosen (histogram) and the bytes by part, ``seconds`` (fit +
@@ -35,11 +36,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from budget_compare import METRICS
 from compress_compare import latency
 
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 10
+#: Uniform negatives, not the run's DNS: on ml-1m seed 0's validation split at 10.7% DNS
+#: trained both methods worse after the first epochs and cost several times more per epoch
+#: (docs/results/ml-1m/multidim/sampling_probe_valid.log).
+DEFAULT_SAMPLING = "uniform"
 
 
 def score(run: Path, budgets: list[str], methods: list[str], epochs: int, tune_trials: int,
-          latency_users: int) -> tuple[dict, dict[str, np.ndarray]]:
+          latency_users: int, sampling: str) -> tuple[dict, dict[str, np.ndarray]]:
     from peel.baselines import make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import evaluate
@@ -48,7 +53,8 @@ def score(run: Path, budgets: list[str], methods: list[str], epochs: int, tune_t
     from peel.tuning import tune
 
     cfg = load_run_config(run)
-    pre = replace(cfg.pretrain, epochs=min(epochs, cfg.pretrain.epochs))
+    pre = replace(cfg.pretrain, epochs=min(epochs, cfg.pretrain.epochs),
+                  sampling=sampling or cfg.pretrain.sampling)
     data = run_data(run)
     full = full_table_bytes(data.n_items, pre.dim)
     seen = data.seen_matrix("test")
@@ -58,6 +64,7 @@ def score(run: Path, budgets: list[str], methods: list[str], epochs: int, tune_t
                                    replace=False))
     doc: dict = {"run": str(run), "seed": cfg.run.seed, "split": "test", "dataset": data.name,
                  "epochs_cap": pre.epochs, "patience": pre.patience, "tune_trials": tune_trials,
+                 "sampling": pre.sampling, "lr": pre.lr, "batch_size": pre.batch_size,
                  "methods": {}, "seconds": {}}
     per_user: dict[str, np.ndarray] = {}
     t_all = time.perf_counter()
@@ -97,6 +104,7 @@ def table(doc: dict, reference: dict | None) -> str:
     budgets = sorted({b for r in rows.values() for b in r}, key=float)
     lines = [f"{doc['dataset']} seed {doc['seed']}, {doc['split']} split, Recall@20 / NDCG@20 "
              f"(epochs capped at {doc['epochs_cap']}, patience {doc['patience']}, "
+             f"{doc['sampling']} negatives, "
              f"{doc['tune_trials']} tuning trials); in brackets: mean item size, bytes used, "
              "wall s (fit + test evaluation; upper bound, shared machine), one user's device "
              "latency (lift + score + top-20, median ms)", "",
@@ -143,13 +151,15 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS,
                     help="cap on training epochs (early stopping on validation still applies)")
     ap.add_argument("--tune-trials", type=int, default=0)
+    ap.add_argument("--sampling", default=DEFAULT_SAMPLING, choices=("uniform", "dns", ""),
+                    help="negatives ('' = the run's [pretrain] sampling)")
     ap.add_argument("--latency-users", type=int, default=300)
     ap.add_argument("--reference", type=Path,
                     help="a budget_compare seed file of the same run (PEEL and LightGCN rows)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     doc, per_user = score(args.run, args.budgets.split(","), methods, args.epochs,
-                          args.tune_trials, args.latency_users)
+                          args.tune_trials, args.latency_users, args.sampling)
     reference = None
     if args.reference:
         reference = json.loads(args.reference.read_text())
