@@ -135,6 +135,9 @@ def table(doc: dict, reference: dict | None) -> str:
                 extra = (f"; {r['demoted_items']} items demoted from the argmax "
                          f"({sizes_text(r['argmax_item_sizes'])})" if "demoted_items" in r
                          else f"; {r['growth_refused_by_budget']:,} growth requests refused")
+                if "soft_valid_recall@20" in r:
+                    extra += (f"; validation Recall@20 deployed {r['valid_recall@20']:.4f}, "
+                              f"soft mix (not deployable) {r['soft_valid_recall@20']:.4f}")
                 lines.append(f"- {label} at {b}: {sizes_text(r['item_sizes'])}; epochs "
                              f"{r['best_epoch']} / {r['epochs_run']}{extra}")
     lines += ["", f"Dense 128-d pretrained table, one user's top-20: "

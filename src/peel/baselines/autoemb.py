@@ -48,6 +48,7 @@ from peel.baselines.multidim import (
 )
 from peel.budget import BudgetError
 from peel.data import InteractionData
+from peel.eval import dot_scorer, evaluate, selection_recall
 from peel.pretrain import NegativeSampler, PretrainConfig
 
 
@@ -181,6 +182,7 @@ class AutoEmbSearch(torch.nn.Module):
         coo = data.valid.tocoo()
         self.valid_u, self.valid_i = coo.row.astype(np.int64), coo.col.astype(np.int64)
         self.valid_sampler = NegativeSampler((data.train + data.valid).tocsr())
+        self.data = data
         self._items: torch.Tensor | None = None
 
     def _bpr(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mode: str,
@@ -257,7 +259,13 @@ class AutoEmbSearch(torch.nn.Module):
                 "argmax_item_sizes": size_histogram(argmax, self.sizes),
                 "demoted_items": int(demoted.sum()),
                 "mean_argmax_weight": float(weights.max(axis=1).mean())}
-        return self.user.deployed_vectors(), arrays, info
+        users = self.user.deployed_vectors()
+        if self.data.valid.nnz:  # what the hard argmax costs: the soft items, not deployable
+            soft = lifted_all(lambda i: self.item.mix(i, "eval")[0], len(self.item.pop))
+            metrics = evaluate(dot_scorer(users, soft), self.data, "valid", ks=(20,),
+                               batch_size=self.cfg.eval_batch_size).metrics
+            info["soft_valid_recall@20"] = selection_recall(metrics)
+        return users, arrays, info
 
 
 class AutoEmb(MultiDimRecommender):
