@@ -5,12 +5,14 @@
 #   benchmarks/multidim_gowalla.sh [RUN] [OUT]
 # Same settings as the committed ml-1m rows (docs/results/ml-1m/multidim): epochs capped at 10,
 # patience 5, the run's [pretrain] optimiser, uniform negatives, no tuning trials.
-# Expected on one free core: 2-3 h (not measured on gowalla; scaled from ml-1m, where one
-# epoch took ~10 s for ESAPN and ~20 s for AutoEmb with 6,039 users x 3,628 items and 591k
-# training interactions: gowalla has 5x the users, 11x the items and 1.2x the interactions,
-# the dense Adam step over every size's table grows with users + items (7x), the hard
-# negatives lift every candidate item (11x) and each validation ranks 30k x 41k scores; about
-# 1.5 min per ESAPN epoch and 3 min per AutoEmb epoch, 10 epochs each at 3 budgets).
+# Expected: 2-3 h (not measured on gowalla). Scaled from ml-1m (6,039 users x 3,628 items,
+# 591k training interactions), where one training step took 0.13 s (ESAPN) / 0.29 s (AutoEmb)
+# on a free core and a whole fit of 10 epochs 264-324 s / 514-632 s on the shared box
+# (docs/results/ml-1m/multidim/seed0.json). Gowalla (29,858 x 40,981, 719k interactions): 88
+# steps per epoch with ~2.5x the users and items per batch and a dense Adam step over 7x the
+# rows, ~1 min per ESAPN epoch and ~2.5 min per AutoEmb epoch including the validation
+# ranking (30k x 41k scores; AutoEmb ranks twice, deployed and soft): ~35 min for ESAPN's
+# three budgets and ~80 min for AutoEmb's, plus test evaluation and latency, on a free core.
 # Memory: under 3 GB (every size's table for 70,839 users and items, 222 floats each, with
 # Adam's two moments). Then copy OUT/{seed2024.json,table.md} to docs/results/gowalla/multidim/.
 set -euo pipefail
