@@ -89,7 +89,7 @@ def fitted(data: InteractionData, budget: int) -> dict[str, tuple[Any, Any]]:
 def test_every_registered_method_is_covered() -> None:
     assert set(CONFIGS) == {"peel", *REGISTRY}
     assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd", "lightgcn-fp16", "lightgcn-int8",
-            "dlrm-ce", "lightrec", "rule"} <= set(REGISTRY)
+            "dlrm-ce", "lightrec", "esapn", "autoemb", "rule"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

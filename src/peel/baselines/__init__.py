@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+from peel.baselines.autoemb import AutoEmb, AutoEmbOptions
 from peel.baselines.base import (
     FLOAT_BYTES,
     BudgetedRecommender,
@@ -24,6 +25,7 @@ from peel.baselines.base import (
 )
 from peel.baselines.bpr_mf import BPRMF
 from peel.baselines.dlrm_ce import DLRMCE, QROptions
+from peel.baselines.esapn import ESAPN, ESAPNOptions
 from peel.baselines.lightgcn import LightGCN, TrainedCache
 from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8
 from peel.baselines.lightgcn_svd import LightGCNSVD
@@ -35,7 +37,7 @@ from peel.pretrain import PretrainConfig
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
     cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNFP16, LightGCNInt8,
-                              DLRMCE, LightRec, Rule)
+                              DLRMCE, LightRec, ESAPN, AutoEmb, Rule)
 }
 
 
@@ -62,8 +64,9 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
     return cls(config)
 
 
-__all__ = ["BPRMF", "DLRMCE", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender",
-           "EmbeddingRecommender", "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD",
+__all__ = ["BPRMF", "DLRMCE", "ESAPN", "FLOAT_BYTES", "PMF", "REGISTRY", "AutoEmb",
+           "AutoEmbOptions", "BudgetedRecommender", "ESAPNOptions", "EmbeddingRecommender",
+           "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD",
            "LightRec", "LightRecOptions", "QROptions", "Rule", "RuleConfig", "baseline_config",
            "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
            "make_baseline"]
