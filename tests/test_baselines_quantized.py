@@ -105,3 +105,24 @@ def test_float_lightgcn_shares_the_training_of_the_same_dimension() -> None:
     np.testing.assert_array_equal(fresh.item_emb, fp32.item_emb)
     np.testing.assert_array_equal(fp16.user_emb, fp32.user_emb)
     assert not np.array_equal(fp16.item_emb, fp32.item_emb)  # stored at float16
+
+
+def test_svd_fp16_keeps_twice_the_directions_at_float16_to_the_byte() -> None:
+    """lightgcn-svd-fp16 is lightgcn-svd's rotation truncated at the float16 D' (about twice
+    the float32 D'), its item table rounded to float16, and its bytes the float16 formula."""
+    from peel.baselines import LightGCNSVD, LightGCNSVDFP16
+
+    rng = np.random.default_rng(1)
+    data = planted()
+    user, item = rng.normal(size=(data.n_users, 32)), rng.normal(size=(data.n_items, 32))
+    budget = full_table_bytes(data.n_items, 8)  # float32 D' = 7, float16 D' = 15
+    svd = LightGCNSVD.from_embeddings(user, item, SMALL).fit(data, budget)
+    half = LightGCNSVDFP16.from_embeddings(user, item, SMALL).fit(data, budget)
+    dim = half.params["dim"]
+    assert dim == quantized_dim(budget, data.n_items, KIND_F16, 32) > 2 * svd.params["dim"]
+    assert half.bytes_used == quantized_bytes(dim, data.n_items, KIND_F16) <= budget
+    full = LightGCNSVD.from_embeddings(user, item, SMALL).fit(data, 10 * budget)
+    np.testing.assert_allclose(half.item_emb, full.item_emb[:, :dim], rtol=1e-3, atol=1e-3)
+    np.testing.assert_array_equal(half.item_emb,
+                                  encode(full.item_emb[:, :dim], KIND_F16).decoded)
+    assert half.params["precision"] == "fp16" and REGISTRY["lightgcn-svd-fp16"] is LightGCNSVDFP16

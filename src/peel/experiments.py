@@ -628,7 +628,6 @@ def baseline_device_model(model: Any, budget: str, users: np.ndarray, exclude: A
                           tmp: Path) -> DeviceModel | str:
     """A fitted baseline's device arrays, or why it has no device ranking here."""
     from peel.baselines import DLRMCE, EmbeddingRecommender, LightRec, Rule
-    from peel.baselines.lightgcn_quantized import QuantizedLightGCN
     from peel.io import save_npz
 
     name = model.name
@@ -649,8 +648,8 @@ def baseline_device_model(model: Any, budget: str, users: np.ndarray, exclude: A
         return DeviceModel(model.label, budget, "lightrec", mpath, upath,
                            model.arrays["codebooks"].nbytes + model.arrays["codes"].nbytes,
                            model.bytes_used)
-    if isinstance(model, QuantizedLightGCN):
-        return "no numpy device ranking of a quantised LightGCN table in peel yet"
+    if getattr(type(model), "precision", "fp32") != "fp32":  # lightgcn-fp16/-int8, svd-fp16
+        return "no numpy device ranking of a quantised dot-product table in peel yet"
     if type(model).scorer is EmbeddingRecommender.scorer and model.item_emb is not None:
         item = np.ascontiguousarray(model.item_emb, dtype=np.float32)
         save_npz(mpath, {"item_emb": item})

@@ -28,7 +28,7 @@ from peel.baselines.dlrm_ce import DLRMCE, QROptions
 from peel.baselines.esapn import ESAPN, ESAPNOptions
 from peel.baselines.lightgcn import LightGCN, TrainedCache
 from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8
-from peel.baselines.lightgcn_svd import LightGCNSVD
+from peel.baselines.lightgcn_svd import LightGCNSVD, LightGCNSVDFP16
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
 from peel.baselines.rule import Rule, RuleConfig
@@ -36,7 +36,8 @@ from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNFP16, LightGCNInt8,
+    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNSVDFP16, LightGCNFP16,
+                              LightGCNInt8,
                               DLRMCE, LightRec, ESAPN, AutoEmb, Rule)
 }
 
@@ -56,7 +57,8 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
     the caller) lets lightgcn, lightgcn-fp16 and lightgcn-int8 share a training at the same
     dimension."""
     check_names([name])
-    if name in (LightGCNSVD.name, LightRec.name, Rule.name) and run is not None:
+    if (issubclass(REGISTRY[name], LightGCNSVD) or name in (LightRec.name, Rule.name)) \
+            and run is not None:
         return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     cls = REGISTRY[name]
     if trained is not None and issubclass(cls, LightGCN):
@@ -66,7 +68,7 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
 
 __all__ = ["BPRMF", "DLRMCE", "ESAPN", "FLOAT_BYTES", "PMF", "REGISTRY", "AutoEmb",
            "AutoEmbOptions", "BudgetedRecommender", "ESAPNOptions", "EmbeddingRecommender",
-           "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD",
+           "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD", "LightGCNSVDFP16",
            "LightRec", "LightRecOptions", "QROptions", "Rule", "RuleConfig", "baseline_config",
            "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
            "make_baseline"]

@@ -66,3 +66,30 @@ class LightGCNSVD(EmbeddingRecommender):
                        "energy": float(rotated.energy()[dim - 1]),
                        "pretrain_seconds": self.pretrain_seconds}
         return self
+
+
+class LightGCNSVDFP16(LightGCNSVD):
+    """lightgcn-svd with a float16 item table: D' = largest with |V| D' 2 + 4 D' <= M.
+
+    The same-storage counterpart of PEEL's default float16 packages: at a budget it keeps
+    about twice the singular directions of ``lightgcn-svd``, rounded to float16 as a
+    package stores a block (scores use the decoded table, as a device computes them).
+    """
+
+    name: ClassVar[str] = "lightgcn-svd-fp16"
+    label: ClassVar[str] = "lightgcn-svd-fp16"
+    precision: ClassVar[str] = "fp16"
+
+    def fit(self, data: InteractionData, budget_bytes: int) -> LightGCNSVDFP16:
+        from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
+        from peel.budget import KIND_F16
+        from peel.quantize import encode
+
+        cap = self.rotated.item_emb.shape[1] if self.rotated is not None else self.config.dim
+        dim = quantized_dim(budget_bytes, data.n_items, KIND_F16, cap)
+        super().fit(data, fixed_size_bytes(dim, data.n_items))  # the float D'-d truncation
+        self.item_emb = encode(self.item_emb, KIND_F16, f"{self.name}: item table").decoded
+        self.item_emb = self.item_emb.astype(np.float32)
+        self.bytes_used = quantized_bytes(dim, data.n_items, KIND_F16)
+        self.params["precision"] = self.precision
+        return self
