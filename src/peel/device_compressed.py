@@ -108,7 +108,8 @@ def lightrec_plan(budget_bytes: int, n_items: int, dim: int,
 # --------------------------------------------------------------------------- scoring
 
 
-def _as_users(users: np.ndarray, dim: int) -> np.ndarray:
+def as_users(users: np.ndarray, dim: int) -> np.ndarray:
+    """User vectors as a float32 (n, dim) array (one vector is one row); shape checked."""
     u = np.asarray(users, dtype=np.float32)
     if u.ndim == 1:
         u = u[None, :]
@@ -125,7 +126,7 @@ def qr_scores(users: np.ndarray, q: np.ndarray, r: np.ndarray, n_items: int,
         raise ValueError(f"Q has {q.shape[0]} rows; {n_items} items with m={m} need "
                          f"{-(-n_items // m)}")
     dim = q.shape[1] + r.shape[1] if op == "concat" else q.shape[1]
-    u = _as_users(users, dim)
+    u = as_users(users, dim)
     if op == "mult":
         s = np.matmul(u[:, None, :] * r[None, :, :], q.T)  # (n, m, nq)
         s = s.transpose(0, 2, 1)
@@ -158,7 +159,7 @@ def lightrec_scores(users: np.ndarray, codebooks: np.ndarray, codes: np.ndarray)
     n_books, k, dim = codebooks.shape
     if codes.ndim != 2 or codes.shape[1] != n_books:
         raise ValueError(f"codes: expected (n_items, {n_books}), got {codes.shape}")
-    u = _as_users(users, dim)
+    u = as_users(users, dim)
     lut = u @ codebooks.reshape(n_books * k, dim).T  # (n, B * K): every u . codeword
     out = np.zeros((len(u), codes.shape[0]), dtype=np.float32)
     for b in range(n_books):

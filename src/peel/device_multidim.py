@@ -44,6 +44,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from peel.device_compressed import as_users
+
 FLOAT_BYTES = 4
 #: Items lifted at once during ranking: bounds the temporary lifted vectors to 4096 x d floats.
 LIFT_CHUNK = 4096
@@ -101,15 +103,6 @@ def stored_bytes(arrays: Mapping[str, np.ndarray], dim: int) -> int:
 # --------------------------------------------------------------------------- scoring
 
 
-def _users(users: np.ndarray, dim: int) -> np.ndarray:
-    u = np.asarray(users, dtype=np.float32)
-    if u.ndim == 1:
-        u = u[None, :]
-    if u.ndim != 2 or u.shape[1] != dim:
-        raise ValueError(f"user vectors: expected shape (n, {dim}), got {np.shape(users)}")
-    return u
-
-
 def _classes(arrays: Mapping[str, np.ndarray], sizes: Sequence[int]
              ) -> list[tuple[int, np.ndarray, np.ndarray]]:
     """(size index, item indices, table) of every size in use; checks the tables' shapes."""
@@ -161,7 +154,7 @@ def lifted_scores(users: np.ndarray, arrays: Mapping[str, np.ndarray], sizes: Se
     if method not in LIFTS:
         raise ValueError(f"method {method!r}: expected one of {', '.join(LIFTS)}")
     lift = LIFTS[method]
-    u = _users(users, sizes[-1])
+    u = as_users(users, sizes[-1])
     n_items = int(np.asarray(arrays["codes"]).shape[0])
     out = np.empty((len(u), n_items), dtype=np.float32)
     for level, items, table in _classes(arrays, sizes):

@@ -26,7 +26,7 @@ in shuffled mini-batches, early stopping on validation Recall@20 of the deployed
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -42,7 +42,6 @@ from peel.baselines.multidim import (
     hardest_negatives,
     lifted_all,
     popularity_features,
-    run_search,
     size_histogram,
     size_tables,
 )
@@ -275,16 +274,6 @@ class AutoEmb(MultiDimRecommender):
     label: ClassVar[str] = "AutoEmb"
     method: ClassVar[str] = "autoemb"
 
-    def __init__(self, config: PretrainConfig | None = None,
-                 options: AutoEmbOptions | None = None) -> None:
-        super().__init__(config)
-        self.options = options or AutoEmbOptions()
-        self.options.validate()
-
-    def fit(self, data: InteractionData, budget_bytes: int) -> AutoEmb:
-        self.config.validate()
-        search = AutoEmbSearch(data, self.config, self.options, budget_bytes)
-        result = run_search(data, self.config, search, self.method)
-        self._finish(data, result, budget_bytes, {**asdict(self.options),
-                                                  "budget_bytes": budget_bytes})
-        return self
+    options_type: ClassVar[type] = AutoEmbOptions
+    search_type: ClassVar[type] = AutoEmbSearch
+    options: AutoEmbOptions

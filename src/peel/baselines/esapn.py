@@ -38,7 +38,7 @@ them per ranking call (:func:`peel.device_multidim.lifted_scores`).
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -54,7 +54,6 @@ from peel.baselines.multidim import (
     hardest_negatives,
     lifted_all,
     popularity_features,
-    run_search,
     size_histogram,
     size_tables,
 )
@@ -301,16 +300,6 @@ class ESAPN(MultiDimRecommender):
     label: ClassVar[str] = "ESAPN"
     method: ClassVar[str] = "esapn"
 
-    def __init__(self, config: PretrainConfig | None = None,
-                 options: ESAPNOptions | None = None) -> None:
-        super().__init__(config)
-        self.options = options or ESAPNOptions()
-        self.options.validate()
-
-    def fit(self, data: InteractionData, budget_bytes: int) -> ESAPN:
-        self.config.validate()
-        search = ESAPNSearch(data, self.config, self.options, budget_bytes)
-        result = run_search(data, self.config, search, self.method)
-        self._finish(data, result, budget_bytes, {**asdict(self.options),
-                                                  "budget_bytes": budget_bytes})
-        return self
+    options_type: ClassVar[type] = ESAPNOptions
+    search_type: ClassVar[type] = ESAPNSearch
+    options: ESAPNOptions

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -225,6 +225,9 @@ class MultiDimRecommender(CompressedRecommender):
     """A per-item-size baseline ranked through :func:`peel.device_multidim.lifted_scores`."""
 
     method: ClassVar[str] = ""
+    #: the method's options dataclass and its search module (built per fit)
+    options_type: ClassVar[type]
+    search_type: ClassVar[type]
     #: the shared optimiser knobs (the controllers' own rates are options of each method)
     search_space: ClassVar[dict[str, tuple]] = {
         "lr": (3e-3, 1e-2, 3e-2),
@@ -234,9 +237,21 @@ class MultiDimRecommender(CompressedRecommender):
         "sampling": ("uniform", "dns"),
     }
 
-    def __init__(self, config: PretrainConfig | None = None) -> None:
+    def __init__(self, config: PretrainConfig | None = None, options: Any = None) -> None:
         super().__init__(config)
         self.sizes: tuple[int, ...] = dm.candidate_sizes(self.config.dim)
+        self.options = options or self.options_type()
+        self.options.validate()
+
+    def fit(self, data: InteractionData, budget_bytes: int) -> MultiDimRecommender:
+        """Search sizes under ``budget_bytes`` with the method's search module, then keep
+        the best deployment (:meth:`_finish`)."""
+        self.config.validate()
+        search = self.search_type(data, self.config, self.options, budget_bytes)
+        result = run_search(data, self.config, search, self.method)
+        self._finish(data, result, budget_bytes, {**asdict(self.options),
+                                                  "budget_bytes": budget_bytes})
+        return self
 
     def device_scores(self, user_vectors: np.ndarray) -> np.ndarray:
         self._ready()
