@@ -414,11 +414,10 @@ def accumulate(steps: list[Step]) -> list[dict[str, Any]]:
     return rows
 
 
-def dynamic(run: str | Path, out: str | Path, config: DynamicConfig | None = None,
-            progress: bool = False, command: str | None = None) -> dict[str, Any]:
-    """RQ2 / Fig. 3: every method through ``config.budgets``; writes the report to ``out``."""
-    config = config or DynamicConfig()
-    config.validate()
+def _open_experiment(run: str | Path, out: str | Path, progress: bool
+                     ) -> tuple[Path, Path, Stages, Any, InteractionData]:
+    """Every experiment's start: a writable report folder, a complete run, its config and
+    data (timed as the first stage)."""
     out = check_output_dir(out)
     stages = Stages()
     run = runfolder.require_run(run)
@@ -426,6 +425,15 @@ def dynamic(run: str | Path, out: str | Path, config: DynamicConfig | None = Non
     with stages("load run and data", progress):
         cfg = pipeline.load_run_config(run)
         data = pipeline.run_data(run, cfg)
+    return out, run, stages, cfg, data
+
+
+def dynamic(run: str | Path, out: str | Path, config: DynamicConfig | None = None,
+            progress: bool = False, command: str | None = None) -> dict[str, Any]:
+    """RQ2 / Fig. 3: every method through ``config.budgets``; writes the report to ``out``."""
+    config = config or DynamicConfig()
+    config.validate()
+    out, run, stages, cfg, data = _open_experiment(run, out, progress)
     with stages(cfg.run.label, progress):
         by_method = {cfg.run.label: accumulate(peel_dynamic(
             run, data, cfg, config.budgets, config.split, config.shrink_reps))}
@@ -740,13 +748,7 @@ def latency(run: str | Path, out: str | Path, config: LatencyConfig | None = Non
 
     config = config or LatencyConfig()
     config.validate()
-    out = check_output_dir(out)
-    stages = Stages()
-    run = runfolder.require_run(run)
-    runfolder.check_complete(run)
-    with stages("load run and data", progress):
-        cfg = pipeline.load_run_config(run)
-        data = pipeline.run_data(run, cfg)
+    out, run, stages, cfg, data = _open_experiment(run, out, progress)
     budgets = list(config.budgets or cfg.deploy.budgets)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="peel-latency-") as tmp:
@@ -988,14 +990,8 @@ def sweep(run: str | Path, out: str | Path, config: SweepConfig,
     """RQ3 / Fig. 5: PEEL for every value of one hyper-parameter; a run folder per value
     under ``out/runs/`` (re-running skips the values whose result is saved)."""
     config.validate()
-    out = check_output_dir(out)
-    stages = Stages()
-    run = runfolder.require_run(run)
-    runfolder.check_complete(run)
-    with stages("load run and data", progress):
-        base_cfg = pipeline.load_run_config(run)
-        data = pipeline.run_data(run, base_cfg)
-        sweep_config(base_cfg, config.key, config.values[0])  # a bad key fails before work
+    out, run, stages, base_cfg, data = _open_experiment(run, out, progress)
+    sweep_config(base_cfg, config.key, config.values[0])  # a bad key fails before work
     budget_bytes = parse_budget(config.budget, full_table_bytes(data.n_items,
                                                                 base_cfg.pretrain.dim))
     rows = []
