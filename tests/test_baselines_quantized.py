@@ -126,3 +126,11 @@ def test_svd_fp16_keeps_twice_the_directions_at_float16_to_the_byte() -> None:
     np.testing.assert_array_equal(half.item_emb,
                                   encode(full.item_emb[:, :dim], KIND_F16).decoded)
     assert half.params["precision"] == "fp16" and REGISTRY["lightgcn-svd-fp16"] is LightGCNSVDFP16
+    from peel.baselines import LightGCNSVDInt8
+
+    quarter = LightGCNSVDInt8.from_embeddings(user, item, SMALL).fit(data, budget)
+    dim8 = quarter.params["dim"]
+    assert dim8 == quantized_dim(budget, data.n_items, KIND_I8, 32) > dim
+    assert quarter.bytes_used == quantized_bytes(dim8, data.n_items, KIND_I8) <= budget
+    np.testing.assert_array_equal(quarter.item_emb,
+                                  encode(full.item_emb[:, :dim8], KIND_I8).decoded)

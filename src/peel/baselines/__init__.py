@@ -28,7 +28,7 @@ from peel.baselines.dlrm_ce import DLRMCE, QROptions
 from peel.baselines.esapn import ESAPN, ESAPNOptions
 from peel.baselines.lightgcn import LightGCN, TrainedCache
 from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8
-from peel.baselines.lightgcn_svd import LightGCNSVD, LightGCNSVDFP16
+from peel.baselines.lightgcn_svd import LightGCNSVD, LightGCNSVDFP16, LightGCNSVDInt8
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
 from peel.baselines.rule import Rule, RuleConfig
@@ -36,8 +36,8 @@ from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNSVDFP16, LightGCNFP16,
-                              LightGCNInt8,
+    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNSVDFP16, LightGCNSVDInt8,
+                              LightGCNFP16, LightGCNInt8,
                               DLRMCE, LightRec, ESAPN, AutoEmb, Rule)
 }
 
@@ -69,6 +69,7 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
 __all__ = ["BPRMF", "DLRMCE", "ESAPN", "FLOAT_BYTES", "PMF", "REGISTRY", "AutoEmb",
            "AutoEmbOptions", "BudgetedRecommender", "ESAPNOptions", "EmbeddingRecommender",
            "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD", "LightGCNSVDFP16",
+           "LightGCNSVDInt8",
            "LightRec", "LightRecOptions", "QROptions", "Rule", "RuleConfig", "baseline_config",
            "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
            "make_baseline"]

@@ -16,6 +16,7 @@ from typing import ClassVar
 import numpy as np
 
 from peel.baselines.base import EmbeddingRecommender, fixed_size_bytes, fixed_size_dim
+from peel.budget import KIND_F16, KIND_I8
 from peel.data import InteractionData
 from peel.pretrain import PretrainConfig, load_embeddings, pretrain
 from peel.rotation import Rotated, svd_rotate
@@ -68,28 +69,45 @@ class LightGCNSVD(EmbeddingRecommender):
         return self
 
 
-class LightGCNSVDFP16(LightGCNSVD):
-    """lightgcn-svd with a float16 item table: D' = largest with |V| D' 2 + 4 D' <= M.
+class QuantizedLightGCNSVD(LightGCNSVD):
+    """lightgcn-svd with its item table stored at a lower precision: D' is the largest width
+    whose stored table (plus one float32 user vector) fits, as for ``lightgcn-fp16`` /
+    ``lightgcn-int8``; the rotation is truncated there and rounded as a package stores a
+    block (scores use the decoded table, as a device computes them). The same-storage
+    counterpart of PEEL's lower-precision packages: about 2x (float16) or 4x (int8) the
+    singular directions of ``lightgcn-svd`` at a budget."""
 
-    The same-storage counterpart of PEEL's default float16 packages: at a budget it keeps
-    about twice the singular directions of ``lightgcn-svd``, rounded to float16 as a
-    package stores a block (scores use the decoded table, as a device computes them).
-    """
+    kind: ClassVar[int]
+    precision: ClassVar[str]
 
-    name: ClassVar[str] = "lightgcn-svd-fp16"
-    label: ClassVar[str] = "lightgcn-svd-fp16"
-    precision: ClassVar[str] = "fp16"
-
-    def fit(self, data: InteractionData, budget_bytes: int) -> LightGCNSVDFP16:
+    def fit(self, data: InteractionData, budget_bytes: int) -> QuantizedLightGCNSVD:
         from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
-        from peel.budget import KIND_F16
         from peel.quantize import encode
 
         cap = self.rotated.item_emb.shape[1] if self.rotated is not None else self.config.dim
-        dim = quantized_dim(budget_bytes, data.n_items, KIND_F16, cap)
+        dim = quantized_dim(budget_bytes, data.n_items, self.kind, cap)
         super().fit(data, fixed_size_bytes(dim, data.n_items))  # the float D'-d truncation
-        self.item_emb = encode(self.item_emb, KIND_F16, f"{self.name}: item table").decoded
-        self.item_emb = self.item_emb.astype(np.float32)
-        self.bytes_used = quantized_bytes(dim, data.n_items, KIND_F16)
+        stored = encode(self.item_emb, self.kind, f"{self.name}: item table").decoded
+        self.item_emb = stored.astype(np.float32)
+        self.bytes_used = quantized_bytes(dim, data.n_items, self.kind)
         self.params["precision"] = self.precision
         return self
+
+
+class LightGCNSVDFP16(QuantizedLightGCNSVD):
+    """lightgcn-svd with a float16 item table: D' = largest with |V| D' 2 + 4 D' <= M."""
+
+    name: ClassVar[str] = "lightgcn-svd-fp16"
+    label: ClassVar[str] = "lightgcn-svd-fp16"
+    kind: ClassVar[int] = KIND_F16
+    precision: ClassVar[str] = "fp16"
+
+
+class LightGCNSVDInt8(QuantizedLightGCNSVD):
+    """lightgcn-svd with an int8 item table, one float16 scale per row:
+    D' = largest with |V| (D' + 2) + 4 D' <= M."""
+
+    name: ClassVar[str] = "lightgcn-svd-int8"
+    label: ClassVar[str] = "lightgcn-svd-int8"
+    kind: ClassVar[int] = KIND_I8
+    precision: ClassVar[str] = "int8"
