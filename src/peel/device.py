@@ -89,6 +89,11 @@ from peel.io import atomic_path, check_input_file, json_depth
 _TOPK_RUN = 64
 #: Rows of a float16 / int8 block decoded at a time: (d, rows) float32 stays in L2 cache.
 _TILE = 8192
+#: Values (d x rows x blocks) of one stacked float16 / int8 tile: 512 KB as int32 / float32,
+#: which stays in L2 cache between the widening and the product.
+_STACK = int(os.environ.get('PEEL_STACK', 1 << 17))
+#: Fewest rows a stacked tile holds (fewer would make the per-call overhead dominate).
+_MIN_ROWS = 512
 #: float16 bits shifted left by 13 are a float32 of the same sign, mantissa and exponent, but
 #: with exponent bias 15 instead of 127: its value times 2^112 is the float16's value.
 _F16_SHIFT = 13
@@ -190,7 +195,7 @@ class Package:
         self._order = order if order is not None else _ItemOrder(self.item_group)
         self._chunks = chunks
         self._groups: list[list[int]] | None = None
-        self._plan: list[tuple[int, int, list[tuple[int, _Entry]]]] | None = None
+        self._plan: list[_GroupPlan] | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
@@ -337,45 +342,107 @@ class Package:
             self._groups = groups
         return self._groups
 
-    def _group_plan(self) -> list[tuple[int, int, list[tuple[int, _Entry]]]]:
-        """(first row, end row, [(selection index, entry), ...]) of every item group."""
+    def _group_plan(self) -> list[_GroupPlan]:
+        """The kept blocks of every item group, split by how they are multiplied (cached)."""
         if self._plan is None:
             entries, off = self._kernel(), self.group_offsets
-            self._plan = [(int(off[g]), int(off[g + 1]), [(i, entries[i]) for i in kept])
-                          for g, kept in enumerate(self._by_group())]
+            plan = []
+            for g, kept in enumerate(self._by_group()):
+                parts: dict[str, list[int]] = {"f32": [], "f16": [], "i8": []}
+                for i in kept:
+                    kind = entries[i].kind
+                    parts["f32" if kind == KIND_F32 else "f16" if kind == KIND_F16
+                          else "i8"].append(i)
+                plan.append(_GroupPlan(
+                    int(off[g]), int(off[g + 1]),
+                    [(i, entries[i]) for i in parts["f32"]],
+                    [entries[i] for i in parts["f16"]], np.asarray(parts["f16"], np.int64),
+                    [entries[i] for i in parts["i8"]], np.asarray(parts["i8"], np.int64),
+                    any(entries[i].offset is not None for i in parts["i8"])))
+            self._plan = plan
         return self._plan
 
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
         """Eq. 10 for one user over all rows (items in stored order).
 
-        Item group by item group, one tile of rows at a time: each kept block's terms go to one
-        row of a small buffer and one reduction adds them up, so a block costs one product
-        call (plus its decode), not a product and an accumulation into the scores.
+        Item group by item group, one tile of rows at a time. A float32 block costs one product
+        call. The float16 blocks of a group are widened together into one stacked buffer
+        ((blocks x d, rows), one call per block, the float16 bits moved into float32 positions
+        by a shift fused with the widening) and then multiplied by one (blocks x d)-vector: one
+        product per group, not per block. The int8 blocks of a group are stacked the same way,
+        multiplied by one batched product, and their per-row scales applied to the stacked
+        d-dim products in one call. The buffers stay a few hundred KB (:data:`_STACK`).
         """
         q = self._queries(user[None, :], mode)[:, 0, :]
         queries = list(q)
         scores = np.empty(self.n_items, dtype=np.float32)
         folded = _FoldedQuery(q) if self.spec.mixed else None
-        scratch = _SCRATCH.get(self.spec.block_dim, 1, self.spec.n_blocks)
-        for lo, hi, kept in self._group_plan():
-            for a in range(lo, hi, _TILE):
-                b = min(a + _TILE, hi)
-                whole = a == lo and b == hi  # one tile: the block views need no slicing
+        d = self.spec.block_dim
+        scratch = _SCRATCH.get(d, 1, self.spec.n_blocks)
+        for gp in self._group_plan():
+            if (gp.hi - gp.lo) * d * max(len(gp.f16), len(gp.i8)) > _STACK:
+                self._group_by_block(gp, queries, folded, scores, scratch)
+                continue
+            n_f16, n_i8 = len(gp.f16), len(gp.i8)
+            n_terms = len(gp.f32) + (n_f16 > 0) + (n_i8 > 0)
+            rows = max(gp.hi - gp.lo, 1)
+            q16 = q8 = qsum8 = None
+            if folded is not None:
+                if n_f16:
+                    q16 = folded.q[gp.f16_idx].reshape(-1)
+                if n_i8:
+                    q8 = folded.q[gp.i8_idx][:, None, :]
+                    qsum8 = folded.qsum[gp.i8_idx][:, None]
+            for a in range(gp.lo, gp.hi, rows):
+                b = min(a + rows, gp.hi)
+                m, sl = b - a, slice(a - gp.lo, b - gp.lo)
+                whole = a == gp.lo and b == gp.hi  # one tile: the block views need no slicing
                 out = scores[a:b]
-                rows = [out] if len(kept) == 1 else list(
-                    scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a))
-                for row, (i, entry) in zip(rows, kept, strict=True):
-                    if entry.kind == KIND_F32:
-                        np.matmul(queries[i], entry.values if whole else
-                                  entry.values[:, a - lo: b - lo], out=row)
-                    else:
-                        assert folded is not None
-                        _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
-                                      folded.post, row, scratch)
-                if len(kept) > 1:
-                    np.add.reduce(scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a),
-                                  axis=0, out=out)
+                terms = [out] if n_terms == 1 else list(
+                    scratch.terms[: n_terms * m].reshape(n_terms, m))
+                t = 0
+                for i, entry in gp.f32:
+                    np.matmul(queries[i], entry.values if whole else entry.values[:, sl],
+                              out=terms[t])
+                    t += 1
+                if n_f16:
+                    assert folded is not None and q16 is not None
+                    _stacked_f16(gp.f16, sl, q16, folded.post, terms[t], scratch)
+                    t += 1
+                if n_i8:
+                    assert folded is not None and q8 is not None and qsum8 is not None
+                    _stacked_i8(gp.i8, sl, q8, qsum8, gp.has_offset, folded.post, terms[t],
+                                scratch)
+                if n_terms > 1:
+                    np.add.reduce(scratch.terms[: n_terms * m].reshape(n_terms, m), axis=0,
+                                  out=out)
         return scores
+
+    def _group_by_block(self, gp: _GroupPlan, queries: list[np.ndarray],
+                        folded: _FoldedQuery | None, scores: np.ndarray,
+                        scratch: _Buffers) -> None:
+        """One large item group, block by block in tiles of :data:`_TILE` rows: a stacked tile
+        of its float16 / int8 blocks would not fit in cache, and the per-call overhead that
+        stacking saves is small against the rows of one block."""
+        kept = [*gp.f32, *zip(gp.f16_idx.tolist(), gp.f16, strict=True),
+                *zip(gp.i8_idx.tolist(), gp.i8, strict=True)]
+        lo, hi = gp.lo, gp.hi
+        for a in range(lo, hi, _TILE):
+            b = min(a + _TILE, hi)
+            whole = a == lo and b == hi
+            out = scores[a:b]
+            terms = scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a)
+            rows = [out] if len(kept) == 1 else list(terms)
+            for row, (i, entry) in zip(rows, kept, strict=True):
+                if entry.kind == KIND_F32:
+                    np.matmul(queries[i], entry.values if whole else
+                              entry.values[:, a - lo: b - lo], out=row)
+                else:
+                    assert folded is not None
+                    _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
+                                  folded.post, row, scratch)
+            if len(kept) > 1:
+                np.add.reduce(terms, axis=0, out=out)
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
         """Eq. 10 for a batch of users: (B, rows)."""
@@ -653,7 +720,16 @@ class _Buffers:
         self.ints = np.empty(d * _TILE, dtype=np.int32)  # float16 bits being widened
         self.scale = np.empty(_TILE, dtype=np.int32)
         self.offset = np.empty(_TILE, dtype=np.int32)
-        self.terms = np.empty(max(batch, blocks) * _TILE, dtype=np.float32)  # block terms
+        self.terms = np.empty((max(batch, blocks) + 2) * _TILE, dtype=np.float32)  # terms
+        # the stacked tiles of _row_scores: int32 float16 bits or float32 int8 codes, and the
+        # int8 blocks' scales, offsets and products (one value per block and row)
+        stack = max(_STACK, blocks * d * _MIN_ROWS)
+        per_row = stack // d
+        self.stack_ints = np.empty(stack, dtype=np.int32)
+        self.stack_floats = np.empty(stack, dtype=np.float32)
+        self.stack_scale = np.empty(per_row, dtype=np.int32)
+        self.stack_offset = np.empty(per_row, dtype=np.int32)
+        self.stack_prod = np.empty(per_row, dtype=np.float32)
 
 
 class _Scratch(threading.local):
@@ -710,6 +786,77 @@ def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
             np.add(out, off, out=out)
         else:
             out += np.multiply.outer(qsum, off)
+    if post != 1:
+        np.multiply(out, post, out=out)
+
+
+class _GroupPlan(NamedTuple):
+    """One item group's rows [lo, hi) and its kept blocks, split by how they are multiplied."""
+
+    lo: int
+    hi: int
+    f32: list[tuple[int, _Entry]]  # (selection index, entry): one product each
+    f16: list[_Entry]  # widened into one stacked tile, one product for all
+    f16_idx: np.ndarray  # their selection indices (to gather their queries)
+    i8: list[_Entry]  # int8 (with or without offsets): one batched product
+    i8_idx: np.ndarray
+    has_offset: bool
+
+
+def _stacked_f16(entries: list[_Entry], sl: slice, q: np.ndarray, post: np.float32,
+                 out: np.ndarray, buffers: _Buffers) -> None:
+    """``out`` = the summed terms of rows ``sl`` of a group's float16 blocks.
+
+    Each block's bits are sign-extended and shifted into its d rows of one int32 tile in a
+    single call; one mask clears the sign-extension bits of the whole tile, and one product
+    with the blocks' concatenated folded queries ``q`` ((blocks x d,)) sums every term.
+    """
+    d, m = entries[0].values.shape[0], sl.stop - sl.start
+    tile = buffers.stack_ints[: len(entries) * d * m].reshape(len(entries) * d, m)
+    for j, entry in enumerate(entries):
+        np.copyto(tile[j * d: (j + 1) * d], entry.values[:, sl], casting="unsafe")
+    np.left_shift(tile, _F16_SHIFT, out=tile)
+    np.bitwise_and(tile, _F16_MASK, out=tile)
+    np.matmul(q, tile.view(np.float32), out=out)
+    if post != 1:
+        np.multiply(out, post, out=out)
+
+
+def _stacked_i8(entries: list[_Entry], sl: slice, q: np.ndarray, qsum: np.ndarray,
+                has_offset: bool, post: np.float32, out: np.ndarray,
+                buffers: _Buffers) -> None:
+    """``out`` = the summed terms of rows ``sl`` of a group's int8 blocks.
+
+    The codes of every block are widened into one (blocks, d, rows) float32 tile and multiplied
+    by the blocks' folded queries ``q`` ((blocks, 1, d)) in one batched product; the per-row
+    scales (float16 bits, shifted like float16 values) then multiply the (blocks, rows)
+    products in one call, offsets add offset * sum(q), and one reduction sums the blocks.
+    """
+    k, d, m = len(entries), entries[0].values.shape[0], sl.stop - sl.start
+    codes = buffers.stack_floats[: k * d * m].reshape(k, d, m)
+    scales = buffers.stack_scale[: k * m].reshape(k, m)
+    offsets = buffers.stack_offset[: k * m].reshape(k, m)
+    for j, entry in enumerate(entries):
+        np.copyto(codes[j], entry.values[:, sl], casting="unsafe")
+        assert entry.scale is not None
+        np.copyto(scales[j], entry.scale[sl], casting="unsafe")
+        if has_offset:
+            if entry.offset is None:
+                offsets[j] = 0
+            else:
+                np.copyto(offsets[j], entry.offset[sl], casting="unsafe")
+    np.left_shift(scales, _F16_SHIFT, out=scales)
+    prod = buffers.stack_prod[: k * m].reshape(k, 1, m)
+    np.matmul(q, codes, out=prod)
+    terms = prod.reshape(k, m)
+    np.multiply(terms, scales.view(np.float32), out=terms)
+    if has_offset:
+        np.left_shift(offsets, _F16_SHIFT, out=offsets)
+        np.bitwise_and(offsets, _F16_MASK, out=offsets)
+        off = offsets.view(np.float32)
+        np.multiply(off, qsum, out=off)
+        np.add(terms, off, out=terms)
+    np.add.reduce(terms, axis=0, out=out)
     if post != 1:
         np.multiply(out, post, out=out)
 
