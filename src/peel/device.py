@@ -91,7 +91,7 @@ _TOPK_RUN = 64
 _TILE = 8192
 #: Values (d x rows x blocks) of one stacked float16 / int8 tile: 512 KB as int32 / float32,
 #: which stays in L2 cache between the widening and the product.
-_STACK = int(os.environ.get('PEEL_STACK', 1 << 17))
+_STACK = 1 << 17
 #: Fewest rows a stacked tile holds (fewer would make the per-call overhead dominate).
 _MIN_ROWS = 512
 #: float16 bits shifted left by 13 are a float32 of the same sign, mantissa and exponent, but
