@@ -89,11 +89,9 @@ from peel.io import atomic_path, check_input_file, json_depth
 _TOPK_RUN = 64
 #: Rows of a float16 / int8 block decoded at a time: (d, rows) float32 stays in L2 cache.
 _TILE = 8192
-#: Values (d x rows x blocks) of one stacked float16 / int8 tile: 512 KB as int32 / float32,
-#: which stays in L2 cache between the widening and the product.
+#: Values (d x rows x blocks) of the float16 / int8 blocks stacked for one batch of item
+#: groups: 512 KB as int32 / float32, which stays in L2 cache between widening and product.
 _STACK = 1 << 17
-#: Fewest rows a stacked tile holds (fewer would make the per-call overhead dominate).
-_MIN_ROWS = 512
 #: float16 bits shifted left by 13 are a float32 of the same sign, mantissa and exponent, but
 #: with exponent bias 15 instead of 127: its value times 2^112 is the float16's value.
 _F16_SHIFT = 13
@@ -195,7 +193,7 @@ class Package:
         self._order = order if order is not None else _ItemOrder(self.item_group)
         self._chunks = chunks
         self._groups: list[list[int]] | None = None
-        self._plan: list[_GroupPlan] | None = None
+        self._plan: _Plan | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
@@ -342,80 +340,156 @@ class Package:
             self._groups = groups
         return self._groups
 
-    def _group_plan(self) -> list[_GroupPlan]:
-        """The kept blocks of every item group, split by how they are multiplied (cached)."""
-        if self._plan is None:
-            entries, off = self._kernel(), self.group_offsets
-            plan = []
-            for g, kept in enumerate(self._by_group()):
-                parts: dict[str, list[int]] = {"f32": [], "f16": [], "i8": []}
-                for i in kept:
-                    kind = entries[i].kind
-                    parts["f32" if kind == KIND_F32 else "f16" if kind == KIND_F16
-                          else "i8"].append(i)
-                plan.append(_GroupPlan(
-                    int(off[g]), int(off[g + 1]),
-                    [(i, entries[i]) for i in parts["f32"]],
-                    [entries[i] for i in parts["f16"]], np.asarray(parts["f16"], np.int64),
-                    [entries[i] for i in parts["i8"]], np.asarray(parts["i8"], np.int64),
-                    any(entries[i].offset is not None for i in parts["i8"])))
-            self._plan = plan
+    def _group_plan(self) -> _Plan:
+        """How :meth:`_row_scores` walks the item groups (cached; shrinking builds a new one).
+
+        Consecutive item groups whose float16 / int8 blocks fit one stacked buffer together
+        form a batch; a group too large for it (or for :data:`_TILE` rows) is a batch of its
+        own, scored block by block in tiles.
+        """
+        if self._plan is not None:
+            return self._plan
+        entries, off, d = self._kernel(), self.group_offsets, self.spec.block_dim
+        f16_order: list[int] = []
+        i8_order: list[int] = []
+        batches: list[_Batch] = []
+        current: list[_GroupPlan] = []
+        used = [0, 0, 0]  # int32 values (float16 tiles), float32 values (int8 codes), rows
+
+        def flush() -> None:
+            if current:
+                batches.append(_Batch(list(current), False, used[0], used[2],
+                                      any(gp.has_offset for gp in current)))
+                current.clear()
+                used[:] = [0, 0, 0]
+
+        for g, kept in enumerate(self._by_group()):
+            lo, hi = int(off[g]), int(off[g + 1])
+            n = hi - lo
+            f32 = [(i, entries[i]) for i in kept if entries[i].kind == KIND_F32]
+            f16 = [i for i in kept if entries[i].kind == KIND_F16]
+            i8 = [i for i in kept if entries[i].kind not in (KIND_F32, KIND_F16)]
+            need16, need8 = n * d * len(f16), n * d * len(i8)
+            large = max(need16, need8) > _STACK or n > _TILE
+            if large or used[0] + need16 > _STACK or used[1] + need8 > _STACK:
+                flush()
+            gp = _GroupPlan(lo, hi, f32, [entries[i] for i in f16], [entries[i] for i in i8],
+                            any(entries[i].offset is not None for i in i8),
+                            used[0], used[1], used[2], len(f16_order), len(i8_order),
+                            f16, i8)
+            f16_order += f16
+            i8_order += i8
+            if large:
+                batches.append(_Batch([gp], True, 0, 0, gp.has_offset))
+                continue
+            current.append(gp)
+            used[0] += need16
+            used[1] += need8
+            used[2] += n * len(i8)
+        flush()
+        self._plan = _Plan(batches, np.asarray(f16_order, dtype=np.int64),
+                           np.asarray(i8_order, dtype=np.int64))
         return self._plan
 
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
         """Eq. 10 for one user over all rows (items in stored order).
 
-        Item group by item group, one tile of rows at a time. A float32 block costs one product
-        call. The float16 blocks of a group are widened together into one stacked buffer
-        ((blocks x d, rows), one call per block, the float16 bits moved into float32 positions
-        by a shift fused with the widening) and then multiplied by one (blocks x d)-vector: one
-        product per group, not per block. The int8 blocks of a group are stacked the same way,
-        multiplied by one batched product, and their per-row scales applied to the stacked
-        d-dim products in one call. The buffers stay a few hundred KB (:data:`_STACK`).
+        A float32 block costs one product call. The float16 blocks of a batch of small item
+        groups are widened into one stacked int32 buffer (one call per block), their bits moved
+        into float32 positions by one shift and one mask for the whole batch, and each group's
+        blocks multiplied by one (blocks x d)-vector: one product per group, not per block.
+        The int8 blocks are stacked the same way (codes widened to float32, per-row scales
+        widened and shifted once per batch) and multiplied by one batched product per group;
+        the scales then multiply the group's d-dim products, not its d x rows values. Large
+        groups go block by block in cache-sized tiles (:meth:`_group_by_block`). Buffers stay
+        a few hundred KB (:data:`_STACK`).
         """
         q = self._queries(user[None, :], mode)[:, 0, :]
         queries = list(q)
         scores = np.empty(self.n_items, dtype=np.float32)
+        plan = self._group_plan()
         folded = _FoldedQuery(q) if self.spec.mixed else None
         d = self.spec.block_dim
         scratch = _SCRATCH.get(d, 1, self.spec.n_blocks)
-        for gp in self._group_plan():
-            if (gp.hi - gp.lo) * d * max(len(gp.f16), len(gp.i8)) > _STACK:
-                self._group_by_block(gp, queries, folded, scores, scratch)
+        q16 = q8 = qsum8 = np.zeros((0, 1, d), dtype=np.float32)  # used by mixed packages only
+        post = np.float32(1)
+        if folded is not None:
+            q16 = folded.q[plan.f16_order].reshape(-1)
+            q8 = folded.q[plan.i8_order][:, None, :]
+            qsum8 = folded.qsum[plan.i8_order][:, None]
+            post = folded.post
+        ints, floats = scratch.stack_ints, scratch.stack_floats
+        scl, offs, prods = scratch.stack_scale, scratch.stack_offset, scratch.stack_prod
+        for batch in plan.batches:
+            if batch.by_block:
+                self._group_by_block(batch.groups[0], queries, folded, scores, scratch)
                 continue
-            n_f16, n_i8 = len(gp.f16), len(gp.i8)
-            n_terms = len(gp.f32) + (n_f16 > 0) + (n_i8 > 0)
-            rows = max(gp.hi - gp.lo, 1)
-            q16 = q8 = qsum8 = None
-            if folded is not None:
-                if n_f16:
-                    q16 = folded.q[gp.f16_idx].reshape(-1)
-                if n_i8:
-                    q8 = folded.q[gp.i8_idx][:, None, :]
-                    qsum8 = folded.qsum[gp.i8_idx][:, None]
-            for a in range(gp.lo, gp.hi, rows):
-                b = min(a + rows, gp.hi)
-                m, sl = b - a, slice(a - gp.lo, b - gp.lo)
-                whole = a == gp.lo and b == gp.hi  # one tile: the block views need no slicing
-                out = scores[a:b]
-                terms = [out] if n_terms == 1 else list(
-                    scratch.terms[: n_terms * m].reshape(n_terms, m))
+            for gp in batch.groups:  # widen every float16 / int8 block of the batch
+                n = gp.hi - gp.lo
+                at = gp.f16_at
+                for entry in gp.f16:
+                    np.copyto(ints[at: at + d * n].reshape(d, n), entry.values,
+                              casting="unsafe")
+                    at += d * n
+                at, row = gp.i8_at, gp.row_at
+                for entry in gp.i8:
+                    np.copyto(floats[at: at + d * n].reshape(d, n), entry.values,
+                              casting="unsafe")
+                    np.copyto(scl[row: row + n], entry.scale, casting="unsafe")
+                    if gp.has_offset:
+                        if entry.offset is None:
+                            offs[row: row + n] = 0
+                        else:
+                            np.copyto(offs[row: row + n], entry.offset, casting="unsafe")
+                    at += d * n
+                    row += n
+            if batch.f16_values:
+                bits = ints[: batch.f16_values]
+                np.left_shift(bits, _F16_SHIFT, out=bits)
+                np.bitwise_and(bits, _F16_MASK, out=bits)
+            if batch.i8_rows:
+                np.left_shift(scl[: batch.i8_rows], _F16_SHIFT, out=scl[: batch.i8_rows])
+                if batch.has_offset:
+                    o = offs[: batch.i8_rows]
+                    np.left_shift(o, _F16_SHIFT, out=o)
+                    np.bitwise_and(o, _F16_MASK, out=o)
+            for gp in batch.groups:
+                n = gp.hi - gp.lo
+                if n == 0:
+                    continue
+                k16, k8 = len(gp.f16), len(gp.i8)
+                n_terms = len(gp.f32) + (k16 > 0) + (k8 > 0)
+                out = scores[gp.lo: gp.hi]
+                terms = (out[None, :] if n_terms == 1
+                         else scratch.terms[: n_terms * n].reshape(n_terms, n))
                 t = 0
                 for i, entry in gp.f32:
-                    np.matmul(queries[i], entry.values if whole else entry.values[:, sl],
-                              out=terms[t])
+                    np.matmul(queries[i], entry.values, out=terms[t])
                     t += 1
-                if n_f16:
-                    assert folded is not None and q16 is not None
-                    _stacked_f16(gp.f16, sl, q16, folded.post, terms[t], scratch)
+                if k16:
+                    tile = ints[gp.f16_at: gp.f16_at + k16 * d * n].view(np.float32)
+                    np.matmul(q16[gp.f16_q * d: (gp.f16_q + k16) * d],
+                              tile.reshape(k16 * d, n), out=terms[t])
+                    if post != 1:
+                        np.multiply(terms[t], post, out=terms[t])
                     t += 1
-                if n_i8:
-                    assert folded is not None and q8 is not None and qsum8 is not None
-                    _stacked_i8(gp.i8, sl, q8, qsum8, gp.has_offset, folded.post, terms[t],
-                                scratch)
+                if k8:
+                    prod = prods[gp.row_at: gp.row_at + k8 * n].reshape(k8, 1, n)
+                    np.matmul(q8[gp.i8_q: gp.i8_q + k8],
+                              floats[gp.i8_at: gp.i8_at + k8 * d * n].reshape(k8, d, n),
+                              out=prod)
+                    prod = prod.reshape(k8, n)
+                    rows = slice(gp.row_at, gp.row_at + k8 * n)
+                    np.multiply(prod, scl[rows].view(np.float32).reshape(k8, n), out=prod)
+                    if gp.has_offset:
+                        off = offs[rows].view(np.float32).reshape(k8, n)
+                        np.multiply(off, qsum8[gp.i8_q: gp.i8_q + k8], out=off)
+                        np.add(prod, off, out=prod)
+                    np.add.reduce(prod, axis=0, out=terms[t])
+                    if post != 1:
+                        np.multiply(terms[t], post, out=terms[t])
                 if n_terms > 1:
-                    np.add.reduce(scratch.terms[: n_terms * m].reshape(n_terms, m), axis=0,
-                                  out=out)
+                    np.add.reduce(terms, axis=0, out=out)
         return scores
 
     def _group_by_block(self, gp: _GroupPlan, queries: list[np.ndarray],
@@ -424,8 +498,8 @@ class Package:
         """One large item group, block by block in tiles of :data:`_TILE` rows: a stacked tile
         of its float16 / int8 blocks would not fit in cache, and the per-call overhead that
         stacking saves is small against the rows of one block."""
-        kept = [*gp.f32, *zip(gp.f16_idx.tolist(), gp.f16, strict=True),
-                *zip(gp.i8_idx.tolist(), gp.i8, strict=True)]
+        kept = [*gp.f32, *zip(gp.f16_sel, gp.f16, strict=True),
+                *zip(gp.i8_sel, gp.i8, strict=True)]
         lo, hi = gp.lo, gp.hi
         for a in range(lo, hi, _TILE):
             b = min(a + _TILE, hi)
@@ -723,8 +797,8 @@ class _Buffers:
         self.terms = np.empty((max(batch, blocks) + 2) * _TILE, dtype=np.float32)  # terms
         # the stacked tiles of _row_scores: int32 float16 bits or float32 int8 codes, and the
         # int8 blocks' scales, offsets and products (one value per block and row)
-        stack = max(_STACK, blocks * d * _MIN_ROWS)
-        per_row = stack // d
+        stack = _STACK
+        per_row = max(stack // d, 1)
         self.stack_ints = np.empty(stack, dtype=np.int32)
         self.stack_floats = np.empty(stack, dtype=np.float32)
         self.stack_scale = np.empty(per_row, dtype=np.int32)
@@ -791,74 +865,39 @@ def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
 
 
 class _GroupPlan(NamedTuple):
-    """One item group's rows [lo, hi) and its kept blocks, split by how they are multiplied."""
+    """One item group's rows [lo, hi), its kept blocks by kind, and where its stacked
+    float16 / int8 values go in its batch's buffers."""
 
     lo: int
     hi: int
     f32: list[tuple[int, _Entry]]  # (selection index, entry): one product each
-    f16: list[_Entry]  # widened into one stacked tile, one product for all
-    f16_idx: np.ndarray  # their selection indices (to gather their queries)
-    i8: list[_Entry]  # int8 (with or without offsets): one batched product
-    i8_idx: np.ndarray
+    f16: list[_Entry]  # stacked, one product for all
+    i8: list[_Entry]  # int8 with or without offsets: stacked, one batched product
+    has_offset: bool
+    f16_at: int  # first int32 of its float16 tile in the batch's buffer
+    i8_at: int  # first float32 of its int8 codes
+    row_at: int  # first of its (blocks x rows) int8 scales / offsets / products
+    f16_q: int  # its first float16 block in the call's float16 query order
+    i8_q: int
+    f16_sel: list[int]  # selection indices of its float16 / int8 blocks
+    i8_sel: list[int]
+
+
+class _Batch(NamedTuple):
+    """Consecutive item groups whose stacked values fit the buffers together, or one large
+    group (``by_block``)."""
+
+    groups: list[_GroupPlan]
+    by_block: bool
+    f16_values: int
+    i8_rows: int
     has_offset: bool
 
 
-def _stacked_f16(entries: list[_Entry], sl: slice, q: np.ndarray, post: np.float32,
-                 out: np.ndarray, buffers: _Buffers) -> None:
-    """``out`` = the summed terms of rows ``sl`` of a group's float16 blocks.
-
-    Each block's bits are sign-extended and shifted into its d rows of one int32 tile in a
-    single call; one mask clears the sign-extension bits of the whole tile, and one product
-    with the blocks' concatenated folded queries ``q`` ((blocks x d,)) sums every term.
-    """
-    d, m = entries[0].values.shape[0], sl.stop - sl.start
-    tile = buffers.stack_ints[: len(entries) * d * m].reshape(len(entries) * d, m)
-    for j, entry in enumerate(entries):
-        np.copyto(tile[j * d: (j + 1) * d], entry.values[:, sl], casting="unsafe")
-    np.left_shift(tile, _F16_SHIFT, out=tile)
-    np.bitwise_and(tile, _F16_MASK, out=tile)
-    np.matmul(q, tile.view(np.float32), out=out)
-    if post != 1:
-        np.multiply(out, post, out=out)
-
-
-def _stacked_i8(entries: list[_Entry], sl: slice, q: np.ndarray, qsum: np.ndarray,
-                has_offset: bool, post: np.float32, out: np.ndarray,
-                buffers: _Buffers) -> None:
-    """``out`` = the summed terms of rows ``sl`` of a group's int8 blocks.
-
-    The codes of every block are widened into one (blocks, d, rows) float32 tile and multiplied
-    by the blocks' folded queries ``q`` ((blocks, 1, d)) in one batched product; the per-row
-    scales (float16 bits, shifted like float16 values) then multiply the (blocks, rows)
-    products in one call, offsets add offset * sum(q), and one reduction sums the blocks.
-    """
-    k, d, m = len(entries), entries[0].values.shape[0], sl.stop - sl.start
-    codes = buffers.stack_floats[: k * d * m].reshape(k, d, m)
-    scales = buffers.stack_scale[: k * m].reshape(k, m)
-    offsets = buffers.stack_offset[: k * m].reshape(k, m)
-    for j, entry in enumerate(entries):
-        np.copyto(codes[j], entry.values[:, sl], casting="unsafe")
-        assert entry.scale is not None
-        np.copyto(scales[j], entry.scale[sl], casting="unsafe")
-        if has_offset:
-            if entry.offset is None:
-                offsets[j] = 0
-            else:
-                np.copyto(offsets[j], entry.offset[sl], casting="unsafe")
-    np.left_shift(scales, _F16_SHIFT, out=scales)
-    prod = buffers.stack_prod[: k * m].reshape(k, 1, m)
-    np.matmul(q, codes, out=prod)
-    terms = prod.reshape(k, m)
-    np.multiply(terms, scales.view(np.float32), out=terms)
-    if has_offset:
-        np.left_shift(offsets, _F16_SHIFT, out=offsets)
-        np.bitwise_and(offsets, _F16_MASK, out=offsets)
-        off = offsets.view(np.float32)
-        np.multiply(off, qsum, out=off)
-        np.add(terms, off, out=terms)
-    np.add.reduce(terms, axis=0, out=out)
-    if post != 1:
-        np.multiply(out, post, out=out)
+class _Plan(NamedTuple):
+    batches: list[_Batch]
+    f16_order: np.ndarray  # selection indices of the float16 blocks, in walking order
+    i8_order: np.ndarray
 
 
 def _check_k(k: int) -> int:
