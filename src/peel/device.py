@@ -825,8 +825,7 @@ _SCRATCH = _Scratch()
 
 def _f16_bits_as_f32(bits: np.ndarray, out: np.ndarray, signed: bool) -> np.ndarray:
     """float16 bits (int16) -> float32 of value x * 2^-112, written into int32 ``out``."""
-    np.copyto(out, bits, casting="unsafe")  # sign-extends
-    np.left_shift(out, _F16_SHIFT, out=out)
+    np.left_shift(bits, _F16_SHIFT, out=out, dtype=np.int32)  # widening sign-extends
     if signed:
         np.bitwise_and(out, _F16_MASK, out=out)
     return out.view(np.float32)
