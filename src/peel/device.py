@@ -32,9 +32,11 @@ built for one user may also carry that user's ``seen`` list, applied when rankin
 
 Mixed precision (format v4). A kept block may be stored as float16, or as int8 codes with a
 float16 scale (and offset) per item row (:mod:`peel.quantize`). Nothing is dequantised ahead of
-time: each block is decoded one cache-sized tile at a time, and the per-row scale is applied to
-the tile's d-dim products, not to its d x rows values: item j's term is
-scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are decoded with integer
+time: blocks are widened into a cache-sized buffer (the float16 / int8 blocks of a batch of
+small item groups stacked together, so that one product covers all of a group's blocks and the
+per-call overhead does not grow with the number of blocks; a large group's blocks one tile at a
+time), and the per-row scale is applied to the d-dim products, not to the d x rows values:
+item j's term is scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are decoded with integer
 shifts (the float16 bits moved into a float32 exponent and mantissa, the 2^112 exponent bias
 folded into the query vector), because numpy's own float16 cast is a scalar loop several times
 slower than reading the bytes.
