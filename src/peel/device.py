@@ -36,10 +36,10 @@ time: blocks are widened into a cache-sized buffer (the float16 / int8 blocks of
 small item groups stacked together, so that one product covers all of a group's blocks and the
 per-call overhead does not grow with the number of blocks; a large group's blocks one tile at a
 time), and the per-row scale is applied to the d-dim products, not to the d x rows values:
-item j's term is scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are decoded with integer
-shifts (the float16 bits moved into a float32 exponent and mantissa, the 2^112 exponent bias
-folded into the query vector), because numpy's own float16 cast is a scalar loop several times
-slower than reading the bytes.
+item j's term is scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are
+decoded with integer shifts (the float16 bits moved into a float32 exponent and mantissa, the
+2^112 exponent bias folded into the query vector), because numpy's own float16 cast is a scalar
+loop several times slower than reading the bytes.
 
 Shrinking (:meth:`Package.shrink`) keeps the longest prefix of the stored selection order that
 fits the smaller budget; the kept blocks are views of the same memory, nothing is copied.
