@@ -788,24 +788,33 @@ class _FoldedQuery:
 
 
 class _Buffers:
-    """Decode and product buffers for one thread (a few hundred KB, reused across calls)."""
+    """Decode and product buffers for one thread (about 1.8 MB at d = 8 and 16 blocks, whatever
+    the catalogue size; reused across calls)."""
 
     def __init__(self, d: int, batch: int, blocks: int) -> None:
         self.key = (d, batch, blocks)
-        self.floats = np.empty(d * _TILE, dtype=np.float32)  # a decoded tile, (d, rows)
-        self.ints = np.empty(d * _TILE, dtype=np.int32)  # float16 bits being widened
-        self.scale = np.empty(_TILE, dtype=np.int32)
-        self.offset = np.empty(_TILE, dtype=np.int32)
-        self.terms = np.empty((max(batch, blocks) + 2) * _TILE, dtype=np.float32)  # terms
-        # the stacked tiles of _row_scores: int32 float16 bits or float32 int8 codes, and the
-        # int8 blocks' scales, offsets and products (one value per block and row)
-        stack = _STACK
-        per_row = max(stack // d, 1)
+        self.sizes = (_STACK, _TILE)
+        # the stacked tiles of _row_scores (float16 bits as int32, int8 codes as float32; the
+        # int8 blocks' scales, offsets and products, one value per block and row); the tiles
+        # of the block-by-block kernels are their first parts (never used at the same time)
+        stack = max(_STACK, d * _TILE)
+        per_row = stack // d
         self.stack_ints = np.empty(stack, dtype=np.int32)
         self.stack_floats = np.empty(stack, dtype=np.float32)
         self.stack_scale = np.empty(per_row, dtype=np.int32)
         self.stack_offset = np.empty(per_row, dtype=np.int32)
         self.stack_prod = np.empty(per_row, dtype=np.float32)
+        self.floats = self.stack_floats[: d * _TILE]  # a decoded tile, (d, rows)
+        self.ints = self.stack_ints[: d * _TILE]  # float16 bits being widened
+        self.scale = self.stack_scale[:_TILE]
+        self.offset = self.stack_offset[:_TILE]
+        self.terms = np.empty((max(batch, blocks) + 2) * _TILE, dtype=np.float32)  # terms
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the extra memory ranking needs besides the package and the scores)."""
+        return sum(a.nbytes for a in (self.stack_ints, self.stack_floats, self.stack_scale,
+                                      self.stack_offset, self.stack_prod, self.terms))
 
 
 class _Scratch(threading.local):
@@ -815,9 +824,11 @@ class _Scratch(threading.local):
 
     def get(self, d: int, batch: int, blocks: int) -> _Buffers:
         have = self.buffers
-        if have is None or any(x < y for x, y in zip(have.key, (d, batch, blocks), strict=True)):
-            key = (d, batch, blocks) if have is None else tuple(
-                max(x, y) for x, y in zip(have.key, (d, batch, blocks), strict=True))
+        if (have is None or have.sizes != (_STACK, _TILE) or have.key[0] != d
+                or any(x < y for x, y in zip(have.key[1:], (batch, blocks), strict=True))):
+            # the stacked buffers' rows depend on d exactly (a smaller d needs more rows)
+            key = (d, batch, blocks) if have is None else (
+                d, max(have.key[1], batch), max(have.key[2], blocks))
             have = self.buffers = _Buffers(*key)
         return have
 
