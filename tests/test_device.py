@@ -392,3 +392,19 @@ def test_fast_kernel_matches_a_reference_ranking(tmp_path: Path, monkeypatch: py
         items, scores = reference_rank(pkg, arrays.user_emb[u], 40, exclude)
         np.testing.assert_array_equal(ranking.items, items)
         np.testing.assert_allclose(ranking.scores, scores, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_buffers_follow_the_block_dim(tmp_path: Path) -> None:
+    """One thread ranks a d = 8 package, then a d = 2 one whose stacked int8 rows outnumber
+    what the first package's buffers hold per value: the buffers must follow d."""
+    wide = synthetic_group(n_items=400, n_blocks=4, block_dim=8, n_item_groups=2, n_users=1)
+    narrow = synthetic_group(n_items=6_000, n_blocks=8, block_dim=2, n_item_groups=3,
+                             n_users=2, seed=2)
+    first = _build(tmp_path, wide, 1.0, "wide.peel", precision="int8")
+    first.rank(wide.user_emb[0], k=5)
+    pkg = _build(tmp_path, narrow, 1.0, "narrow.peel", precision="int8o")
+    for u in range(2):
+        items, scores = reference_rank(pkg, narrow.user_emb[u], 30, np.zeros(0, np.int64))
+        ranking = pkg.rank(narrow.user_emb[u], k=30)
+        np.testing.assert_array_equal(ranking.items, items)
+        np.testing.assert_allclose(ranking.scores, scores, rtol=1e-5, atol=1e-5)
