@@ -339,3 +339,72 @@ def test_many_users_at_once_in_bounded_memory(tmp_path: Path, precision: str) ->
     for u in (0, 150, 299):
         np.testing.assert_allclose(many[u], pkg.scores(arrays.user_emb[u]), rtol=1e-5,
                                    atol=1e-5)
+
+
+def reference_rank(pkg: Package, user: np.ndarray, k: int,
+                   exclude: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` the straightforward way: every kept block decoded to float64 (what
+    ``item_blocks`` returns), one dot product per block and item, a full stable sort."""
+    spec = pkg.spec
+    u = user.astype(np.float64).reshape(spec.n_blocks, spec.block_dim)
+    rows = np.zeros(spec.n_items)
+    for g, n in pkg.selection.tolist():
+        lo, hi = int(pkg.group_offsets[g]), int(pkg.group_offsets[g + 1])
+        rows[lo:hi] += pkg.item_blocks(g, n).astype(np.float64) @ u[n]
+    perm = np.argsort(pkg.item_group, kind="stable")  # stored rows -> item indices
+    scores = np.empty(spec.n_items)
+    scores[perm] = rows
+    scores[exclude] = -np.inf
+    top = np.argsort(-scores, kind="stable")[:k]
+    return top, scores[top]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "value"])
+@pytest.mark.parametrize("path", ["stacked", "by_block"])
+def test_fast_kernel_matches_a_reference_ranking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 precision: str, path: str) -> None:
+    """Both kernels of ``rank`` (an item group's float16 / int8 blocks stacked into one tile,
+    or block by block in tiles when the group is too large) give the reference's top-K."""
+    import peel.device as device
+
+    arrays = synthetic_group(n_items=2_400, n_blocks=8, block_dim=4, n_item_groups=5,
+                             n_users=6, seed=7)
+    if precision == "value":  # rows spanning 1e-6 .. 1e3 that int8 cannot hold: mixed kinds
+        blocks, users = arrays.blocks.copy(), arrays.user_emb.copy()
+        for g, n in ((0, 0), (1, 2), (3, 5)):
+            blocks[arrays.item_group == g, n, :] = np.array([1e3, 1e-3, -1e-3, 1e-6])
+            users[:, n * 4] = 0  # the users look at the small values only
+        arrays = GroupArrays(blocks, arrays.alpha, arrays.item_group, arrays.users, users)
+    pkg = _build(tmp_path, arrays, 0.45, precision=precision, weighting="none", scale="none")
+    sizes = np.diff(pkg.group_offsets)
+    stack_needed = int(sizes.max()) * pkg.spec.block_dim * pkg.spec.n_blocks
+    if path == "stacked":
+        assert stack_needed <= device._STACK  # every group fits one stacked tile
+    else:
+        monkeypatch.setattr(device, "_STACK", 0)  # every group block by block ...
+        monkeypatch.setattr(device, "_TILE", 128)  # ... in several tiles of rows
+    if precision == "value":
+        assert len({k for k, c in pkg.kind_counts().items() if c}) > 1  # mixed kinds
+    rng = np.random.default_rng(3)
+    for u in range(arrays.user_emb.shape[0]):
+        exclude = rng.choice(arrays.n_items, 60, replace=False)
+        ranking = pkg.rank(arrays.user_emb[u], k=40, exclude=exclude)
+        items, scores = reference_rank(pkg, arrays.user_emb[u], 40, exclude)
+        np.testing.assert_array_equal(ranking.items, items)
+        np.testing.assert_allclose(ranking.scores, scores, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_buffers_follow_the_block_dim(tmp_path: Path) -> None:
+    """One thread ranks a d = 8 package, then a d = 2 one whose stacked int8 rows outnumber
+    what the first package's buffers hold per value: the buffers must follow d."""
+    wide = synthetic_group(n_items=400, n_blocks=4, block_dim=8, n_item_groups=2, n_users=1)
+    narrow = synthetic_group(n_items=6_000, n_blocks=8, block_dim=2, n_item_groups=3,
+                             n_users=2, seed=2)
+    first = _build(tmp_path, wide, 1.0, "wide.peel", precision="int8")
+    first.rank(wide.user_emb[0], k=5)
+    pkg = _build(tmp_path, narrow, 1.0, "narrow.peel", precision="int8o")
+    for u in range(2):
+        items, scores = reference_rank(pkg, narrow.user_emb[u], 30, np.zeros(0, np.int64))
+        ranking = pkg.rank(narrow.user_emb[u], k=30)
+        np.testing.assert_array_equal(ranking.items, items)
+        np.testing.assert_allclose(ranking.scores, scores, rtol=1e-5, atol=1e-5)

@@ -32,12 +32,14 @@ built for one user may also carry that user's ``seen`` list, applied when rankin
 
 Mixed precision (format v4). A kept block may be stored as float16, or as int8 codes with a
 float16 scale (and offset) per item row (:mod:`peel.quantize`). Nothing is dequantised ahead of
-time: each block is decoded one cache-sized tile at a time, and the per-row scale is applied to
-the tile's d-dim products, not to its d x rows values: item j's term is
-scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are decoded with integer
-shifts (the float16 bits moved into a float32 exponent and mantissa, the 2^112 exponent bias
-folded into the query vector), because numpy's own float16 cast is a scalar loop several times
-slower than reading the bytes.
+time: blocks are widened into a cache-sized buffer (the float16 / int8 blocks of a batch of
+small item groups stacked together, so that one product covers all of a group's blocks and the
+per-call overhead does not grow with the number of blocks; a large group's blocks one tile at a
+time), and the per-row scale is applied to the d-dim products, not to the d x rows values:
+item j's term is scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are
+decoded with integer shifts (the float16 bits moved into a float32 exponent and mantissa, the
+2^112 exponent bias folded into the query vector), because numpy's own float16 cast is a scalar
+loop several times slower than reading the bytes.
 
 Shrinking (:meth:`Package.shrink`) keeps the longest prefix of the stored selection order that
 fits the smaller budget; the kept blocks are views of the same memory, nothing is copied.
@@ -89,6 +91,9 @@ from peel.io import atomic_path, check_input_file, json_depth
 _TOPK_RUN = 64
 #: Rows of a float16 / int8 block decoded at a time: (d, rows) float32 stays in L2 cache.
 _TILE = 8192
+#: Values (d x rows x blocks) of the float16 / int8 blocks stacked for one batch of item
+#: groups: 512 KB as int32 / float32, which stays in L2 cache between widening and product.
+_STACK = 1 << 17
 #: float16 bits shifted left by 13 are a float32 of the same sign, mantissa and exponent, but
 #: with exponent bias 15 instead of 127: its value times 2^112 is the float16's value.
 _F16_SHIFT = 13
@@ -190,7 +195,7 @@ class Package:
         self._order = order if order is not None else _ItemOrder(self.item_group)
         self._chunks = chunks
         self._groups: list[list[int]] | None = None
-        self._plan: list[tuple[int, int, list[tuple[int, _Entry]]]] | None = None
+        self._plan: _Plan | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
@@ -337,45 +342,183 @@ class Package:
             self._groups = groups
         return self._groups
 
-    def _group_plan(self) -> list[tuple[int, int, list[tuple[int, _Entry]]]]:
-        """(first row, end row, [(selection index, entry), ...]) of every item group."""
-        if self._plan is None:
-            entries, off = self._kernel(), self.group_offsets
-            self._plan = [(int(off[g]), int(off[g + 1]), [(i, entries[i]) for i in kept])
-                          for g, kept in enumerate(self._by_group())]
+    def _group_plan(self) -> _Plan:
+        """How :meth:`_row_scores` walks the item groups (cached; shrinking builds a new one).
+
+        Consecutive item groups whose float16 / int8 blocks fit one stacked buffer together
+        form a batch; a group too large for it (or for :data:`_TILE` rows) is a batch of its
+        own, scored block by block in tiles.
+        """
+        if self._plan is not None:
+            return self._plan
+        entries, off, d = self._kernel(), self.group_offsets, self.spec.block_dim
+        f16_order: list[int] = []
+        i8_order: list[int] = []
+        batches: list[_Batch] = []
+        current: list[_GroupPlan] = []
+        used = [0, 0, 0]  # int32 values (float16 tiles), float32 values (int8 codes), rows
+
+        def flush() -> None:
+            if current:
+                batches.append(_Batch(list(current), False, used[0], used[2],
+                                      any(gp.has_offset for gp in current)))
+                current.clear()
+                used[:] = [0, 0, 0]
+
+        for g, kept in enumerate(self._by_group()):
+            lo, hi = int(off[g]), int(off[g + 1])
+            n = hi - lo
+            f32 = [(i, entries[i]) for i in kept if entries[i].kind == KIND_F32]
+            f16 = [i for i in kept if entries[i].kind == KIND_F16]
+            i8 = [i for i in kept if entries[i].kind not in (KIND_F32, KIND_F16)]
+            need16, need8 = n * d * len(f16), n * d * len(i8)
+            large = max(need16, need8) > _STACK or n > _TILE
+            if large or used[0] + need16 > _STACK or used[1] + need8 > _STACK:
+                flush()
+            gp = _GroupPlan(lo, hi, f32, [entries[i] for i in f16], [entries[i] for i in i8],
+                            any(entries[i].offset is not None for i in i8),
+                            used[0], used[1], used[2], len(f16_order), len(i8_order),
+                            f16, i8)
+            f16_order += f16
+            i8_order += i8
+            if large:
+                batches.append(_Batch([gp], True, 0, 0, gp.has_offset))
+                continue
+            current.append(gp)
+            used[0] += need16
+            used[1] += need8
+            used[2] += n * len(i8)
+        flush()
+        self._plan = _Plan(batches, np.asarray(f16_order, dtype=np.int64),
+                           np.asarray(i8_order, dtype=np.int64))
         return self._plan
 
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
         """Eq. 10 for one user over all rows (items in stored order).
 
-        Item group by item group, one tile of rows at a time: each kept block's terms go to one
-        row of a small buffer and one reduction adds them up, so a block costs one product
-        call (plus its decode), not a product and an accumulation into the scores.
+        A float32 block costs one product call. The float16 blocks of a batch of small item
+        groups are widened into one stacked int32 buffer (one call per block), their bits moved
+        into float32 positions by one shift and one mask for the whole batch, and each group's
+        blocks multiplied by one (blocks x d)-vector: one product per group, not per block.
+        The int8 blocks are stacked the same way (codes widened to float32, per-row scales
+        widened and shifted once per batch) and multiplied by one batched product per group;
+        the scales then multiply the group's d-dim products, not its d x rows values. Large
+        groups go block by block in cache-sized tiles (:meth:`_group_by_block`). Buffers stay
+        a few hundred KB (:data:`_STACK`).
         """
         q = self._queries(user[None, :], mode)[:, 0, :]
         queries = list(q)
         scores = np.empty(self.n_items, dtype=np.float32)
+        plan = self._group_plan()
         folded = _FoldedQuery(q) if self.spec.mixed else None
-        scratch = _SCRATCH.get(self.spec.block_dim, 1, self.spec.n_blocks)
-        for lo, hi, kept in self._group_plan():
-            for a in range(lo, hi, _TILE):
-                b = min(a + _TILE, hi)
-                whole = a == lo and b == hi  # one tile: the block views need no slicing
-                out = scores[a:b]
-                rows = [out] if len(kept) == 1 else list(
-                    scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a))
-                for row, (i, entry) in zip(rows, kept, strict=True):
-                    if entry.kind == KIND_F32:
-                        np.matmul(queries[i], entry.values if whole else
-                                  entry.values[:, a - lo: b - lo], out=row)
-                    else:
-                        assert folded is not None
-                        _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
-                                      folded.post, row, scratch)
-                if len(kept) > 1:
-                    np.add.reduce(scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a),
-                                  axis=0, out=out)
+        d = self.spec.block_dim
+        scratch = _SCRATCH.get(d, 1, self.spec.n_blocks)
+        q16 = q8 = qsum8 = np.zeros((0, 1, d), dtype=np.float32)  # used by mixed packages only
+        post = np.float32(1)
+        if folded is not None:
+            q16 = folded.q[plan.f16_order].reshape(-1)
+            q8 = folded.q[plan.i8_order][:, None, :]
+            qsum8 = folded.qsum[plan.i8_order][:, None]
+            post = folded.post
+        ints, floats = scratch.stack_ints, scratch.stack_floats
+        scl, offs, prods = scratch.stack_scale, scratch.stack_offset, scratch.stack_prod
+        for batch in plan.batches:
+            if batch.by_block:
+                self._group_by_block(batch.groups[0], queries, folded, scores, scratch)
+                continue
+            for gp in batch.groups:  # widen every float16 / int8 block of the batch
+                n = gp.hi - gp.lo
+                at = gp.f16_at
+                for entry in gp.f16:
+                    np.copyto(ints[at: at + d * n].reshape(d, n), entry.values,
+                              casting="unsafe")
+                    at += d * n
+                at, row = gp.i8_at, gp.row_at
+                for entry in gp.i8:
+                    np.copyto(floats[at: at + d * n].reshape(d, n), entry.values,
+                              casting="unsafe")
+                    np.copyto(scl[row: row + n], entry.scale, casting="unsafe")
+                    if gp.has_offset:
+                        if entry.offset is None:
+                            offs[row: row + n] = 0
+                        else:
+                            np.copyto(offs[row: row + n], entry.offset, casting="unsafe")
+                    at += d * n
+                    row += n
+            if batch.f16_values:
+                bits = ints[: batch.f16_values]
+                np.left_shift(bits, _F16_SHIFT, out=bits)
+                np.bitwise_and(bits, _F16_MASK, out=bits)
+            if batch.i8_rows:
+                np.left_shift(scl[: batch.i8_rows], _F16_SHIFT, out=scl[: batch.i8_rows])
+                if batch.has_offset:
+                    o = offs[: batch.i8_rows]
+                    np.left_shift(o, _F16_SHIFT, out=o)
+                    np.bitwise_and(o, _F16_MASK, out=o)
+            for gp in batch.groups:
+                n = gp.hi - gp.lo
+                if n == 0:
+                    continue
+                k16, k8 = len(gp.f16), len(gp.i8)
+                n_terms = len(gp.f32) + (k16 > 0) + (k8 > 0)
+                out = scores[gp.lo: gp.hi]
+                terms = (out[None, :] if n_terms == 1
+                         else scratch.terms[: n_terms * n].reshape(n_terms, n))
+                t = 0
+                for i, entry in gp.f32:
+                    np.matmul(queries[i], entry.values, out=terms[t])
+                    t += 1
+                if k16:
+                    tile = ints[gp.f16_at: gp.f16_at + k16 * d * n].view(np.float32)
+                    np.matmul(q16[gp.f16_q * d: (gp.f16_q + k16) * d],
+                              tile.reshape(k16 * d, n), out=terms[t])
+                    if post != 1:
+                        np.multiply(terms[t], post, out=terms[t])
+                    t += 1
+                if k8:
+                    prod = prods[gp.row_at: gp.row_at + k8 * n].reshape(k8, 1, n)
+                    np.matmul(q8[gp.i8_q: gp.i8_q + k8],
+                              floats[gp.i8_at: gp.i8_at + k8 * d * n].reshape(k8, d, n),
+                              out=prod)
+                    prod = prod.reshape(k8, n)
+                    rows = slice(gp.row_at, gp.row_at + k8 * n)
+                    np.multiply(prod, scl[rows].view(np.float32).reshape(k8, n), out=prod)
+                    if gp.has_offset:
+                        off = offs[rows].view(np.float32).reshape(k8, n)
+                        np.multiply(off, qsum8[gp.i8_q: gp.i8_q + k8], out=off)
+                        np.add(prod, off, out=prod)
+                    np.add.reduce(prod, axis=0, out=terms[t])
+                    if post != 1:
+                        np.multiply(terms[t], post, out=terms[t])
+                if n_terms > 1:
+                    np.add.reduce(terms, axis=0, out=out)
         return scores
+
+    def _group_by_block(self, gp: _GroupPlan, queries: list[np.ndarray],
+                        folded: _FoldedQuery | None, scores: np.ndarray,
+                        scratch: _Buffers) -> None:
+        """One large item group, block by block in tiles of :data:`_TILE` rows: a stacked tile
+        of its float16 / int8 blocks would not fit in cache, and the per-call overhead that
+        stacking saves is small against the rows of one block."""
+        kept = [*gp.f32, *zip(gp.f16_sel, gp.f16, strict=True),
+                *zip(gp.i8_sel, gp.i8, strict=True)]
+        lo, hi = gp.lo, gp.hi
+        for a in range(lo, hi, _TILE):
+            b = min(a + _TILE, hi)
+            whole = a == lo and b == hi
+            out = scores[a:b]
+            terms = scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a)
+            rows = [out] if len(kept) == 1 else list(terms)
+            for row, (i, entry) in zip(rows, kept, strict=True):
+                if entry.kind == KIND_F32:
+                    np.matmul(queries[i], entry.values if whole else
+                              entry.values[:, a - lo: b - lo], out=row)
+                else:
+                    assert folded is not None
+                    _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
+                                  folded.post, row, scratch)
+            if len(kept) > 1:
+                np.add.reduce(terms, axis=0, out=out)
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
         """Eq. 10 for a batch of users: (B, rows)."""
@@ -645,15 +788,33 @@ class _FoldedQuery:
 
 
 class _Buffers:
-    """Decode and product buffers for one thread (a few hundred KB, reused across calls)."""
+    """Decode and product buffers for one thread (about 1.8 MB at d = 8 and 16 blocks, whatever
+    the catalogue size; reused across calls)."""
 
     def __init__(self, d: int, batch: int, blocks: int) -> None:
         self.key = (d, batch, blocks)
-        self.floats = np.empty(d * _TILE, dtype=np.float32)  # a decoded tile, (d, rows)
-        self.ints = np.empty(d * _TILE, dtype=np.int32)  # float16 bits being widened
-        self.scale = np.empty(_TILE, dtype=np.int32)
-        self.offset = np.empty(_TILE, dtype=np.int32)
-        self.terms = np.empty(max(batch, blocks) * _TILE, dtype=np.float32)  # block terms
+        self.sizes = (_STACK, _TILE)
+        # the stacked tiles of _row_scores (float16 bits as int32, int8 codes as float32; the
+        # int8 blocks' scales, offsets and products, one value per block and row); the tiles
+        # of the block-by-block kernels are their first parts (never used at the same time)
+        stack = max(_STACK, d * _TILE)
+        per_row = stack // d
+        self.stack_ints = np.empty(stack, dtype=np.int32)
+        self.stack_floats = np.empty(stack, dtype=np.float32)
+        self.stack_scale = np.empty(per_row, dtype=np.int32)
+        self.stack_offset = np.empty(per_row, dtype=np.int32)
+        self.stack_prod = np.empty(per_row, dtype=np.float32)
+        self.floats = self.stack_floats[: d * _TILE]  # a decoded tile, (d, rows)
+        self.ints = self.stack_ints[: d * _TILE]  # float16 bits being widened
+        self.scale = self.stack_scale[:_TILE]
+        self.offset = self.stack_offset[:_TILE]
+        self.terms = np.empty((max(batch, blocks) + 2) * _TILE, dtype=np.float32)  # terms
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the extra memory ranking needs besides the package and the scores)."""
+        return sum(a.nbytes for a in (self.stack_ints, self.stack_floats, self.stack_scale,
+                                      self.stack_offset, self.stack_prod, self.terms))
 
 
 class _Scratch(threading.local):
@@ -663,9 +824,11 @@ class _Scratch(threading.local):
 
     def get(self, d: int, batch: int, blocks: int) -> _Buffers:
         have = self.buffers
-        if have is None or any(x < y for x, y in zip(have.key, (d, batch, blocks), strict=True)):
-            key = (d, batch, blocks) if have is None else tuple(
-                max(x, y) for x, y in zip(have.key, (d, batch, blocks), strict=True))
+        if (have is None or have.sizes != (_STACK, _TILE) or have.key[0] != d
+                or any(x < y for x, y in zip(have.key[1:], (batch, blocks), strict=True))):
+            # the stacked buffers' rows depend on d exactly (a smaller d needs more rows)
+            key = (d, batch, blocks) if have is None else (
+                d, max(have.key[1], batch), max(have.key[2], blocks))
             have = self.buffers = _Buffers(*key)
         return have
 
@@ -675,8 +838,7 @@ _SCRATCH = _Scratch()
 
 def _f16_bits_as_f32(bits: np.ndarray, out: np.ndarray, signed: bool) -> np.ndarray:
     """float16 bits (int16) -> float32 of value x * 2^-112, written into int32 ``out``."""
-    np.copyto(out, bits, casting="unsafe")  # sign-extends
-    np.left_shift(out, _F16_SHIFT, out=out)
+    np.left_shift(bits, _F16_SHIFT, out=out, dtype=np.int32)  # widening sign-extends
     if signed:
         np.bitwise_and(out, _F16_MASK, out=out)
     return out.view(np.float32)
@@ -712,6 +874,42 @@ def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
             out += np.multiply.outer(qsum, off)
     if post != 1:
         np.multiply(out, post, out=out)
+
+
+class _GroupPlan(NamedTuple):
+    """One item group's rows [lo, hi), its kept blocks by kind, and where its stacked
+    float16 / int8 values go in its batch's buffers."""
+
+    lo: int
+    hi: int
+    f32: list[tuple[int, _Entry]]  # (selection index, entry): one product each
+    f16: list[_Entry]  # stacked, one product for all
+    i8: list[_Entry]  # int8 with or without offsets: stacked, one batched product
+    has_offset: bool
+    f16_at: int  # first int32 of its float16 tile in the batch's buffer
+    i8_at: int  # first float32 of its int8 codes
+    row_at: int  # first of its (blocks x rows) int8 scales / offsets / products
+    f16_q: int  # its first float16 block in the call's float16 query order
+    i8_q: int
+    f16_sel: list[int]  # selection indices of its float16 / int8 blocks
+    i8_sel: list[int]
+
+
+class _Batch(NamedTuple):
+    """Consecutive item groups whose stacked values fit the buffers together, or one large
+    group (``by_block``)."""
+
+    groups: list[_GroupPlan]
+    by_block: bool
+    f16_values: int
+    i8_rows: int
+    has_offset: bool
+
+
+class _Plan(NamedTuple):
+    batches: list[_Batch]
+    f16_order: np.ndarray  # selection indices of the float16 blocks, in walking order
+    i8_order: np.ndarray
 
 
 def _check_k(k: int) -> int:
