@@ -8,6 +8,7 @@ one contract test runs every registered method through the same checks.
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -63,6 +64,29 @@ def fixed_size_bytes(dim: int, n_items: int) -> int:
 
 def dims_for_budgets(budgets: list[int], n_items: int) -> np.ndarray:
     return np.array([fixed_size_dim(b, n_items) for b in budgets])
+
+
+def stage1_tables(cached: tuple[np.ndarray, np.ndarray] | None, data: InteractionData,
+                  config: PretrainConfig, who: str
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """The stage-1 (user, item) tables a method builds on, and the seconds spent making them:
+    ``cached`` (e.g. a run's stage 1, 0 s) or a fresh :func:`peel.pretrain.pretrain` with
+    ``config``. Either way they must match ``data``: a run's tables applied to other data
+    would rank the wrong items silently."""
+    seconds = 0.0
+    if cached is None:
+        from peel.pretrain import pretrain
+
+        t0 = time.perf_counter()
+        result = pretrain(data, config, progress=False)
+        seconds = time.perf_counter() - t0
+        cached = (result.user_emb, result.item_emb)
+    users, items = cached
+    if users.shape[0] != data.n_users or items.shape[0] != data.n_items:
+        raise ValueError(f"{who}: the pretrained tables have {users.shape[0]} users and "
+                         f"{items.shape[0]} items but the data has {data.n_users} and "
+                         f"{data.n_items}")
+    return cached, seconds
 
 
 def baseline_config(method: str, dim: int, base: PretrainConfig,

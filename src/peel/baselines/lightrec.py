@@ -33,10 +33,11 @@ import numpy as np
 import torch
 
 from peel import device_compressed as dc
+from peel.baselines.base import stage1_tables
 from peel.baselines.compressed import CompressedRecommender, ItemModel, train_bpr
 from peel.data import InteractionData
 from peel.executor import deterministic_torch
-from peel.pretrain import PretrainConfig, load_embeddings, pretrain
+from peel.pretrain import PretrainConfig, load_embeddings
 from peel.rotation import svd_rotate
 
 #: Items encoded per chunk when the whole table is (re)computed.
@@ -194,17 +195,12 @@ class LightRec(CompressedRecommender):
         return model
 
     def _teacher(self, data: InteractionData) -> tuple[np.ndarray, np.ndarray]:
-        if self.teacher is None:
-            t0 = time.perf_counter()
-            result = pretrain(data, self.config, progress=False)
-            self.teacher_seconds = time.perf_counter() - t0
-            self.teacher = (result.user_emb, result.item_emb)
-        users, items = self.teacher
-        if items.shape[0] != data.n_items or users.shape[0] != data.n_users:
-            raise ValueError(f"lightrec: the teacher has {users.shape[0]} users and "
-                             f"{items.shape[0]} items but the data has {data.n_users} and "
-                             f"{data.n_items}")
-        return users, items
+        fresh = self.teacher is None
+        self.teacher, seconds = stage1_tables(self.teacher, data, self.config,
+                                              "lightrec: the teacher")
+        if fresh:
+            self.teacher_seconds = seconds
+        return self.teacher
 
     def fit(self, data: InteractionData, budget_bytes: int) -> LightRec:
         users, items = self._teacher(data)

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from peel.baselines.base import EmbeddingRecommender
+from peel.baselines.base import EmbeddingRecommender, stage1_tables
 from peel.budget import BudgetError, PackageSpec, layout, minimum_message
 from peel.data import InteractionData
 from peel.device import Package, read_package, write_package
@@ -56,7 +56,7 @@ from peel.executor import deterministic_torch
 from peel.groups import GroupConfig, make_item_groups
 from peel.io import read_json
 from peel.package import DEFAULT_SCALE
-from peel.pretrain import PretrainConfig, load_embeddings, pretrain
+from peel.pretrain import PretrainConfig, load_embeddings
 
 #: Eq. 10 as PEEL deploys it: block n of an item meets chunk n of the user ("aligned"), no
 #: importance weights (RULE has none). The scale (Eq. 10's factor or not) follows RuleConfig.
@@ -462,16 +462,11 @@ class Rule(EmbeddingRecommender):
     # ----------------------------------------------------------------- stage 1
 
     def _stage1(self, data: InteractionData) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.pretrained is None:
-            t0 = time.perf_counter()
-            result = pretrain(data, self.config, progress=False)
-            self.stage1_seconds = time.perf_counter() - t0
-            self.pretrained = (result.user_emb, result.item_emb)
+        fresh = self.pretrained is None
+        self.pretrained, seconds = stage1_tables(self.pretrained, data, self.config, "rule")
+        if fresh:
+            self.stage1_seconds = seconds
         user_emb, item_emb = self.pretrained
-        if item_emb.shape[0] != data.n_items or user_emb.shape[0] != data.n_users:
-            raise ValueError(f"rule: the pretrained tables are {user_emb.shape[0]} users x "
-                             f"{item_emb.shape[0]} items but the data has {data.n_users} x "
-                             f"{data.n_items}")
         if self.item_group is None:
             groups = GroupConfig(n_item_groups=self.rule.n_item_groups)
             self.item_group = make_item_groups(data.item_popularity, groups, self.seed)
