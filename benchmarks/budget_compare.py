@@ -22,9 +22,9 @@ DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by 
 method reports, e.g. RULE's estimator Spearman and times) and DIR/paired.json: for each seed
 and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's per-user
 Recall@20 (none for a row kept without per-user results); DIR/summary.md tabulates both. A
-run scored in parts (one budget per process, say)
-is joined first by ``benchmarks/combine_seed_files.py``. Reporting only: run it on the test
-split after every choice is made.
+run scored in parts (one budget per process, say) is joined first by
+``benchmarks/combine_seed_files.py``. Reporting only: run it on the test split after every
+choice is made.
 """
 
 from __future__ import annotations

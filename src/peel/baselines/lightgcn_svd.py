@@ -9,16 +9,22 @@ stage 1 (RUN/pretrain/embeddings.safetensors); standalone it pretrains with its 
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from peel.baselines.base import EmbeddingRecommender, fixed_size_bytes, fixed_size_dim
+from peel.baselines.base import (
+    EmbeddingRecommender,
+    fixed_size_bytes,
+    fixed_size_dim,
+    stage1_tables,
+)
+from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
 from peel.budget import KIND_F16, KIND_I8
 from peel.data import InteractionData
-from peel.pretrain import PretrainConfig, load_embeddings, pretrain
+from peel.pretrain import PretrainConfig, load_embeddings
+from peel.quantize import encode
 from peel.rotation import Rotated, svd_rotate
 
 
@@ -50,10 +56,8 @@ class LightGCNSVD(EmbeddingRecommender):
 
     def fit(self, data: InteractionData, budget_bytes: int) -> LightGCNSVD:
         if self.rotated is None:
-            t0 = time.perf_counter()
-            result = pretrain(data, self.config, progress=False)
-            self.pretrain_seconds = time.perf_counter() - t0
-            self.rotated = svd_rotate(result.user_emb, result.item_emb)
+            tables, self.pretrain_seconds = stage1_tables(None, data, self.config, self.name)
+            self.rotated = svd_rotate(*tables)
         rotated = self.rotated
         if rotated.item_emb.shape[0] != data.n_items:
             raise ValueError(f"lightgcn-svd: the pretrained tables have "
@@ -81,9 +85,6 @@ class QuantizedLightGCNSVD(LightGCNSVD):
     precision: ClassVar[str]
 
     def fit(self, data: InteractionData, budget_bytes: int) -> QuantizedLightGCNSVD:
-        from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
-        from peel.quantize import encode
-
         cap = self.rotated.item_emb.shape[1] if self.rotated is not None else self.config.dim
         dim = quantized_dim(budget_bytes, data.n_items, self.kind, cap)
         super().fit(data, fixed_size_bytes(dim, data.n_items))  # the float D'-d truncation
