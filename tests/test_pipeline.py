@@ -90,6 +90,19 @@ def test_train_refuses_a_different_config_in_same_folder(run_dir, capsys):
     assert "different configuration" in capsys.readouterr().err
 
 
+def test_train_resumes_with_another_epoch_cap(run_dir, capsys):
+    """Extending stage 1's epoch cap or patience resumes the run (same stages, same files)
+    instead of refusing it; what stage 1 learns (lr, negatives, ...) still may not change."""
+    root, out = run_dir
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "groups").glob("*.npz")}
+    common = ["train", str(root / "data"), "--out", str(out), "--config",
+              str(root / "cfg.toml"), "--seed", "5", "--quiet"]
+    assert main([*common, "--set", "pretrain.epochs=500", "--set", "pretrain.patience=9"]) == 0
+    assert before == {p.name: p.stat().st_mtime_ns for p in (out / "groups").glob("*.npz")}
+    assert main([*common, "--set", "pretrain.lr=0.123"]) == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
 def test_evaluate_and_report(run_dir, capsys):
     root, out = run_dir
     code = main(["evaluate", str(out), "--baselines", "--selection", "random", "--scale",
@@ -298,6 +311,7 @@ def test_the_paper_configuration_ships_with_the_library() -> None:
     assert cfg.finetune.train_budgets == ()
     assert (cfg.pretrain.layer_combination, cfg.pretrain.sampling, cfg.pretrain.lr) == (
         "last", "uniform", 1e-3)
+    assert cfg.deploy.precision == "fp32"  # the paper counts 4 bytes per value (IV-D4)
     assert cfg.run.label == "PEEL (paper)"
 
 

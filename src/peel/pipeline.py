@@ -52,7 +52,13 @@ from peel.io import (
     write_text,
 )
 from peel.package import DEFAULT_WEIGHTING, PRECISION_CHOICES, DeployOptions
-from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
+from peel.pretrain import (
+    RESUMABLE_FIELDS,
+    PretrainConfig,
+    load_embeddings,
+    pretrain,
+    save_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -331,16 +337,18 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _check_same_config(out: Path, cfg: RunConfig) -> None:
-    """Resuming with different settings would mix stages made under different configs."""
+    """Resuming with different settings would mix stages made under different configs; how
+    long stage 1 may run (epoch and wall-clock caps, patience) and the worker count may change."""
     path = out / "config.toml"
     if not path.exists():
         return
     old = load_config(path)
-    ignore_run = {"workers"}
+    ignore = {"run": {"workers"}, "pretrain": RESUMABLE_FIELDS}
     a = {k: v for k, v in asdict(old).items() if k != "deploy"}
     b = {k: v for k, v in asdict(cfg).items() if k != "deploy"}
     for d in (a, b):
-        d["run"] = {k: v for k, v in d["run"].items() if k not in ignore_run}
+        for part, fields in ignore.items():
+            d[part] = {k: v for k, v in d[part].items() if k not in fields}
     if json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
         raise ValueError(f"{out}: this run folder was made with a different configuration;"
                          " train into a new folder, or use the same configuration and seed to"
@@ -368,7 +376,8 @@ def _pretrain_seconds_all_sessions(stage: Path) -> float | None:
 
 
 def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
-    """Stage-1 outputs are only reused when they were made with exactly this configuration."""
+    """Stage-1 outputs are only reused when they were made with this configuration; finished
+    embeddings are reused as they are whatever epoch or wall-clock cap is asked now."""
     path = stage / "pretrain_config.json"
     if not path.exists():
         raise ValueError(f"{path}: missing; these embeddings cannot be checked against the "
@@ -379,6 +388,9 @@ def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
     # is the behaviour they were made with (new settings default to what came before)
     defaults = json.loads(json.dumps(asdict(PretrainConfig()), default=str))
     saved = {**{k: defaults[k] for k in defaults.keys() - saved.keys()}, **saved}
+    # how long stage 1 was allowed to run does not change what finished embeddings are
+    saved, wanted = ({k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+                     for d in (saved, wanted))
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "

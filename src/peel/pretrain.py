@@ -483,6 +483,11 @@ def _progress_bar(total: int, initial: int, enabled: bool) -> Any:
 # Checkpoint / resume (safetensors + JSON; no pickle)
 # ---------------------------------------------------------------------------------------------
 
+#: settings that say how long or where stage 1 runs, not what it learns: a run may be resumed
+#: with other values (a longer epoch cap, a wall-clock cap, another device)
+RESUMABLE_FIELDS = frozenset({"epochs", "max_minutes", "patience", "eval_every", "device",
+                              "eval_batch_size"})
+
 _CKPT = "checkpoint.safetensors"
 _CKPT_META = "checkpoint.json"
 
@@ -514,8 +519,7 @@ def _load_checkpoint(out: Path, cfg: PretrainConfig, model: Model, opt: torch.op
     meta = json.loads((out / _CKPT_META).read_text())
     saved = meta["config"]
     mine = json.loads(json.dumps(asdict(cfg)))
-    ignore = {"epochs", "max_minutes", "patience", "eval_every", "device", "eval_batch_size"}
-    diff = {k for k in mine if k not in ignore and saved.get(k) != mine[k]}
+    diff = {k for k in mine if k not in RESUMABLE_FIELDS and saved.get(k) != mine[k]}
     if diff:
         raise ValueError(
             f"{out / _CKPT_META}: checkpoint was made with a different config ({sorted(diff)});"
