@@ -47,6 +47,13 @@ DETAILS = ("blocks_kept", "estimator_spearman", "winner_valid_recall@20",
            "estimator_seconds", "search_seconds", "deploy_seconds")
 
 
+#: Fixed-size rows whose full-size model is the run's pretrained one: LightGCN at 100% is stage
+#: 1's 128-d LightGCN (issue 14's table defines it so). Retraining it without the diversity term
+#: would be a second 128-d training per seed (over 40 min on one core for ml-1m, about 35 min
+#: on two for gowalla) for the one row every other budget is compared against anyway.
+FULL_SIZE_IS_PRETRAINED = ("LightGCN",)
+
+
 def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]:
     return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
 
@@ -74,6 +81,16 @@ def method_budgets(spec: str, budgets: list[str]) -> tuple[str, list[str]]:
     return name, ([b for b in own.split("+") if b] if sep else list(budgets))
 
 
+def baseline_budget(budget: str, full: int, n_items: int, dim: int) -> int:
+    """Bytes a baseline gets at ``budget``. ``"1.0"`` (:data:`ALL`) means the full-size model,
+    every one of stage 1's ``dim`` dimensions plus the user vector a device holds: 100% of
+    the item table alone would leave a fixed-size model one dimension short (127 of 128)."""
+    from peel.baselines.base import fixed_size_bytes
+    from peel.budget import parse_budget
+
+    return fixed_size_bytes(dim, n_items) if budget == ALL else parse_budget(budget, full)
+
+
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
               tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
               rule: dict[str, object] | None = None, precisions: list[str] | None = None,
@@ -84,7 +101,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     baselines alone (a part joined later with one that scored PEEL: a fixed-size baseline
     needs only the run's data and config, so it can train while the run's stage 2 does)."""
     from peel.baselines import REGISTRY, make_baseline
-    from peel.budget import full_table_bytes, parse_budget
+    from peel.budget import full_table_bytes
     from peel.eval import dot_scorer, evaluate
     from peel.pipeline import evaluate_peel, load_run_config, run_data
     from peel.pretrain import load_embeddings
@@ -93,6 +110,10 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     cfg = load_run_config(run)
     data = run_data(run)
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+
+    def bytes_at(budget: str) -> int:
+        return baseline_budget(budget, full, data.n_items, cfg.pretrain.dim)
+
     out: dict = {"run": str(run), "seed": cfg.run.seed, "split": split, "dataset": data.name,
                  "methods": {}, "seconds": {}}
     per_user: dict[str, np.ndarray] = {}
@@ -135,10 +156,10 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
         for b in own_budgets:
             t0 = time.perf_counter()
             if tune_trials:  # chosen on validation; the test split is read below, once
-                model, _ = tune(name, data, parse_budget(b, full), cfg.pretrain, tune_trials,
+                model, _ = tune(name, data, bytes_at(b), cfg.pretrain, tune_trials,
                                 seed=cfg.run.seed, run=run, make=same)
             else:
-                model.fit(data, parse_budget(b, full))
+                model.fit(data, bytes_at(b))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
@@ -179,11 +200,24 @@ def summarise(folder: Path, against: str, keep_labels: bool = False) -> None:
                     "users": len(a),
                     "wilcoxon_p": None if stat is None else float(stat.pvalue),
                 }
+    full_size_rows(seeds, paired)
     (folder / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
     (folder / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
     table = markdown(seeds, paired, against if keep_labels else "PEEL")
     (folder / "summary.md").write_text(table)
     print(table)
+
+
+def full_size_rows(seeds: dict, paired: dict) -> None:
+    """Give each :data:`FULL_SIZE_IS_PRETRAINED` method the pretrained model's row (and paired
+    tests) at :data:`ALL` where it has none, marked ``"same_model_as": "pretrained"``."""
+    for method in FULL_SIZE_IS_PRETRAINED:
+        if method not in seeds or ALL in seeds[method] or ALL not in seeds.get("pretrained", {}):
+            continue
+        seeds[method][ALL] = {**seeds["pretrained"][ALL], "same_model_as": "pretrained"}
+        for per_seed in paired.values():
+            if ALL in per_seed.get("pretrained", {}) and method in per_seed:
+                per_seed[method][ALL] = per_seed["pretrained"][ALL]
 
 
 def markdown(seeds: dict, paired: dict, ours: str = "PEEL") -> str:
@@ -197,6 +231,9 @@ def markdown(seeds: dict, paired: dict, ours: str = "PEEL") -> str:
         cells = [(f"{np.mean(rows[b]['recall@20']):.4f} / {np.mean(rows[b]['ndcg@20']):.4f}"
                   if b in rows else "") for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += [f"\n{method} at {b} is the {rows[b]['same_model_as']} model's row."
+              for method, rows in seeds.items() for b in budgets
+              if "same_model_as" in rows.get(b, {})]
     lines += ["", f"{ours} minus method, Recall@20 per seed (Wilcoxon signed-rank p over users)",
               "",
               "| method | budget | per seed |", "|---|---|---|"]
