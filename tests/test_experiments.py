@@ -254,6 +254,12 @@ def test_cli_sweep_reuses_stage_one_and_resumes(tiny_run, capsys):
     assert [r["valid"] for r in again] == [r["valid"] for r in rows]
     md = (out / "report.md").read_text()
     assert "groups.n_item_groups" in md and "Command: `peel experiment sweep" in md
+    csv = (out / "sweep.csv").read_text().splitlines()
+    cols = csv[0].split(",")
+    cells = [dict(zip(cols, line.split(","), strict=True)) for line in csv[1:]]
+    assert cells[1]["train_seconds"] == ""  # the base run's value: nothing trained here
+    assert float(cells[0]["train_seconds"]) > 0
+    assert float(cells[0]["finetune_seconds_recorded"]) > 0
     pytest.importorskip("matplotlib")
     assert (out / "groups_n_item_groups.png").stat().st_size > 1000
 

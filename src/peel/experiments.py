@@ -1025,7 +1025,10 @@ def _flat_sweep_row(r: dict[str, Any]) -> dict[str, Any]:
                              "reused_stage1", "same_as_base_run", "resumed_from_saved")}
     for split in ("valid", "test"):
         row.update({f"{split} {m}": r[split].get(m) for m in METRICS})
-    row["train_seconds"] = r["seconds"].get("train")
+    # the base run's own value is not trained by the sweep: no time, rather than ~0 s
+    row["train_seconds"] = None if r["same_as_base_run"] else r["seconds"].get("train")
+    recorded = r.get("training_seconds_recorded", {})
+    row["finetune_seconds_recorded"] = recorded.get("finetune")
     return row
 
 
@@ -1043,8 +1046,12 @@ def sweep_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], png: str | 
             "stage 1 (much slower). Validation figures are what a choice would be made on; "
             "test figures are reported only.", ""]
     cols = ["value", "full_dim", "bytes_used", "reused_stage1", "resumed_from_saved",
-            *(f"{s} {m}" for s in ("valid", "test") for m in SWEEP_METRICS), "train_seconds"]
+            *(f"{s} {m}" for s in ("valid", "test") for m in SWEEP_METRICS), "train_seconds",
+            "finetune_seconds_recorded"]
     out += md_table(rows, cols)
+    out += ["", "`train_seconds`: what this sweep spent training the value's run (empty for "
+            "the base run's own value, which it reuses); `finetune_seconds_recorded`: stage 2 "
+            "as the value's run recorded it, with that run's worker count."]
     out += ["", "Files: `sweep.json` (every value's metrics at @20 and @50, timings, run "
             "folder), `sweep.csv`" + (f", `{png}` (Recall@50 and NDCG@50, validation and "
                                       "test)." if png else " (no plot: no matplotlib).")]
