@@ -216,8 +216,8 @@ def full_size_rows(seeds: dict, paired: dict) -> None:
             continue
         seeds[method][ALL] = {**seeds["pretrained"][ALL], "same_model_as": "pretrained"}
         for per_seed in paired.values():
-            if ALL in per_seed.get("pretrained", {}) and method in per_seed:
-                per_seed[method][ALL] = per_seed["pretrained"][ALL]
+            if ALL in per_seed.get("pretrained", {}):  # even where its budgets have none
+                per_seed.setdefault(method, {})[ALL] = per_seed["pretrained"][ALL]
 
 
 def markdown(seeds: dict, paired: dict, ours: str = "PEEL") -> str:
