@@ -121,6 +121,27 @@ def test_evaluate_with_ray_gives_the_local_rows(runs: Path, capsys) -> None:
     assert rows["ray"] == rows["local"]  # metrics, bytes and chosen sizes, bit for bit
 
 
+def test_a_sweep_on_ray_gives_the_local_sweep(runs: Path, capsys) -> None:
+    """``peel experiment sweep --executor ray``: each value's group files and rows are the
+    local executor's."""
+    rows = {}
+    for name, extra in (("local", []), ("ray", ["--executor", "ray", "--workers", "2"])):
+        capsys.readouterr()
+        out = runs / f"sweep_{name}"
+        assert main(["experiment", "sweep", str(runs / "local"), "--param",
+                     "groups.n_item_groups=2,3", "--budget", "0.5", "--out", str(out),
+                     "--quiet", "--json", *extra]) == 0
+        rows[name] = [{k: r[k] for k in ("value", "valid", "test", "bytes_used")}
+                      for r in json.loads(capsys.readouterr().out)]
+    assert rows["ray"] == rows["local"]
+    folder = "runs/groups.n_item_groups=2"
+    local = _group_files(runs / "sweep_local" / folder)
+    distributed = _group_files(runs / "sweep_ray" / folder)
+    npz = [n for n in local if n.endswith(".npz")]
+    assert npz and sorted(local) == sorted(distributed)
+    assert all(_digest(local[n]) == _digest(distributed[n]) for n in npz)
+
+
 def test_a_resumed_ray_run_retrains_only_what_is_missing(runs: Path) -> None:
     run = runs / "ray"
     before = {n: _digest(p) for n, p in _group_files(run).items() if n.endswith(".npz")}

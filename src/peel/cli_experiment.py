@@ -104,17 +104,30 @@ def _add_sweep(sub: Any) -> None:
     p.add_argument("--budget", default="0.213",
                    help="evaluation budget, a fraction of the base run's full table (kept in "
                         "bytes for every value)")
-    p.add_argument("--workers", type=int, default=None, help="group fine-tuning processes")
+    p.add_argument("--workers", type=int, default=None,
+                   help="group fine-tuning processes (with --executor ray: Ray workers)")
+    from peel.cli import add_executor_options
+
+    add_executor_options(p, "every value's group fine-tuning tasks (one Ray for the sweep)")
     p.set_defaults(func=cmd_sweep)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from peel.cli import _executor
     from peel.experiments import SweepConfig, parse_param, sweep
 
     key, values = parse_param(args.param)
     cfg = SweepConfig(key=key, values=values, budget=args.budget, workers=args.workers)
-    info = sweep(args.run, _out(args, "experiments/sweep"), cfg, progress=not args.quiet,
-                 command=_command(args))
+    cfg.validate()  # before a Ray is started
+    from peel.pipeline import load_run_config
+
+    threads = load_run_config(args.run).finetune.threads
+    executor = _executor(args, args.workers, threads, "groups")
+    with executor if executor is not None else contextlib.nullcontext():
+        info = sweep(args.run, _out(args, "experiments/sweep"), cfg, progress=not args.quiet,
+                     command=_command(args), executor=executor)
     _print(args, info, "report.md")
     return 0
 

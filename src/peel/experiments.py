@@ -941,10 +941,11 @@ def _trained_config(cfg: Any) -> dict[str, Any]:
 
 
 def sweep_value(base_run: Path, base_cfg: Any, data: InteractionData, key: str, value: str,
-                budget_bytes: int, folder: Path, workers: int | None, progress: bool
-                ) -> dict[str, Any]:
+                budget_bytes: int, folder: Path, workers: int | None, progress: bool,
+                executor: Any = None) -> dict[str, Any]:
     """Train (or resume, or reuse) the run of one value and score it at ``budget_bytes`` on
-    validation and test; the result is saved in the value's folder."""
+    validation and test; the result is saved in the value's folder. ``executor`` (e.g. one
+    :class:`peel.executor.RayExecutor` for the whole sweep) runs the groups' fine-tuning."""
     cfg = sweep_config(base_cfg, key, value)
     if workers is not None:
         cfg = replace(cfg, run=replace(cfg.run, workers=workers))
@@ -957,7 +958,8 @@ def sweep_value(base_run: Path, base_cfg: Any, data: InteractionData, key: str, 
         if reuse and not (folder / "pretrain" / "embeddings.safetensors").exists():
             pipeline.reuse_pretrain(base_run, folder, cfg)
         stored = cfg.run.data == runfolder.STORED
-        pipeline.train(cfg, folder, progress=progress, data=data if stored else None)
+        pipeline.train(cfg, folder, progress=progress, data=data if stored else None,
+                       executor=executor)
         cfg = pipeline.load_run_config(folder)
     timings["train"] = time.perf_counter() - t0
     metrics = {}
@@ -986,9 +988,12 @@ def _finished(folder: Path, key: str, value: str, budget_bytes: int) -> dict[str
 
 
 def sweep(run: str | Path, out: str | Path, config: SweepConfig,
-          progress: bool = False, command: str | None = None) -> dict[str, Any]:
+          progress: bool = False, command: str | None = None,
+          executor: Any = None) -> dict[str, Any]:
     """RQ3 / Fig. 5: PEEL for every value of one hyper-parameter; a run folder per value
-    under ``out/runs/`` (re-running skips the values whose result is saved)."""
+    under ``out/runs/`` (re-running skips the values whose result is saved). ``executor``
+    runs every value's group fine-tuning (the caller keeps it open across values, so a Ray
+    is started once per sweep); None: each run's ``run.workers`` local processes."""
     config.validate()
     out, run, stages, base_cfg, data = _open_experiment(run, out, progress)
     sweep_config(base_cfg, config.key, config.values[0])  # a bad key fails before work
@@ -1000,7 +1005,8 @@ def sweep(run: str | Path, out: str | Path, config: SweepConfig,
         saved = _finished(folder, config.key, value, budget_bytes)
         with stages(f"{config.key}={value}" + (" (saved)" if saved else ""), progress):
             result = saved or sweep_value(run, base_cfg, data, config.key, value,
-                                          budget_bytes, folder, config.workers, progress)
+                                          budget_bytes, folder, config.workers, progress,
+                                          executor)
         rows.append({**result, "resumed_from_saved": saved is not None})
     meta = {"command": command or command_line(), "machine": machine_info(),
             "stages": stages.seconds, "run": str(run), "dataset": data.name,
