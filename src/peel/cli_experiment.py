@@ -117,12 +117,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     from peel.cli import _executor
     from peel.experiments import SweepConfig, parse_param, sweep
+    from peel.pipeline import load_run_config
 
     key, values = parse_param(args.param)
     cfg = SweepConfig(key=key, values=values, budget=args.budget, workers=args.workers)
     cfg.validate()  # before a Ray is started
-    from peel.pipeline import load_run_config
-
     threads = load_run_config(args.run).finetune.threads
     executor = _executor(args, args.workers, threads, "groups")
     with executor if executor is not None else contextlib.nullcontext():
