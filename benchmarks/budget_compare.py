@@ -37,13 +37,16 @@ def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]
 
 
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
-              on_fit: Callable[[str, str, Any], dict] | None = None
+              on_fit: Callable[[str, str, Any], dict] | None = None,
+              overrides: dict[str, list[str]] | None = None
               ) -> tuple[dict, dict[str, np.ndarray]]:
     """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
-    dict joins the row (e.g. device latency)."""
+    dict joins the row (e.g. device latency); ``overrides[name]`` are ``key=value`` changes
+    of the stage-1 config that baseline trains with (values chosen on validation)."""
     from peel.baselines import make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
+    from peel.overrides import override_fields
     from peel.pipeline import evaluate_peel, load_run_config, run_data
     from peel.pretrain import load_embeddings
 
@@ -73,13 +76,17 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
     for name in methods:  # every baseline through its peel.baselines class
-        model = make_baseline(name, cfg.pretrain, run)  # lightgcn-svd rotates once here
+        changes = (overrides or {}).get(name, [])
+        pcfg = override_fields(cfg.pretrain, changes, "pretrain")
+        model = make_baseline(name, pcfg, run)  # lightgcn-svd rotates once here
         for b in budgets:
             t0 = time.perf_counter()
             model.fit(data, parse_budget(b, full))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
+            if changes:
+                extra["pretrain_overrides"] = changes
             if on_fit is not None:
                 extra.update(on_fit(name, b, model))
             keep(model.label, b, res.metrics, res.per_user, res.users, **extra)
