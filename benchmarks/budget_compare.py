@@ -1,20 +1,29 @@
 """PEEL against the one-model and fixed-size baselines at each budget, with per-user results.
 
     python benchmarks/budget_compare.py RUN --out DIR [--split test] \
-        [--baselines lightgcn-svd,lightgcn,pmf]
-    python benchmarks/budget_compare.py --summarise DIR     # seeds.json + paired tests
+        [--baselines lightgcn-svd,lightgcn,pmf,bpr-mf,rule] [--tune-trials 4] [--rule cycles=1000]
+        [--precisions fp32,auto]
+    python benchmarks/budget_compare.py --summarise DIR [--against LABEL] [--keep-labels]
+    python benchmarks/budget_compare.py --merge OUT DIR1 DIR2 ...   # one run split by budgets
 
 For one trained run (one seed) this scores, on ``--split``: PEEL through ``peel evaluate``'s
 device-runtime code at each budget and with every block kept; the run's pretrained model
 (every dimension); and each ``--baselines`` method of ``peel.baselines`` at each budget
-(``lightgcn-svd`` reuses the run's stage 1; ``lightgcn`` and ``pmf`` are retrained at the
-largest size that fits), with per-user results kept. It writes DIR/seed{S}.json (means) and
+(``lightgcn-svd`` and ``rule`` reuse the run's stage 1; ``lightgcn``, ``pmf`` and ``bpr-mf``
+are retrained at the largest size that fits, with ``--tune-trials N`` chosen on the validation
+split among N trials by :func:`peel.tuning.tune`, the log kept in the row; ``lightgcn-fp16`` /
+``lightgcn-int8`` at the largest quantised size, sharing one training per dimension), with
+per-user results kept. ``--precisions`` scores PEEL once per package precision rule, labelled
+e.g. "PEEL (fp32)" and "PEEL (auto precision)"; without it PEEL is scored with the run's own
+[deploy] precision and labelled as the run is. It writes DIR/seed{S}.json (means) and
 DIR/per_user_seed{S}.npz (per-user Recall@20 / NDCG@20 of every row, aligned by user).
 
 ``--summarise`` reads every seed file in DIR and writes DIR/seeds.json shaped
-``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` plus DIR/paired.json: for each
-seed and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's
-per-user Recall@20. Reporting only: run it on the test split after every choice is made.
+``{method: {budget: {"recall@20": [...], "ndcg@20": [...]}}}`` (plus any :data:`DETAILS` a
+method reports, e.g. RULE's estimator Spearman and times) and DIR/paired.json: for each seed
+and budget a Wilcoxon signed-rank test over users of PEEL vs each other method's per-user
+Recall@20; DIR/summary.md tabulates both. Reporting only: run it on the test split after every
+choice is made.
 """
 
 from __future__ import annotations
@@ -30,25 +39,49 @@ import numpy as np
 
 ALL = "1.0"  # budget key of "every block kept" / the full pretrained model
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
+#: Per-budget facts a method may report in its params, carried into seeds.json and summary.md
+#: (RULE: its estimator's held-back Spearman, blocks kept and where its time goes).
+DETAILS = ("blocks_kept", "estimator_spearman", "winner_valid_recall@20",
+           "best_labelled_valid_recall@20", "stage1_seconds", "label_seconds",
+           "estimator_seconds", "search_seconds", "deploy_seconds")
 
 
 def _row(result_metrics: dict[str, float], **extra: object) -> dict[str, object]:
     return {**{k: float(result_metrics[k]) for k in METRICS}, **extra}
 
 
+def rule_overrides(pairs: list[str]) -> dict[str, object]:
+    """``--rule cycles=1000`` -> {"cycles": 1000}, typed like RuleConfig's defaults."""
+    from peel.baselines.rule import RuleConfig
+
+    base, out = RuleConfig(), {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not hasattr(base, key):
+            raise SystemExit(f"--rule {pair!r}: expected KEY=VALUE with KEY a RuleConfig field")
+        default = getattr(base, key)
+        kind = type(default) if default is not None else (int if value.isdigit() else str)
+        out[key] = kind(value)
+    return out
+
+
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
-              on_fit: Callable[[str, str, Any], dict] | None = None,
+              tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
+              rule: dict[str, object] | None = None, precisions: list[str] | None = None,
               overrides: dict[str, list[str]] | None = None
               ) -> tuple[dict, dict[str, np.ndarray]]:
     """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
-    dict joins the row (e.g. device latency); ``overrides[name]`` are ``key=value`` changes
-    of the stage-1 config that baseline trains with (values chosen on validation)."""
-    from peel.baselines import make_baseline
+    dict joins the row (e.g. device latency); ``rule`` overrides RuleConfig fields;
+    ``precisions`` scores PEEL once per package precision rule; ``overrides[name]`` are
+    ``key=value`` changes of the stage-1 config that baseline trains with (chosen on
+    validation)."""
+    from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes, parse_budget
     from peel.eval import dot_scorer, evaluate
     from peel.overrides import override_fields
     from peel.pipeline import evaluate_peel, load_run_config, run_data
     from peel.pretrain import load_embeddings
+    from peel.tuning import tune
 
     cfg = load_run_config(run)
     data = run_data(run)
@@ -66,22 +99,39 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
         per_user["users"] = users[order]
 
     labels = {b: b for b in budgets} | {str(full + 10**6): ALL}
-    peel_pu: dict[str, dict[str, np.ndarray]] = {}
-    t0 = time.perf_counter()
-    for r in evaluate_peel(run, data, cfg, list(labels), split=split, per_user_out=peel_pu):
-        pu = peel_pu[r.budget]
-        keep(cfg.run.label, labels[r.budget], r.metrics, pu, pu["users"],
-             bytes_used=r.bytes_used)
-    out["seconds"]["peel_evaluate"] = time.perf_counter() - t0
+    for precision in precisions or [None]:
+        peel_pu: dict[str, dict[str, np.ndarray]] = {}
+        name = cfg.run.label if precision is None else (
+            f"{cfg.run.label} ({'auto precision' if precision == 'auto' else precision})")
+        t0 = time.perf_counter()
+        for r in evaluate_peel(run, data, cfg, list(labels), split=split, per_user_out=peel_pu,
+                               precision=precision):
+            pu = peel_pu[r.budget]
+            keep(name, labels[r.budget], r.metrics, pu, pu["users"], bytes_used=r.bytes_used,
+                 precision=precision or cfg.deploy.precision)
+        out["seconds"][f"peel_evaluate {name}"] = time.perf_counter() - t0
     res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)
     keep("pretrained", ALL, res.metrics, res.per_user, res.users, dim=cfg.pretrain.dim)
+    trained: dict = {}  # lightgcn-fp16 / -int8 share a training at the same dimension
     for name in methods:  # every baseline through its peel.baselines class
         changes = (overrides or {}).get(name, [])
         pcfg = override_fields(cfg.pretrain, changes, "pretrain")
-        model = make_baseline(name, pcfg, run)  # lightgcn-svd rotates once here
+        model = make_baseline(name, pcfg, run, trained)  # lightgcn-svd rotates once
+        same = None if REGISTRY[name].search_space else (lambda _cfg, m=model: m)
+        label = model.label
+        if name == "rule" and rule:  # a RuleConfig variant, labelled with its changes
+            from dataclasses import replace
+
+            model.rule = replace(model.rule, **rule)
+            model.rule.validate()
+            label += " (" + ", ".join(f"{k}={v}" for k, v in rule.items()) + ")"
         for b in budgets:
             t0 = time.perf_counter()
-            model.fit(data, parse_budget(b, full))
+            if tune_trials:  # chosen on validation; the test split is read below, once
+                model, _ = tune(name, data, parse_budget(b, full), pcfg, tune_trials,
+                                seed=cfg.run.seed, run=run, make=same)
+            else:
+                model.fit(data, parse_budget(b, full))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
@@ -89,12 +139,43 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
                 extra["pretrain_overrides"] = changes
             if on_fit is not None:
                 extra.update(on_fit(name, b, model))
-            keep(model.label, b, res.metrics, res.per_user, res.users, **extra)
+            keep(label, b, res.metrics, res.per_user, res.users, **extra)
             print(f"{name} at {b}: {res.metrics['recall@20']:.4f}", flush=True)
     return out, per_user
 
 
-def summarise(folder: Path, against: str) -> None:
+def merge(out: Path, parts: list[Path]) -> None:
+    """Join seed files of one run scored in parts (e.g. ``--budgets`` split over processes):
+    methods and budgets are united, rows present in several parts must agree exactly."""
+    out.mkdir(parents=True, exist_ok=True)
+    docs = [json.loads(next(p.glob("seed[0-9]*.json")).read_text()) for p in parts]
+    seeds = {d["seed"] for d in docs}
+    if len(seeds) != 1 or len({d["run"] for d in docs}) != 1:
+        raise SystemExit("--merge: the parts must come from one run (one seed)")
+    doc = {**docs[0], "methods": {}, "seconds": {}, "parts": [str(p) for p in parts]}
+    per_user: dict[str, np.ndarray] = {}
+    for part, d in zip(parts, docs, strict=True):
+        for method, rows in d["methods"].items():
+            for budget, row in rows.items():
+                old = doc["methods"].setdefault(method, {}).get(budget)
+                same = {k: v for k, v in row.items() if k not in ("seconds", "train_seconds")}
+                if old is not None and {k: v for k, v in old.items()
+                                        if k not in ("seconds", "train_seconds")} != same:
+                    raise SystemExit(f"--merge: {method} at {budget} differs between parts")
+                doc["methods"][method][budget] = row
+        doc["seconds"].update({f"{part.name}: {k}": v for k, v in d["seconds"].items()})
+        with np.load(part / f"per_user_seed{d['seed']}.npz", allow_pickle=False) as pu:
+            for key in pu.files:
+                if key in per_user and not np.array_equal(per_user[key], pu[key]):
+                    raise SystemExit(f"--merge: per-user {key} differs between parts")
+                per_user[key] = pu[key]
+    seed = seeds.pop()
+    (out / f"seed{seed}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    np.savez(out / f"per_user_seed{seed}.npz", **per_user)
+    print(f"merged {len(parts)} parts into {out}")
+
+
+def summarise(folder: Path, against: str, keep_labels: bool = False) -> None:
     from scipy.stats import wilcoxon
 
     seeds: dict = {}
@@ -103,11 +184,12 @@ def summarise(folder: Path, against: str) -> None:
         doc = json.loads(path.read_text())
         pu = np.load(folder / f"per_user_seed{doc['seed']}.npz", allow_pickle=False)
         for method, rows in doc["methods"].items():
-            name = "PEEL" if method == against else method
+            name = "PEEL" if method == against and not keep_labels else method
             for budget, row in rows.items():
                 cell = seeds.setdefault(name, {}).setdefault(budget, {})
-                for m in ("recall@20", "ndcg@20"):
-                    cell.setdefault(m, []).append(row[m])
+                for m in ("recall@20", "ndcg@20", *DETAILS):
+                    if m in row:
+                        cell.setdefault(m, []).append(row[m])
         ours = doc["methods"][against]
         for method, rows in doc["methods"].items():
             if method == against:
@@ -125,14 +207,14 @@ def summarise(folder: Path, against: str) -> None:
                 }
     (folder / "seeds.json").write_text(json.dumps(seeds, indent=2) + "\n")
     (folder / "paired.json").write_text(json.dumps(paired, indent=2) + "\n")
-    table = markdown(seeds, paired)
+    table = markdown(seeds, paired, against if keep_labels else "PEEL")
     (folder / "summary.md").write_text(table)
     print(table)
 
 
-def markdown(seeds: dict, paired: dict) -> str:
-    """Means over seeds (Recall@20 / NDCG@20) and, per budget, PEEL minus each method with the
-    paired tests' p-values, one per seed."""
+def markdown(seeds: dict, paired: dict, ours: str = "PEEL") -> str:
+    """Means over seeds (Recall@20 / NDCG@20) and, per budget, ``ours`` minus each method with
+    the paired tests' p-values, one per seed."""
     budgets = sorted({b for rows in seeds.values() for b in rows}, key=float)
     n = max(len(c["recall@20"]) for rows in seeds.values() for c in rows.values())
     lines = [f"Mean over {n} seed(s), Recall@20 / NDCG@20", "",
@@ -141,7 +223,8 @@ def markdown(seeds: dict, paired: dict) -> str:
         cells = [(f"{np.mean(rows[b]['recall@20']):.4f} / {np.mean(rows[b]['ndcg@20']):.4f}"
                   if b in rows else "") for b in budgets]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    lines += ["", "PEEL minus method, Recall@20 per seed (Wilcoxon signed-rank p over users)", "",
+    lines += ["", f"{ours} minus method, Recall@20 per seed (Wilcoxon signed-rank p over users)",
+              "",
               "| method | budget | per seed |", "|---|---|---|"]
     methods = sorted({m for per_seed in paired.values() for m in per_seed})
     for method in methods:
@@ -151,7 +234,23 @@ def markdown(seeds: dict, paired: dict) -> str:
                      for t in tests if t["wilcoxon_p"] is not None]
             if cells:
                 lines.append(f"| {method} | {b} | " + "; ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + details(seeds, budgets)) + "\n"
+
+
+def details(seeds: dict, budgets: list[str]) -> list[str]:
+    """Means over seeds of the :data:`DETAILS` a method reported (none: no table)."""
+    keys = [k for k in DETAILS if any(k in c for rows in seeds.values() for c in rows.values())]
+    if not keys:
+        return []
+    lines = ["", "Details, mean over seeds (seconds: upper bounds, shared machine)", "",
+             "| method | budget | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for method, rows in seeds.items():
+        for b in budgets:
+            cell = rows.get(b, {})
+            if any(k in cell for k in keys):
+                vals = [f"{np.mean(cell[k]):.4g}" if k in cell else "" for k in keys]
+                lines.append(f"| {method} | {b} | " + " | ".join(vals) + " |")
+    return lines
 
 
 def main() -> None:
@@ -161,18 +260,37 @@ def main() -> None:
     ap.add_argument("--split", default="test", choices=("valid", "test"))
     ap.add_argument("--budgets", default="0.107,0.213,0.533")
     ap.add_argument("--baselines", default="lightgcn-svd",
-                    help="comma-separated peel.baselines names, e.g. lightgcn-svd,lightgcn,pmf")
+                    help="comma-separated peel.baselines names, e.g. "
+                         "lightgcn-svd,lightgcn,pmf,bpr-mf,rule")
+    ap.add_argument("--tune-trials", type=int, default=0,
+                    help="validation trials per baseline and budget (0: configured setting)")
+    ap.add_argument("--rule", action="append", default=[], metavar="KEY=VALUE",
+                    help="RuleConfig override for the rule baseline, e.g. --rule cycles=1000")
+    ap.add_argument("--precisions", default="",
+                    help="score PEEL once per precision rule, e.g. fp32,auto (default: the "
+                         "run's [deploy] precision, one row labelled as the run)")
     ap.add_argument("--summarise", type=Path, help="folder of seed files to summarise")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                    help="OUT DIR1 DIR2...: join parts of one run's scoring into OUT")
     ap.add_argument("--against", default="PEEL", help="the run's label in the seed files")
+    ap.add_argument("--keep-labels", action="store_true",
+                    help="keep every method's label (default: --against becomes PEEL)")
     args = ap.parse_args()
     if args.summarise:
-        summarise(args.summarise, args.against)
+        summarise(args.summarise, args.against, args.keep_labels)
+        return
+    if args.merge:
+        if len(args.merge) < 3:
+            ap.error("--merge OUT DIR1 DIR2 ...: at least two parts")
+        merge(args.merge[0], args.merge[1:])
         return
     if args.run is None or args.out is None:
         ap.error("RUN and --out are required unless --summarise is given")
     args.out.mkdir(parents=True, exist_ok=True)
     doc, per_user = score_run(args.run, args.split, args.budgets.split(","),
-                              [m for m in args.baselines.split(",") if m])
+                              [m for m in args.baselines.split(",") if m], args.tune_trials,
+                              rule=rule_overrides(args.rule),
+                              precisions=[p for p in args.precisions.split(",") if p] or None)
     (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
     np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
     for method, rows in doc["methods"].items():

@@ -118,8 +118,8 @@ def main() -> None:
         if not sep:
             ap.error(f"--set {item!r}: expected METHOD:KEY=VALUE")
         overrides.setdefault(method, []).append(pair)
-    doc, per_user = score_run(args.run, "test", args.budgets.split(","), methods, on_fit,
-                              overrides)
+    doc, per_user = score_run(args.run, "test", args.budgets.split(","), methods, on_fit=on_fit,
+                              overrides=overrides)
     doc["seconds"]["total"] = time.perf_counter() - t0
     u_emb, i_emb = load_embeddings(args.run / "pretrain")
     doc["dense_latency"] = latency(lambda v: i_emb @ v, u_emb, seen, users)

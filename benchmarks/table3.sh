@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The paper's Table III protocol and ablations (Section V-B, V-E) on one dataset, one command:
 #   benchmarks/table3.sh ../shared/datasets/ml-1m runs/ml-1m docs/results/ml-1m
-# Trains PEEL (default config), evaluates it at the paper's budgets with the fixed-size PMF and
-# LightGCN baselines, the w/o Importance Weight ablation (random block selection) and PEEL with
+# Trains PEEL (default config), evaluates it at the paper's budgets with the fixed-size PMF,
+# BPR-MF and LightGCN baselines, each tuned on validation with TRIALS trials per budget (default
+# 4, peel.tuning), PEEL with every block kept and the pretrained model (--reference), the
+# w/o Importance Weight ablation (random block selection) and PEEL with
 # the paper's literal Eq. 10 factor (--scale eq10), trains the
 # three training-time ablations (cheapest first), and writes the report (Markdown, CSV, JSON, PNG) to REPORT.
 # Every stage's wall-clock goes to REPORT/timings.txt. Re-running resumes finished stages.
@@ -12,6 +14,7 @@ RUNS=${2:?usage: table3.sh DATA RUNS_DIR REPORT_DIR [SEED]}
 REPORT=${3:?usage: table3.sh DATA RUNS_DIR REPORT_DIR [SEED]}
 SEED=${4:-0}
 PEEL=${PEEL:-peel}
+TRIALS=${TRIALS:-4}
 mkdir -p "$RUNS" "$REPORT"
 TIMES="$REPORT/timings.txt"
 echo "# $(date -u +%FT%TZ) table3.sh $*" >> "$TIMES"  # appends: a resumed run keeps earlier lines
@@ -34,8 +37,9 @@ ablation() {  # ablation NAME SECTION.KEY=VALUE [train options...]
 }
 ablation popseg groups.item_grouping=random --reuse-pretrain "$RUNS/peel"
 ablation clustering groups.user_grouping=single --reuse-pretrain "$RUNS/peel"
-timed "evaluate PEEL + baselines + random selection + Eq. 10 factor" \
-  "$PEEL" evaluate "$RUNS/peel" --baselines --selection random --scale eq10 --quiet
+timed "evaluate PEEL + tuned baselines + reference + random selection + Eq. 10 factor" \
+  "$PEEL" evaluate "$RUNS/peel" --baselines pmf,bpr-mf,lightgcn --tune-trials "$TRIALS" \
+  --reference --selection random --scale eq10 --quiet
 ablation reg pretrain.diversity=0
 "$PEEL" report "$RUNS/peel" "$RUNS/wo_popseg" "$RUNS/wo_reg" "$RUNS/wo_clustering" \
   --out "$REPORT"

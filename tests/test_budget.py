@@ -8,15 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peel.budget import (
+    BLOCK_KINDS,
     MB,
     BudgetError,
     PackageSpec,
+    block_bytes,
     check_alpha,
     fit,
     layout,
     minimum_budget,
     parse_budget,
     prefix_rows,
+    prefix_sizes,
     selection_order,
 )
 
@@ -136,30 +139,42 @@ specs = st.builds(
     user_stored=st.booleans(),
     n_seen=st.integers(0, 5),
     item_ids=st.booleans(),
+    precision=st.sampled_from(["fp32", "fp32", "int8", "value"]),
 )
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(spec=specs, data=st.data())
 def test_fit_is_the_longest_prefix_within_budget(spec: PackageSpec, data: st.DataObject) -> None:
     alpha = np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=spec.n_groups * spec.n_blocks,
                                           max_size=spec.n_groups * spec.n_blocks)))
     order = selection_order(alpha.reshape(spec.n_groups, spec.n_blocks))
-    rows = prefix_rows(spec, order)
-    minimum = minimum_budget(spec, order)
+    kinds = np.asarray(data.draw(st.lists(st.integers(0, len(BLOCK_KINDS) - 1),
+                                          min_size=len(order), max_size=len(order))))
+    rows = prefix_sizes(spec, order, kinds)
+    minimum = minimum_budget(spec, order, kinds)
     full = layout(spec, len(order), int(rows[-1]), 0).report.total
     budget = data.draw(st.integers(minimum, full + 200))
-    lay = fit(spec, order, budget)
+    lay = fit(spec, order, budget, kinds=kinds)
     k = lay.n_selected
     assert lay.report.total <= budget
     if k < len(order):  # the next block would not fit
         assert layout(spec, k + 1, int(rows[k + 1]), budget).report.total > budget
+    linear = max(j for j in range(spec.n_groups, len(order) + 1)
+                 if layout(spec, j, int(rows[j]), budget).report.total <= budget)
+    assert k == linear  # the longest fitting prefix, found without trying each
     smaller = data.draw(st.integers(minimum, budget))
-    assert fit(spec, order, smaller).n_selected <= k  # prefix property
+    assert fit(spec, order, smaller, kinds=kinds).n_selected <= k  # prefix property
     # the report adds up to the file plus the user embedding left to the device
     reserved = 0 if spec.user_stored else spec.dim * 4
     assert lay.report.total == lay.file_bytes + reserved == lay.report.file_bytes + reserved
-    assert lay.report.item_blocks == rows[k] * spec.block_dim * 4
+    if spec.mixed:
+        assert lay.report.item_blocks == rows[k] == sum(
+            block_bytes(int(kind), spec.block_dim, spec.group_counts[g])
+            for (g, _), kind in zip(order[:k], kinds[:k], strict=True))
+    else:
+        assert lay.report.item_blocks == rows[k] * spec.block_dim * 4
+        assert np.array_equal(rows, prefix_rows(spec, order))
     assert all(s.offset % 64 == 0 for s in lay.slots)
 
 

@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 
 from peel.api import PEELRecommender
-from peel.baselines import REGISTRY, BudgetedRecommender
+from peel.baselines import (
+    REGISTRY,
+    BudgetedRecommender,
+    Rule,
+    RuleConfig,
+    fixed_size_bytes,
+    fixed_size_dim,
+)
 from peel.budget import full_table_bytes
 from peel.data import DataConfig, InteractionData, from_interactions
 from peel.eval import metrics_from_topk
@@ -38,6 +45,8 @@ SMALL_RUN = apply_overrides(RunConfig(), [
 CONFIGS: dict[str, Any] = {
     "peel": lambda: PEELRecommender(SMALL_RUN),
     **{name: (lambda cls=cls: cls(SMALL_PRETRAIN)) for name, cls in REGISTRY.items()},
+    # RULE pretrains like lightgcn-svd here (inside `peel evaluate` it reuses the run's stage 1)
+    "rule": lambda: Rule(SMALL_PRETRAIN, RuleConfig(n_configs=200, eval_users=100)),
 }
 K = 10
 
@@ -79,7 +88,8 @@ def fitted(data: InteractionData, budget: int) -> dict[str, tuple[Any, Any]]:
 
 def test_every_registered_method_is_covered() -> None:
     assert set(CONFIGS) == {"peel", *REGISTRY}
-    assert {"pmf", "lightgcn", "lightgcn-svd", "dlrm-ce", "lightrec"} <= set(REGISTRY)
+    assert {"pmf", "bpr-mf", "lightgcn", "lightgcn-svd", "lightgcn-fp16", "lightgcn-int8",
+            "dlrm-ce", "lightrec", "rule"} <= set(REGISTRY)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -107,6 +117,35 @@ def test_contract(name: str, fitted: dict[str, tuple[Any, Any]], data: Interacti
     # deterministic for a seed
     np.testing.assert_array_equal(ranked, again.rank(users, k=K, split="test"))
     np.testing.assert_array_equal(scores, again.scores(users))
+
+
+#: Methods that store a (|V| + 1) x D' float32 table (items plus one user vector)
+FIXED_SIZE = ("pmf", "bpr-mf", "lightgcn", "lightgcn-svd")
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_byte_accounting_at_three_budgets(name: str, data: InteractionData) -> None:
+    """bytes_used never exceeds the budget; for the fixed-size models it is exactly the
+    formula (|V| + 1) * D' * 4 with D' the largest size that fits (capped at lightgcn-svd's
+    pretrained width)."""
+    from peel.budget import BudgetError
+
+    n = data.n_items
+    full16 = (n + 1) * 16 * 4
+    fitted_budgets = 0
+    for budget in (full16 // 4 + 3, full16 // 2, full16 - 1):
+        try:
+            model = CONFIGS[name]().fit(data, budget)
+        except BudgetError as err:  # a package has a floor (headers, one block per group)
+            assert "minimum" in str(err), err
+            continue
+        fitted_budgets += 1
+        assert 0 < model.bytes_used <= budget, (name, budget, model.bytes_used)
+        if name in FIXED_SIZE:
+            dim = min(fixed_size_dim(budget, n), model.params.get("full_dim", 10**9))
+            assert model.params["dim"] == dim
+            assert model.bytes_used == fixed_size_bytes(dim, n) == (n + 1) * dim * 4
+    assert fitted_budgets >= 1 if name not in FIXED_SIZE else fitted_budgets == 3
 
 
 def popularity_recall(data: InteractionData, users: np.ndarray) -> float:

@@ -110,7 +110,8 @@ def test_threshold_without_rating_column(tmp_path):
 
 
 def test_parquet_roundtrip(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    # pyarrow is in the dev extra: a missing one is a failure here, never a silent skip
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     table = pa.table({"user": ["a", "a", "b", "c"], "item": [1, 2, 1, 3]})

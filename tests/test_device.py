@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from peel.budget import BudgetError, minimum_budget, selection_order
 from peel.device import Package, PackageError, open_package, shrink_file
 from peel.package import (
+    PRECISION_CHOICES,
     DeployOptions,
     GroupArrays,
     build_package,
@@ -31,10 +32,19 @@ def group() -> GroupArrays:
 
 def _build(tmp: Path, arrays: GroupArrays, budget: object, name: str = "p.peel",
            **kw: object) -> Package:
-    fields = ("similarity", "weighting", "scale", "selection", "seed")
+    fields = ("similarity", "weighting", "scale", "selection", "seed", "precision")
     options = DeployOptions(**{k: kw.pop(k) for k in fields if k in kw})  # type: ignore[arg-type]
     build_package(tmp / name, arrays, budget, options=options, **kw)  # type: ignore[arg-type]
     return open_package(tmp / name)
+
+
+def stored_arrays(arrays: GroupArrays, pkg: Package) -> GroupArrays:
+    """``arrays`` with every kept block replaced by what the package stores for it (decoded
+    float16 / int8 values), so brute force checks the kernels, not the rounding."""
+    blocks = arrays.blocks.copy()
+    for g, n in pkg.selection.tolist():
+        blocks[np.flatnonzero(arrays.item_group == g), n, :] = pkg.item_blocks(g, n)
+    return GroupArrays(blocks, arrays.alpha, arrays.item_group, arrays.users, arrays.user_emb)
 
 
 def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndarray,
@@ -64,19 +74,22 @@ def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndar
     return out
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o"])
 @pytest.mark.parametrize("scale", ["eq10", "none"])
 @pytest.mark.parametrize("similarity", ["aligned", "literal"])
-def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: str) -> None:
+def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: str,
+                                       precision: str) -> None:
     rng = np.random.default_rng(5)
     n_items = 90
     groups = rng.integers(0, 5, n_items)
     groups[groups == 3] = 2  # group 3 is empty, sizes are unequal
-    arrays = check_group_arrays(np.tanh(rng.standard_normal((n_items, 4, 3))),
-                                rng.random((5, 4)), groups, np.arange(3),
-                                rng.standard_normal((3, 12)))
-    pkg = _build(tmp_path, arrays, 0.6, similarity=similarity, weighting="none", scale=scale,
-                 user=1)
-    assert (pkg.similarity, pkg.scale) == (similarity, scale)
+    raw = check_group_arrays(np.tanh(rng.standard_normal((n_items, 4, 3))) + 0.3,
+                             rng.random((5, 4)), groups, np.arange(3),
+                             rng.standard_normal((3, 12)))
+    pkg = _build(tmp_path, raw, 0.6, similarity=similarity, weighting="none", scale=scale,
+                 user=1, precision=precision)
+    assert (pkg.similarity, pkg.scale, pkg.precision) == (similarity, scale, precision)
+    arrays = stored_arrays(raw, pkg)
     assert len({s.size for s in pkg.block_sets()}) > 1  # the Eq. 10 factor matters here
     for u in range(3):
         expected = brute_force_scores(arrays, pkg.selection, arrays.user_emb[u], similarity,
@@ -110,7 +123,8 @@ def test_stored_alpha_weighting_is_used(tmp_path: Path) -> None:
     arrays = synthetic_group(n_items=120, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
     pkg = _build(tmp_path, arrays, "2KB", weighting="alpha", scale="eq10", user=0)
     assert pkg.weighting == "alpha"
-    expected = brute_force_scores(arrays, pkg.selection, arrays.user_emb[0], "aligned", "alpha")
+    expected = brute_force_scores(stored_arrays(arrays, pkg), pkg.selection, arrays.user_emb[0],
+                                  "aligned", "alpha")
     np.testing.assert_allclose(pkg.scores(), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pkg.rank(k=5).items, np.argsort(-expected, kind="stable")[:5])
     with pytest.raises(ValueError, match="weighting"):
@@ -119,12 +133,34 @@ def test_stored_alpha_weighting_is_used(tmp_path: Path) -> None:
         pkg.rank(k=5, scale="max")
 
 
-def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("fp16", 2e-3),
+                                                     ("int8", 2e-2), ("int8o", 2e-2)])
+def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path, precision: str,
+                                                      tolerance: float) -> None:
     arrays = synthetic_group(n_items=50, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
-    pkg = _build(tmp_path, arrays, "1MB", weighting="none")
+    pkg = _build(tmp_path, arrays, "1MB", weighting="none", precision=precision)
     assert pkg.n_selected == 12  # every block fits, so every factor is 1
     full = arrays.blocks.reshape(50, 8) @ arrays.user_emb[0]
-    np.testing.assert_allclose(pkg.scores(arrays.user_emb[0]), full, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pkg.scores(arrays.user_emb[0]), full, rtol=tolerance,
+                               atol=tolerance)
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8o"])
+def test_quantised_kernels_with_large_tiles_and_extreme_users(tmp_path: Path,
+                                                              precision: str) -> None:
+    """Blocks longer than one decode tile, and user vectors large enough that the 2^112
+    float16 bias can no longer be folded into the query: still the brute-force scores."""
+    arrays = synthetic_group(n_items=20_000, n_blocks=2, block_dim=3, n_item_groups=1,
+                             n_users=1, seed=3)
+    pkg = _build(tmp_path, arrays, "10MB", precision=precision)
+    stored = stored_arrays(arrays, pkg)
+    for magnitude in (1e-30, 1.0, 1e6, 1e30):
+        user = arrays.user_emb[0] * np.float32(magnitude)
+        expected = brute_force_scores(stored, pkg.selection, user, "aligned", scale="none")
+        np.testing.assert_allclose(pkg.scores(user), expected, rtol=1e-5,
+                                   atol=1e-5 * magnitude)
+        batch = pkg.scores(np.stack([user, user]))
+        np.testing.assert_allclose(batch[1], expected, rtol=1e-5, atol=1e-5 * magnitude)
 
 
 def test_exclusions_and_short_lists(group: GroupArrays, tmp_path: Path) -> None:
@@ -204,7 +240,8 @@ def test_shrink_is_a_view_and_refuses_what_it_cannot_do(group: GroupArrays,
     assert np.shares_memory(small.blocks, pkg.blocks)
     assert all(a[2] is b[2] for a, b in zip(small._kernel(), pkg._kernel(), strict=False))
     assert pkg.shrink(pkg.budget) is not None
-    minimum = minimum_budget(pkg.spec, pkg.selection)
+    minimum = minimum_budget(pkg.spec, pkg.selection, pkg.kinds)
+    assert minimum == pkg.minimum_budget()
     floor = pkg.shrink(minimum)
     assert floor.n_selected == group.alpha.shape[0]  # one block per item group is left
     assert all(s.size == 1 for s in floor.block_sets())
@@ -218,14 +255,14 @@ sizes = st.tuples(st.integers(1, 60), st.integers(1, 5), st.integers(1, 4), st.i
                   st.integers(0, 10_000))
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(shape=sizes, similarity=st.sampled_from(["aligned", "literal"]),
        weighting=st.sampled_from(["none", "alpha"]), scale=st.sampled_from(["none", "eq10"]),
        selection=st.sampled_from(["importance", "random"]), user=st.sampled_from([None, 1]),
-       data=st.data())
+       precision=st.sampled_from(PRECISION_CHOICES), data=st.data())
 def test_shrink_equals_a_direct_build(shape: tuple[int, int, int, int, int], similarity: str,
                                       weighting: str, scale: str, selection: str,
-                                      user: int | None,
+                                      user: int | None, precision: str,
                                       data: st.DataObject) -> None:
     n_items, n_blocks, block_dim, n_groups, seed = shape
     arrays = synthetic_group(n_items, n_blocks, block_dim, n_groups, 2, seed)
@@ -233,12 +270,11 @@ def test_shrink_equals_a_direct_build(shape: tuple[int, int, int, int, int], sim
         arrays = GroupArrays(arrays.blocks, np.round(arrays.alpha * 4) / 4, arrays.item_group,
                              arrays.users, arrays.user_emb)
     kw = dict(similarity=similarity, weighting=weighting, scale=scale, selection=selection,
-              seed=seed % 7,
-              user=user)
+              seed=seed % 7, user=user, precision=precision)
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
         complete = _build(tmp, arrays, 1 << 30, "all.peel", **kw)
-        minimum = minimum_budget(complete.spec, complete.selection)
+        minimum = complete.minimum_budget()
         big_budget = data.draw(st.integers(minimum, complete.report.total + 64))
         big = _build(tmp, arrays, big_budget, "big.peel", **kw)
         budget = data.draw(st.integers(minimum, big.budget))
@@ -246,6 +282,7 @@ def test_shrink_equals_a_direct_build(shape: tuple[int, int, int, int, int], sim
         direct = _build(tmp, arrays, budget, "direct.peel", **kw)
         small = big.shrink(budget)
         np.testing.assert_array_equal(small.selection, direct.selection)
+        np.testing.assert_array_equal(small.kinds, direct.kinds)
         np.testing.assert_array_equal(small.blocks, direct.blocks)
         assert small.report == direct.report and small.report.total <= budget
         assert all(s.size >= 1 for s in small.block_sets())
@@ -271,12 +308,18 @@ def test_importance_selection_beats_random_on_alpha(group: GroupArrays, tmp_path
 
 def test_device_never_imports_torch_or_scipy(group: GroupArrays, tmp_path: Path) -> None:
     build_package(tmp_path / "p.peel", group, 0.5, user=1)
+    build_package(tmp_path / "v.peel", group, 0.5, user=1,
+                  options=DeployOptions(precision="value"))
     code = (
         "import sys\n"
         "import numpy as np\n"
         "from peel.device import open_package, shrink_file\n"
         f"p = open_package({str(tmp_path / 'p.peel')!r})\n"
         "p.rank(k=5)\n"
+        f"q = open_package({str(tmp_path / 'v.peel')!r})\n"
+        "q.rank(k=5)\n"
+        "q.rank_batch(np.ones((3, q.spec.dim), dtype=np.float32), k=5)\n"
+        "q.item_blocks(*q.selection[0].tolist())\n"
         "p.rank_batch(np.ones((3, p.spec.dim), dtype=np.float32), k=5)\n"
         f"p.shrink(0.3).save({str(tmp_path / 'q.peel')!r})\n"
         "bad = sorted(m for m in ('torch', 'scipy', 'sklearn', 'pandas') if m in sys.modules)\n"
@@ -285,3 +328,14 @@ def test_device_never_imports_torch_or_scipy(group: GroupArrays, tmp_path: Path)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, timeout=120)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8o"])
+def test_many_users_at_once_in_bounded_memory(tmp_path: Path, precision: str) -> None:
+    arrays = synthetic_group(n_items=3000, n_blocks=2, block_dim=4, n_item_groups=2,
+                             n_users=300, seed=4)
+    pkg = _build(tmp_path, arrays, 1.0, precision=precision)
+    many = pkg.scores(arrays.user_emb)  # 300 users: tiles of fewer rows
+    for u in (0, 150, 299):
+        np.testing.assert_allclose(many[u], pkg.scores(arrays.user_emb[u]), rtol=1e-5,
+                                   atol=1e-5)

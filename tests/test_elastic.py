@@ -29,7 +29,13 @@ from peel.elastic import (
 )
 from peel.executor import SerialExecutor
 from peel.groups import GroupConfig, make_item_groups
-from peel.package import GroupArrays, build_package, plan_package, synthetic_group
+from peel.package import (
+    DeployOptions,
+    GroupArrays,
+    build_package,
+    plan_package,
+    synthetic_group,
+)
 from peel.pretrain import mean_block_distance
 from peel.synthetic import SyntheticConfig, make_demo
 
@@ -211,7 +217,7 @@ def test_block_selection_follows_section_iv_c4() -> None:
     full = len(groups) * 3 * 4 * 4
     minimum = plan_package(GroupArrays(np.zeros((len(groups), 3, 4), np.float32), alpha,
                                        groups, np.zeros(0, np.int64), np.zeros((0, 12))),
-                           10**9)  # every block: the accounting of the largest package
+                           10**9, options=DeployOptions(precision="fp32"))  # every block
     assert minimum.total > full  # so "1.0" of the table cannot hold every block ...
     assert deployed_mask(alpha, groups, 4, 1.0).all()  # ... and 1.0 means every block
     one_each = deployed_mask(alpha, groups, 4, 0.4)
@@ -223,11 +229,12 @@ def test_block_selection_follows_section_iv_c4() -> None:
 
 
 def test_early_stopping_mask_is_the_devices_package(tmp_path: Path) -> None:
-    """The blocks scored during training are exactly the blocks a built package keeps."""
+    """The blocks scored during training are exactly the blocks a built float32 package keeps
+    (stage 2 trains for float32 kept sets; mixed-precision packages keep more blocks)."""
     arrays = synthetic_group(n_items=900, n_blocks=6, block_dim=4, n_item_groups=9, seed=3)
     for fraction in (0.3, 0.5, 0.8):
         path = tmp_path / f"p{fraction}.peel"
-        build_package(path, arrays, fraction, group=2)
+        build_package(path, arrays, fraction, group=2, options=DeployOptions(precision="fp32"))
         kept = np.zeros(arrays.alpha.shape, dtype=bool)
         for g, blocks in enumerate(open_package(path).block_sets()):
             kept[g, blocks] = True
@@ -474,6 +481,40 @@ def test_sandwich_loss_with_every_block_kept_is_the_plain_bpr_loss() -> None:
     assert model.budget_masks is not None and bool(model.budget_masks.all())
     sandwich, _, _ = model.train_loss(lb, w)
     assert float(sandwich) == pytest.approx(float(plain), rel=1e-6)
+
+
+def test_distillation_is_zero_when_kept_blocks_order_pairs_like_the_full_table() -> None:
+    """With every block kept the kept set IS the full table: the distillation term is the
+    cross-entropy of a distribution with itself (its entropy), and its gradient reaches the
+    kept blocks only, so a kept set that disagrees with the full table pays more."""
+    gen = torch.Generator().manual_seed(0)
+    items = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
+    users = np.random.default_rng(1).normal(size=(10, 16)).astype(np.float32)
+    groups = np.arange(30) % 3
+    lb = localise(Triples(np.arange(10), np.arange(10), np.arange(10, 20)))
+
+    def loss(distill: float, budgets: tuple[float, ...]) -> float:
+        cfg = FinetuneConfig(n_blocks=4, block_dim=4, transform="identity",
+                             importance="energy", train_budgets=budgets, distill=distill)
+        model = GroupModel(items, users, groups, np.full(3, 1 / 3), cfg, gen)
+        model.refresh_budget_masks()
+        value, _, _ = model.train_loss(lb, model.gather(lb, requires_grad=False))
+        return float(value)
+
+    margin = torch.tensor((users[:10] * items[:10]).sum(1) - (users[:10] * items[10:20]).sum(1))
+    p = torch.sigmoid(margin)
+    entropy = float(-(p * p.log() + (1 - p) * (1 - p).log()).mean())
+    assert loss(2.0, (1.0,)) - loss(0.0, (1.0,)) == pytest.approx(2.0 * entropy, rel=1e-4)
+    # a kept set of a quarter of the blocks disagrees with the full table: it pays more
+    excess = loss(2.0, (0.25,)) - loss(0.0, (0.25,))
+    assert excess > 2.0 * entropy + 1e-3
+
+
+def test_distillation_needs_training_budgets() -> None:
+    with pytest.raises(ValueError, match="distill"):
+        FinetuneConfig(train_budgets=(), distill=1.0).validate()
+    with pytest.raises(ValueError, match="distill"):
+        FinetuneConfig(distill=-1.0).validate()
 
 
 def test_fine_tuning_never_ends_below_its_starting_point(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from peel.data import DataConfig, load_dataset
 from peel.device import read_package
 from peel.errors import PeelError
 from peel.io import read_json
-from peel.package import build_package, synthetic_group
+from peel.package import DeployOptions, build_package, synthetic_group
 from peel.pipeline import load_config
 from peel.report import collect
 
@@ -126,12 +126,14 @@ def test_parquet_reader(folder: Path, blob: bytes) -> None:
     check(lambda: load_dataset(path, cache_dir=False))
 
 
-@pytest.fixture(scope="module")
-def package_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+@pytest.fixture(scope="module", params=["fp32", "fp16", "int8o"])
+def package_bytes(tmp_path_factory: pytest.TempPathFactory,
+                  request: pytest.FixtureRequest) -> bytes:
+    """A format-v3 (float32) and two v4 packages (float16; int8 with scales and offsets)."""
     group = synthetic_group(n_items=40, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
     path = tmp_path_factory.mktemp("pkg") / "p.peel"
     build_package(path, group, "64KB", user=0, item_ids=np.arange(100, 140),
-                  seen=np.array([1, 2]))
+                  seen=np.array([1, 2]), options=DeployOptions(precision=request.param))
     return path.read_bytes()
 
 

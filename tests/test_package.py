@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 from pathlib import Path
@@ -13,12 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peel import cli_device
-from peel.budget import MB, BudgetError, full_table_bytes
+from peel.budget import BLOCK_KINDS, MB, PRECISIONS, BudgetError, full_table_bytes
 from peel.device import PackageError, open_package, read_package
 from peel.package import (
+    DEFAULT_PRECISION,
     DEFAULT_SCALE,
     DEFAULT_SIMILARITY,
     DEFAULT_WEIGHTING,
+    PRECISION_CHOICES,
     DeployOptions,
     GroupArrays,
     build_package,
@@ -26,8 +29,12 @@ from peel.package import (
     find_user_group,
     load_group,
     plan_package,
+    precision_order,
+    quantisation_errors,
     synthetic_group,
 )
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -47,35 +54,165 @@ def test_file_size_matches_the_accounting(group: GroupArrays, tmp_path: Path) ->
             assert report == plan_package(group, budget, user=user)
 
 
-def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Path) -> None:
-    build_package(tmp_path / "p.peel", group, 0.5, user=3, group=7)
+#: Largest |stored - true| of one value, relative to its row's largest |value|, per kind.
+TOLERANCE = {"f32": 0.0, "f16": 2.0**-11, "i8": 0.5 / 127 * 1.001, "i8o": 1.0 / 127 * 1.001}
+
+
+@pytest.mark.parametrize("precision", PRECISION_CHOICES)
+def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Path,
+                                               precision: str) -> None:
+    build_package(tmp_path / "p.peel", group, 0.5, user=3, group=7,
+                  options=DeployOptions(precision=precision))
     pkg = open_package(tmp_path / "p.peel")
     assert pkg.spec.user == 3 and pkg.spec.group == 7
     assert pkg.similarity == DEFAULT_SIMILARITY and pkg.weighting == DEFAULT_WEIGHTING
     assert pkg.scale == DEFAULT_SCALE
+    rule = DEFAULT_PRECISION if precision == "auto" else precision
+    assert pkg.precision == rule and pkg.spec.version == (3 if rule == "fp32" else 4)
     np.testing.assert_array_equal(pkg.weights, group.alpha[pkg.selection[:, 0],
                                                             pkg.selection[:, 1]].astype(np.float32))
     np.testing.assert_array_equal(pkg.user_emb, group.user_emb[3])
-    for g, n in pkg.selection.tolist():
+    for (g, n), kind in zip(pkg.selection.tolist(), pkg.kinds.tolist(), strict=True):
         items = np.flatnonzero(group.item_group == g)  # stored grouped, by item index
-        np.testing.assert_array_equal(pkg.item_blocks(g, n), group.blocks[items, n, :])
+        true = group.blocks[items, n, :]
+        stored = pkg.item_blocks(g, n)
+        peak = np.abs(true).max(axis=1, keepdims=True)
+        assert np.all(np.abs(stored - true) <= TOLERANCE[BLOCK_KINDS[kind]] * peak + 1e-7)
+        if BLOCK_KINDS[kind] == "f32":
+            np.testing.assert_array_equal(stored, true)
+    for arr in (pkg.blocks, pkg.selection, pkg.item_group, pkg.kinds):
+        assert not arr.flags.writeable  # views of the mapping
     for arr in (pkg.blocks, pkg.selection, pkg.item_group):
-        assert not arr.flags.writeable and not arr.flags.owndata  # views of the mapping
+        assert not arr.flags.owndata
 
 
-def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path) -> None:
-    build_package(tmp_path / "big.peel", group, 0.8)
-    build_package(tmp_path / "small.peel", group, 0.3)
+@pytest.mark.parametrize("precision", PRECISION_CHOICES)
+def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path,
+                                         precision: str) -> None:
+    options = DeployOptions(precision=precision)
+    build_package(tmp_path / "big.peel", group, 0.8, options=options)
+    build_package(tmp_path / "small.peel", group, 0.3, options=options)
     big, small = open_package(tmp_path / "big.peel"), open_package(tmp_path / "small.peel")
     assert small.n_selected < big.n_selected
     np.testing.assert_array_equal(small.selection, big.selection[: small.n_selected])
+    np.testing.assert_array_equal(small.kinds, big.kinds[: small.n_selected])
     np.testing.assert_array_equal(small.blocks, big.blocks[: small.blocks.size])
 
 
-def test_builds_are_deterministic(group: GroupArrays, tmp_path: Path) -> None:
+def test_lower_precision_keeps_more_blocks_for_the_same_bytes(group: GroupArrays) -> None:
+    kept = {p: plan_package(group, 0.3, options=DeployOptions(precision=p)).n_selected
+            for p in PRECISIONS}
+    assert kept["fp32"] < kept["fp16"] <= kept["int8o"] < kept["int8"]
+    reports = [plan_package(group, 0.3, options=DeployOptions(precision=p)) for p in PRECISIONS]
+    assert all(r.total <= r.budget for r in reports)
+
+
+# ------------------------------------------------------------- format versions (v3 files)
+
+
+def fixture_arrays() -> GroupArrays:
+    """The arrays tests/fixtures/v3_*.peel were written from (by peel at commit dc26696, the
+    last writer before mixed precision), with ``build_package(.., 2700, user=1, group=0,
+    seen=[3, 5], item_ids=arange(40) * 10)`` and ``build_package(.., 2300, group=2)``."""
+    n_items, n_blocks, d, n_groups = 40, 4, 3, 3
+    blocks = np.sin(np.arange(n_items * n_blocks * d).reshape(n_items, n_blocks, d) * 0.37)
+    alpha = ((np.arange(n_groups * n_blocks) * 7 % 12) + 1).reshape(n_groups, n_blocks) / 12
+    item_group = np.arange(n_items) * 7 % n_groups
+    user_emb = np.cos(np.arange(2 * n_blocks * d)).reshape(2, n_blocks * d)
+    return check_group_arrays(blocks.astype(np.float32), alpha, item_group, np.array([0, 1]),
+                              user_emb.astype(np.float32), source="fixture")
+
+
+def test_fp32_packages_are_the_v3_files_byte_for_byte(tmp_path: Path) -> None:
+    arrays, fp32 = fixture_arrays(), DeployOptions(precision="fp32")
+    build_package(tmp_path / "user.peel", arrays, 2700, user=1, group=0, seen=[3, 5],
+                  item_ids=np.arange(40) * 10, options=fp32)
+    build_package(tmp_path / "group.peel", arrays, 2300, group=2, options=fp32)
+    for name in ("user", "group"):
+        written = (tmp_path / f"{name}.peel").read_bytes()
+        assert written == (FIXTURES / f"v3_{name}.peel").read_bytes()
+        assert int.from_bytes(written[8:12], "little") == 3  # the format version
+
+
+def test_v3_files_still_open_rank_and_shrink(tmp_path: Path) -> None:
+    arrays = fixture_arrays()
+    pkg = open_package(FIXTURES / "v3_user.peel")
+    assert pkg.spec.version == 3 and pkg.precision == "fp32"
+    assert set(pkg.kind_counts()) == set(BLOCK_KINDS) and pkg.kind_counts()["f32"] == 7
+    expected = np.zeros(arrays.n_items)
+    for g, n in pkg.selection.tolist():
+        items = np.flatnonzero(arrays.item_group == g)
+        expected[items] += arrays.blocks[items, n, :] @ arrays.user_emb[1, n * 3:(n + 1) * 3]
+    np.testing.assert_allclose(pkg.scores(), expected, rtol=1e-5, atol=1e-6)
+    ranked = pkg.rank(k=5)
+    assert not {3, 5} & set(ranked.items.tolist())
+    np.testing.assert_array_equal(ranked.ids, ranked.items * 10)
+    group = open_package(FIXTURES / "v3_group.peel")
+    small = group.shrink(group.minimum_budget())
+    small.save(tmp_path / "small.peel")
+    assert open_package(tmp_path / "small.peel").n_selected == 3
+    assert (tmp_path / "small.peel").read_bytes()[8:12] == (3).to_bytes(4, "little")
+
+
+def test_v4_header_says_how_each_block_is_stored(group: GroupArrays, tmp_path: Path) -> None:
+    build_package(tmp_path / "p.peel", group, 0.4, options=DeployOptions(precision="value"))
+    raw = (tmp_path / "p.peel").read_bytes()
+    header = json.loads(raw[64: 64 + int.from_bytes(raw[12:16], "little")])
+    assert header["version"] == 4 and header["precision"] == "value"
+    assert header["block_kinds"] == list(BLOCK_KINDS)
+    assert header["arrays"]["kinds"]["shape"] == [header["n_selected"]]
+    assert header["arrays"]["blocks"]["dtype"] == "|u1"
+
+
+# ------------------------------------------------------------- precision rules
+
+
+def test_value_rule_measures_errors_and_pays_for_precision_only_where_it_matters() -> None:
+    arrays = synthetic_group(n_items=300, n_blocks=4, block_dim=4, n_item_groups=3, n_users=6)
+    errors = quantisation_errors(arrays)
+    assert errors.shape == (3, 4, len(BLOCK_KINDS))
+    assert np.all(errors[:, :, 0] == 0)  # float32 is exact
+    assert np.all(errors[:, :, 1] < errors[:, :, 2])  # float16 beats int8 on tanh blocks
+    assert np.all(errors[:, :, 3] <= errors[:, :, 2] * 1.5)
+    order, kinds = precision_order(arrays, "value")
+    assert set(kinds.tolist()) == {2}  # int8 is the most value per byte here
+    # one row per item spanning 1e-6 .. 1e3 in block 0 of group 0: int8 loses the small values
+    blocks = arrays.blocks.copy()
+    items = np.flatnonzero(arrays.item_group == 0)
+    blocks[items, 0, :] = np.array([1e3, 1e-3, -1e-3, 1e-6])
+    users = arrays.user_emb.copy()
+    users[:, 0] = 0  # the users only look at the small values
+    skewed = GroupArrays(blocks, arrays.alpha, arrays.item_group, arrays.users, users)
+    errors = quantisation_errors(skewed)
+    assert errors[0, 0, 2] > 0.3 and errors[0, 0, 0] == 0
+    order, kinds = precision_order(skewed, "value")
+    picked = dict(zip(map(tuple, order.tolist()), kinds.tolist(), strict=True))
+    assert picked[(0, 0)] in (0, 1)  # stored precisely; everything else stays int8
+    assert all(k == 2 for pair, k in picked.items() if pair != (0, 0))
+
+
+def test_values_beyond_float16_are_refused_or_kept_float32(tmp_path: Path) -> None:
+    arrays = synthetic_group(n_items=60, n_blocks=2, block_dim=2, n_item_groups=2, n_users=2)
+    big = GroupArrays(arrays.blocks * 1e9, arrays.alpha, arrays.item_group, arrays.users,
+                      arrays.user_emb)  # beyond float16, and int8 scales beyond it too
+    for precision in ("fp16", "int8", "int8o"):
+        with pytest.raises(ValueError, match=r"float16's range.*fp32"):
+            build_package(tmp_path / "p.peel", big, "1MB",
+                          options=DeployOptions(precision=precision))
+    assert not (tmp_path / "p.peel").exists()
+    build_package(tmp_path / "v.peel", big, "1MB", options=DeployOptions(precision="value"))
+    pkg = open_package(tmp_path / "v.peel")
+    assert pkg.kind_counts()["f32"] == pkg.n_selected == 4
+    with pytest.raises(ValueError, match="precision 'int4'"):
+        build_package(tmp_path / "x.peel", arrays, "1MB",
+                      options=DeployOptions(precision="int4"))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "value"])
+def test_builds_are_deterministic(group: GroupArrays, tmp_path: Path, precision: str) -> None:
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         build_package(tmp_path / f"{name}.peel", group, "50KB",
-                      options=DeployOptions(selection="random", seed=seed))
+                      options=DeployOptions(selection="random", seed=seed, precision=precision))
     a, b, c = ((tmp_path / f"{x}.peel").read_bytes() for x in "abc")
     assert a == b and a != c
     assert open_package(tmp_path / "a.peel").spec.seed == 3
@@ -89,9 +226,10 @@ def test_minimum_budget_is_refused_without_writing(group: GroupArrays, tmp_path:
 
 def test_item_ids_and_seen_are_stored_and_counted(group: GroupArrays, tmp_path: Path) -> None:
     ids = np.arange(group.n_items, dtype=np.int64) * 10 + 5
-    plain = build_package(tmp_path / "a.peel", group, 1.0, user=1)
+    fp32 = DeployOptions(precision="fp32")  # so that not every block fits
+    plain = build_package(tmp_path / "a.peel", group, 1.0, user=1, options=fp32)
     report = build_package(tmp_path / "b.peel", group, 1.0, user=1, item_ids=ids,
-                           seen=[4, 2, 2, 9])
+                           seen=[4, 2, 2, 9], options=fp32)
     assert report.item_ids == group.n_items * 8 and report.seen == 3 * 4
     assert report.item_blocks < plain.item_blocks  # the ids take budget from blocks
     pkg = open_package(tmp_path / "b.peel")
@@ -114,10 +252,11 @@ def test_item_ids_and_seen_are_stored_and_counted(group: GroupArrays, tmp_path: 
     (lambda b: b[:10], "not a peel package"),
     (lambda b: b"", "not a peel package"),
 ])
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_corruption_gives_a_clear_error(group: GroupArrays, tmp_path: Path, mutate: object,
-                                        message: str) -> None:
+                                        message: str, precision: str) -> None:
     path = tmp_path / "p.peel"
-    build_package(path, group, 0.5, user=0)
+    build_package(path, group, 0.5, user=0, options=DeployOptions(precision=precision))
     bad = tmp_path / "bad.peel"
     bad.write_bytes(mutate(path.read_bytes()))  # type: ignore[operator]
     with pytest.raises(PackageError, match=message) as err:
@@ -260,7 +399,7 @@ def test_cli_deploy_recommend_shrink(run_dir: Path, tmp_path: Path,
 def test_cli_errors_are_clean(run_dir: Path, tmp_path: Path, argv: list[str], message: str,
                               capsys: pytest.CaptureFixture[str]) -> None:
     build_package(tmp_path / "group.peel", load_group(run_dir, 0), 0.5)
-    build_package(tmp_path / "user.peel", load_group(run_dir, 0), 0.5, user=1)
+    build_package(tmp_path / "user.peel", load_group(run_dir, 0), 0.2, user=1)  # not all
     data = bytearray((tmp_path / "user.peel").read_bytes())
     data[-1] ^= 0xFF
     (tmp_path / "corrupt.peel").write_bytes(bytes(data))
@@ -279,10 +418,11 @@ def test_no_package_exceeds_its_budget(n_items: int, n_blocks: int, block_dim: i
     arrays = synthetic_group(n_items, n_blocks, block_dim, n_groups, 2, seed)
     budget = data.draw(st.integers(1, full_table_bytes(n_items, n_blocks * block_dim) + 4096))
     user = data.draw(st.sampled_from([None, 1]))
+    options = DeployOptions(precision=data.draw(st.sampled_from(PRECISION_CHOICES)))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "p.peel"
         try:
-            report = build_package(path, arrays, budget, user=user)
+            report = build_package(path, arrays, budget, user=user, options=options)
         except BudgetError as err:
             assert "minimum" in str(err) and not path.exists()
             return
@@ -291,3 +431,32 @@ def test_no_package_exceeds_its_budget(n_items: int, n_blocks: int, block_dim: i
         assert all(s.size >= 1 for s in pkg.block_sets())  # every item group keeps a block
         assert pkg.report == report
         assert report.total / MB < budget / MB + 1e-12
+
+
+def _resigned(raw: bytes) -> bytes:
+    """``raw`` with a valid sha256 again, so a test reaches the checks past the digest."""
+    digest = hashlib.sha256(raw[:32])
+    digest.update(raw[64:])
+    return raw[:32] + digest.digest() + raw[64:]
+
+
+@pytest.mark.parametrize(("precision", "edit", "message"), [
+    ("int8", lambda k, b: (k.__setitem__(0, 9), None), "unknown block kind"),
+    ("int8", lambda k, b: (b.__setitem__(1, 0x80), None), "scales must be finite and non-neg"),
+    ("int8o", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7c"), None), "finite"),
+    ("fp16", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7e"), None), "float16 block"),
+])
+def test_v4_content_checks(group: GroupArrays, tmp_path: Path, precision: str, edit: object,
+                           message: str) -> None:
+    build_package(tmp_path / "p.peel", group, 0.3, options=DeployOptions(precision=precision))
+    raw = bytearray((tmp_path / "p.peel").read_bytes())
+    header_len = int.from_bytes(raw[12:16], "little")
+    arrays = json.loads(raw[64: 64 + header_len])["arrays"]
+    start = 64 + -(-header_len // 64) * 64
+    kinds = memoryview(raw)[start + arrays["kinds"]["offset"]:][: arrays["kinds"]["shape"][0]]
+    blocks = memoryview(raw)[start + arrays["blocks"]["offset"]:]
+    edit(kinds, blocks)  # type: ignore[operator]
+    kinds.release()
+    blocks.release()
+    with pytest.raises(PackageError, match=message):
+        read_package(_resigned(bytes(raw)), "edited.peel")

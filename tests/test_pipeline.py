@@ -10,6 +10,7 @@ import pytest
 
 from peel.cli import main
 from peel.io import write_json
+from peel.package import DEFAULT_PRECISION
 from peel.pipeline import _check_pretrain_config, config_toml, demo_config, load_run_config
 from peel.synthetic import SyntheticConfig, make_demo, write_lightgcn_folder
 
@@ -92,11 +93,12 @@ def test_train_refuses_a_different_config_in_same_folder(run_dir, capsys):
 def test_evaluate_and_report(run_dir, capsys):
     root, out = run_dir
     code = main(["evaluate", str(out), "--baselines", "--selection", "random", "--scale",
-                 "eq10", "--json", "--quiet"])
+                 "eq10", "--precision", "fp32", "--json", "--quiet"])
     assert code == 0
     rows = json.loads(capsys.readouterr().out)
     methods = {r["method"] for r in rows}
-    assert methods == {"PEEL", "PEEL (selection=random)", "PEEL (scale=eq10)", "PMF"}
+    assert methods == {"PEEL", "PEEL (selection=random)", "PEEL (scale=eq10)",
+                       "PEEL (precision=fp32)", "PMF"}
     for r in rows:
         assert r["bytes_used"] <= r["budget_bytes"]
         for v in r["metrics"].values():
@@ -110,6 +112,68 @@ def test_evaluate_and_report(run_dir, capsys):
     assert "PEEL" in md and "PMF" in md
     assert (root / "report" / "results.csv").exists()
     assert (root / "report" / "recall50.png").exists()
+
+
+def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, capsys):
+    """--tune-trials records the validation choice in each baseline row; --reference adds the
+    every-block and pretrained rows; the report writes stages, blocks kept and settings."""
+    import csv
+
+    root, out = run_dir
+    assert main(["evaluate", str(out), "--tune-trials", "2", "--quiet"]) == 2
+    assert "--baselines" in capsys.readouterr().err
+    code = main(["evaluate", str(out), "--baselines", "pmf,bpr-mf,lightgcn-svd", "--budgets",
+                 "0.4", "--tune-trials", "2", "--reference", "--json", "--quiet"])
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(capsys.readouterr().out)}
+    assert {"PMF", "BPR-MF", "lightgcn-svd", "PEEL (every block)", "pretrained (32-d)"} <= set(
+        rows)
+    for name in ("PMF", "BPR-MF"):
+        tuning = rows[name]["detail"]["tuning"]
+        recalls = [t["valid_recall@20"] for t in tuning["log"]]
+        assert tuning["trials"] == 2 and tuning["chosen_trial"] == recalls.index(max(recalls))
+    assert "nothing to tune" in rows["lightgcn-svd"]["detail"]["tuning"]["note"]
+    for name in ("PEEL (every block)", "pretrained (32-d)"):
+        assert rows[name]["budget"] == "all"
+        assert rows[name]["bytes_used"] <= rows[name]["budget_bytes"]
+    kept = rows["PEEL"]["detail"]["blocks_per_item_group"]
+    assert len(kept) == 3 and all(len(c) == 4 and min(c) >= 1 for c in kept.values())
+    assert all(c == [4, 4, 4, 4] for c in rows["PEEL (every block)"]["detail"][
+        "blocks_per_item_group"].values())
+
+    report = root / "report_tuned"
+    assert main(["report", str(out), "--out", str(report)]) == 0
+    capsys.readouterr()
+    summary = json.loads((out / "train_summary.json").read_text())
+    stages = list(csv.DictReader((report / "stages.csv").open()))
+    assert float(stages[0]["pretrain_s"]) == pytest.approx(summary["seconds"]["pretrain"],
+                                                           abs=1e-6)  # CSV: 6 places
+    hyper = {(r["method"], r["budget"]): r
+             for r in csv.DictReader((report / "hyperparameters.csv").open())}
+    assert hyper[("PMF", "0.4")]["tuned"] == "yes"
+    assert json.loads(hyper[("PMF", "0.4")]["chosen"]) == rows["PMF"]["detail"]["tuning"][
+        "chosen"]
+    blocks = list(csv.DictReader((report / "blocks.csv").open()))
+    assert {(r["user_group"], r["item_group"]) for r in blocks
+            if r["method"] == "PEEL" and r["budget"] == "0.4"} == {
+        (str(g), str(i)) for g in range(3) for i in range(4)}
+    md = (report / "results.md").read_text()
+    assert "Stage timings" in md and "Blocks kept" in md and "hyper-parameters" in md
+    assert "pretrained (32-d)" in md
+
+
+def test_precision_flags_of_deploy_and_evaluate(run_dir, capsys):
+    root, out = run_dir
+    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 4)):
+        pkg = root / f"g0_{precision}.peel"
+        assert main(["deploy", str(out), "--budget", "0.6", "--group", "0", "--out", str(pkg),
+                     "--precision", precision, "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["format_version"] == version
+        assert info["precision"] == (DEFAULT_PRECISION if precision == "auto" else precision)
+    assert main(["evaluate", str(out), "--precision", "fp32,int4", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'int4'" in err and "Traceback" not in err
 
 
 def test_set_override_validation(capsys, tmp_path):
@@ -157,6 +221,22 @@ def test_reuse_pretrain_copies_stage1_only_for_identical_settings(tmp_path: Path
         reuse_pretrain(src, tmp_path / "reg", other)
     with pytest.raises(ValueError, match="diversity"):
         _check_pretrain_config(tmp_path / "ab" / "pretrain", other.pretrain)
+
+
+def test_stage1_made_before_a_setting_existed_counts_as_that_settings_default(
+        tmp_path: Path) -> None:
+    """Runs pretrained before ``nested_dims`` existed stay reusable at its default (their
+    behaviour), and are refused when the setting asks for something they did not do."""
+    from dataclasses import replace
+
+    cfg = demo_config(0)
+    stage = tmp_path / "pretrain"
+    stage.mkdir()
+    old = {k: v for k, v in asdict(cfg.pretrain).items() if k != "nested_dims"}
+    write_json(stage / "pretrain_config.json", old)
+    _check_pretrain_config(stage, cfg.pretrain)
+    with pytest.raises(ValueError, match="nested_dims"):
+        _check_pretrain_config(stage, replace(cfg.pretrain, nested_dims=(8,)))
 
 
 def _stage_arrays(out: Path) -> dict[str, bytes]:
@@ -219,3 +299,24 @@ def test_the_paper_configuration_ships_with_the_library() -> None:
     assert (cfg.pretrain.layer_combination, cfg.pretrain.sampling, cfg.pretrain.lr) == (
         "last", "uniform", 1e-3)
     assert cfg.run.label == "PEEL (paper)"
+
+
+def test_evaluate_baselines_rule_reuses_the_runs_stage1(run_dir, capsys, monkeypatch):
+    """`peel evaluate RUN --baselines rule`: RULE on the run's embeddings and item groups."""
+    import functools
+
+    from peel.baselines import rule
+
+    # fewer labelled configurations than the default 2,000, to keep the test short
+    monkeypatch.setattr(rule, "RuleConfig", functools.partial(rule.RuleConfig, n_configs=100))
+    _, out = run_dir
+    code = main(["evaluate", str(out), "--baselines", "rule", "--split", "valid", "--json",
+                 "--quiet"])
+    assert code == 0
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["method"] == "RULE"]
+    assert len(rows) == 2
+    for r in rows:
+        assert 0 < r["bytes_used"] <= r["budget_bytes"]
+        assert r["detail"]["n_item_groups"] == load_run_config(out).groups.n_item_groups
+        assert r["detail"]["stage1_seconds"] > 0  # the run's stage 1, not a retraining
+        assert r["detail"]["configs_labelled"] == 100

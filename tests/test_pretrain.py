@@ -14,7 +14,9 @@ from peel.pretrain import (
     NegativeSampler,
     PretrainConfig,
     Propagator,
+    _nested_bpr,
     block_pairwise_sq_distance,
+    bpr_loss,
     load_embeddings,
     mean_block_distance,
     normalized_interactions,
@@ -120,6 +122,36 @@ def test_training_is_deterministic_and_learns(small):
     assert a.best_epoch >= 1 and a.history[-1]["valid"]["recall@20"] > 0
 
 
+def test_nested_loss_is_the_mean_of_each_prefix_bpr_loss() -> None:
+    gen = torch.Generator().manual_seed(0)
+    eu, ip = torch.randn(7, 16, generator=gen), torch.randn(7, 16, generator=gen)
+    inn = torch.randn(7, 3, 16, generator=gen)
+    brute = [bpr_loss((eu[:, :k] * ip[:, :k]).sum(-1),
+                      torch.einsum("bd,bkd->bk", eu[:, :k], inn[:, :, :k])) for k in (4, 8, 16)]
+    got = _nested_bpr(eu, ip, inn, (4, 8))
+    assert float(got) == pytest.approx(float(torch.stack(brute).mean()), rel=1e-5)
+
+
+def test_nested_prefixes_are_trained_to_rank_on_their_own(small):
+    """With a 4-d prefix loss, the first 4 dimensions alone order the training pairs better
+    (lower BPR loss against fixed random negatives) than the first 4 of a model trained on the
+    full embedding only, same seed and everything else."""
+    tr = small.train.tocoo()
+    neg = np.random.default_rng(0).integers(small.n_items, size=tr.nnz)
+
+    def prefix_loss(res) -> float:
+        u, i = res.user_emb[:, :4], res.item_emb[:, :4]
+        margin = (u[tr.row] * i[tr.col]).sum(1) - (u[tr.row] * i[neg]).sum(1)
+        return float(np.logaddexp(0, -margin).mean())
+
+    kw = dict(layers=0, epochs=15, lr=0.05, sampling="uniform", lr_half_life=0)
+    plain = pretrain(small, fast_cfg(**kw), progress=False)
+    nested = pretrain(small, fast_cfg(nested_dims=(4,), **kw), progress=False)
+    assert prefix_loss(nested) < prefix_loss(plain) - 0.02
+    with pytest.raises(ValueError, match="nested_dims"):
+        fast_cfg(nested_dims=(32,)).validate()
+
+
 def test_resume_equals_uninterrupted(small, tmp_path):
     straight = pretrain(small, fast_cfg(epochs=4), progress=False)
     pretrain(small, fast_cfg(epochs=2), out_dir=tmp_path / "ck", progress=False)
@@ -135,11 +167,18 @@ def test_resume_refuses_different_config(small, tmp_path):
 
 
 def test_mf_baseline_and_dns_run(small):
-    mf = pretrain(small, fast_cfg(layers=0, epochs=3), progress=False)
+    """BPR-MF (0 layers) and DNS-trained LightGCN both learn the planted communities: each
+    beats ranking by popularity by a wide margin (popularity ~0.36, random ~0.12 here)."""
+    popular = np.asarray(small.item_popularity, dtype=np.float32)[:, None]
+    pop = evaluate(dot_scorer(np.ones((small.n_users, 1), np.float32), popular), small,
+                   "test")["recall@20"]
+    mf = pretrain(small, fast_cfg(layers=0, epochs=5, lr=0.03, sampling="dns",
+                                  dns_candidates=4), progress=False)
     dns = pretrain(small, fast_cfg(epochs=3, sampling="dns", dns_candidates=4), progress=False)
     for res in (mf, dns):
         assert np.isfinite(res.item_emb).all()
-        assert evaluate(dot_scorer(res.user_emb, res.item_emb), small, "test")["recall@20"] > 0
+        recall = evaluate(dot_scorer(res.user_emb, res.item_emb), small, "test")["recall@20"]
+        assert recall > pop + 0.1, (recall, pop)
 
 
 def test_diversity_regularizer_diversifies_blocks_at_equal_quality(small):

@@ -18,6 +18,7 @@ import numpy as np
 from peel import pipeline, runfolder
 from peel.data import InteractionData
 from peel.device import Package, read_package
+from peel.executor import Executor
 from peel.package import DeployOptions
 from peel.pipeline import EvalRow, RunConfig
 
@@ -57,20 +58,22 @@ class PEEL:
         self.config = cfg
 
     def fit(self, data: DataLike = "demo", out: str | Path | None = None,
-            progress: bool = False) -> Run:
+            progress: bool = False, executor: Executor | None = None) -> Run:
         """Train every server stage into run folder ``out`` (resumes an interrupted one).
 
         ``data``: a dataset path, ``"demo"`` / ``"demo:SEED"``, or an in-memory
         :class:`~peel.data.InteractionData`, which is saved into the run so that evaluation
         and deployment later use exactly its splits. Without ``out`` a temporary folder is
-        made (its path is ``run.path``).
+        made (its path is ``run.path``). ``executor`` runs the group fine-tuning (e.g.
+        ``peel.executor.RayExecutor()``); results do not depend on it.
         """
         folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="peel-run-"))
         if isinstance(data, InteractionData):
-            pipeline.train(self.config, folder, progress=progress, data=data)
+            pipeline.train(self.config, folder, progress=progress, data=data,
+                           executor=executor)
         else:
             cfg = replace(self.config, run=replace(self.config.run, data=str(data)))
-            pipeline.train(cfg, folder, progress=progress)
+            pipeline.train(cfg, folder, progress=progress, executor=executor)
         return Run.load(folder)
 
 
@@ -108,13 +111,19 @@ class Run:
 
     def evaluate(self, budgets: Sequence[str] | None = None, split: str = "test",
                  baselines: bool | Sequence[str] = False, partial: bool = False,
-                 progress: bool = False) -> list[EvalRow]:
+                 progress: bool = False, tune_trials: int = 0, reference: bool = False,
+                 executor: Executor | None = None) -> list[EvalRow]:
         """Recall/NDCG of every user group's package at every budget, ranked on the device
         runtime (``budgets`` default to ``[deploy] budgets``). ``baselines``: True for the
-        run's list or names such as ``["pmf", "lightgcn-svd"]``. Test rows are also saved
-        to RUN/eval.json; ``split="valid"`` is for choosing settings and saves nothing."""
+        run's list or names such as ``["pmf", "lightgcn-svd"]``, one ``executor`` task per
+        method x budget when given; ``tune_trials`` > 0 tunes each baseline at each budget on
+        the validation split (:mod:`peel.tuning`) and records the chosen setting in the row's
+        ``detail["tuning"]``; ``reference`` adds PEEL with every block kept and the
+        pretrained model (budget "all"). Test rows are also saved to RUN/eval.json;
+        ``split="valid"`` is for choosing settings and saves nothing."""
         return pipeline.evaluate(self.path, budgets, baselines=baselines, progress=progress,
-                                 split=split, partial=partial)
+                                 split=split, partial=partial, tune_trials=tune_trials,
+                                 reference=reference, executor=executor)
 
     def rankings(self, budget: str, split: str = "test",
                  partial: bool = False) -> dict[int, np.ndarray]:
@@ -133,8 +142,11 @@ class Run:
         """The device package of one user (``user=``) or one user group (``group=``).
 
         Built with the run's deploy settings (``overrides``: similarity, weighting, scale,
-        selection, seed), so it ranks as :meth:`evaluate` measured. Written to ``out`` when
-        given, else kept in memory. ``budget``: bytes, "5MB", or a fraction of the table.
+        selection, seed, precision), so it ranks as :meth:`evaluate` measured. Written to
+        ``out`` when given, else kept in memory. ``budget``: bytes, "5MB", or a fraction of the
+        table. ``precision="fp32"`` gives the float32 (format v3) package of earlier versions;
+        the default, the run's ``[deploy] precision`` ("auto"), stores blocks as
+        :data:`peel.package.DEFAULT_PRECISION` says.
         """
         if out is not None:
             pipeline.deploy_package(self.path, budget, out, user=user, group=group,

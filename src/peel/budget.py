@@ -33,7 +33,12 @@ from peel.errors import PeelError
 
 # --- file format constants (shared by the writer in peel.package and the reader in peel.device)
 FORMAT_NAME = "peel-package"
-FORMAT_VERSION = 3  # v3: the header records Eq. 10's scale; v2: blocks stored (d, rows)
+#: v4: kept blocks may be float16 or int8 (a ``kinds`` array says which); v3: the header records
+#: Eq. 10's scale; v2: blocks stored (d, rows). A float32-only package (``precision="fp32"``)
+#: is still written as v3, byte for byte what earlier versions wrote, so older readers open it.
+FORMAT_VERSION = 4
+LEGACY_VERSION = 3
+READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
 MAGIC = b"PEELPKG\x00"
 #: magic, format version, JSON header length, payload length, budget in bytes, sha256 digest.
 PREAMBLE = struct.Struct("<8sIIQQ32s")
@@ -49,6 +54,19 @@ WEIGHTINGS = ("none", "alpha")
 #: on validation: docs/paper-notes.md, Stage 2, "Eq. 10's factor").
 SCALES = ("none", "eq10")
 SELECTIONS = ("importance", "random")
+#: How one kept block is stored (its code in a v4 package's ``kinds`` array is the index):
+#: "f32" float32; "f16" IEEE float16; "i8" int8 codes with one float16 scale per item row
+#: (x ~ scale * code); "i8o" int8 codes with a float16 scale and offset per item row
+#: (x ~ offset + scale * code). Every kind is stored dimension-major, (d, items in group).
+BLOCK_KINDS = ("f32", "f16", "i8", "i8o")
+KIND_F32, KIND_F16, KIND_I8, KIND_I8O = range(4)
+#: Package precision rules (``peel.package`` resolves "auto" to the validated default):
+#: "fp32" every block float32 (format v3); "fp16" / "int8" / "int8o" every block of that
+#: kind; "value" per block the kind of highest importance-per-byte after its measured
+#: quantisation error, blocks ordered by that value per byte.
+PRECISIONS = ("fp32", "fp16", "int8", "int8o", "value")
+#: Each stored block starts on this many bytes, so float32 / float16 views stay aligned.
+BLOCK_ALIGN = 4
 MB = 1_000_000
 MAX_INDEX = 0xFFFF  # item groups and blocks are stored as uint16 in the selection list
 
@@ -212,6 +230,7 @@ class PackageSpec:
     user_stored: bool = False
     n_seen: int = 0
     item_ids: bool = False
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.similarity not in SIMILARITIES:
@@ -225,6 +244,9 @@ class PackageSpec:
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection {self.selection!r}: choose one of "
                              f"{', '.join(SELECTIONS)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r}: choose one of "
+                             f"{', '.join(PRECISIONS)}")
         if sum(self.group_counts) != self.n_items:
             raise ValueError("group_counts must add up to n_items")
 
@@ -239,6 +261,16 @@ class PackageSpec:
     @property
     def label_dtype(self) -> str:
         return "|u1" if self.n_groups <= 256 else "<u2"
+
+    @property
+    def version(self) -> int:
+        """The format version this package is written in: v3 when every block is float32."""
+        return LEGACY_VERSION if self.precision == "fp32" else FORMAT_VERSION
+
+    @property
+    def mixed(self) -> bool:
+        """Whether blocks may be stored at other precisions than float32 (format v4)."""
+        return self.version >= 4
 
 
 @dataclass(frozen=True)
@@ -337,7 +369,7 @@ def _pad(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
-def _slots(spec: PackageSpec, n_selected: int, block_rows: int) -> tuple[ArraySlot, ...]:
+def _slots(spec: PackageSpec, n_selected: int, block_size: int) -> tuple[ArraySlot, ...]:
     wanted: list[tuple[str, str, tuple[int, ...]]] = [
         ("group_offsets", "<i8", (spec.n_groups + 1,)),
         ("item_group", spec.label_dtype, (spec.n_items,)),
@@ -350,8 +382,13 @@ def _slots(spec: PackageSpec, n_selected: int, block_rows: int) -> tuple[ArraySl
         wanted.append(("seen", "<i4", (spec.n_seen,)))
     wanted.append(("selection", "<u2", (n_selected, 2)))
     wanted.append(("weights", "<f4", (n_selected,)))  # alpha of each kept block
+    if spec.mixed:
+        wanted.append(("kinds", "|u1", (n_selected,)))  # BLOCK_KINDS code of each kept block
+        blocks = ("blocks", "|u1", (block_size,))  # bytes: the kinds differ in item size
+    else:
+        blocks = ("blocks", "<f4", (block_size * spec.block_dim,))
     # The block payload goes last so that a smaller package is a byte prefix of a larger one.
-    wanted.append(("blocks", "<f4", (block_rows * spec.block_dim,)))
+    wanted.append(blocks)
     slots, offset = [], 0
     for name, dtype, shape in wanted:
         slot = ArraySlot(name, dtype, shape, _pad(offset))
@@ -362,10 +399,14 @@ def _slots(spec: PackageSpec, n_selected: int, block_rows: int) -> tuple[ArraySl
 
 def header_document(spec: PackageSpec, n_selected: int,
                     slots: tuple[ArraySlot, ...]) -> dict[str, Any]:
-    """The JSON header: self-description for any reader, and the array table for ours."""
-    return {
+    """The JSON header: self-description for any reader, and the array table for ours.
+
+    A v4 header adds the precision rule and the table of block kinds (the meaning of the
+    ``kinds`` codes); a float32 package's header is the v3 one, key for key.
+    """
+    doc = {
         "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
+        "version": spec.version,
         "n_items": spec.n_items,
         "n_blocks": spec.n_blocks,
         "block_dim": spec.block_dim,
@@ -381,6 +422,10 @@ def header_document(spec: PackageSpec, n_selected: int,
         "arrays": {s.name: {"dtype": s.dtype, "shape": list(s.shape), "offset": s.offset}
                    for s in slots},
     }
+    if spec.mixed:
+        doc["precision"] = spec.precision
+        doc["block_kinds"] = list(BLOCK_KINDS)
+    return doc
 
 
 def encode_header(doc: dict[str, Any]) -> bytes:
@@ -388,15 +433,18 @@ def encode_header(doc: dict[str, Any]) -> bytes:
     return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode("ascii")
 
 
-def layout(spec: PackageSpec, n_selected: int, block_rows: int, budget: int) -> Layout:
+def layout(spec: PackageSpec, n_selected: int, block_size: int, budget: int) -> Layout:
     """The layout and accounting of ``spec`` keeping ``n_selected`` blocks.
 
-    ``block_rows`` is the number of (item, block) pairs kept: the sum over the selected
-    (group, block) pairs of the group's item count. The budget is kept in the binary preamble,
-    not in the JSON, so the header's size (and so the selection) cannot depend on the budget's
-    digits; this is what makes a shrunk package identical to one built at the smaller budget.
+    ``block_size`` is what the kept blocks take (:func:`prefix_sizes`): for a float32 (v3)
+    package the number of (item, block) pairs kept, i.e. the sum over the selected (group,
+    block) pairs of the group's item count; for a mixed-precision (v4) package their bytes,
+    scales, offsets and per-block alignment included. The budget is kept in the binary
+    preamble, not in the JSON, so the header's size (and so the selection) cannot depend on the
+    budget's digits; this is what makes a shrunk package identical to one built at the smaller
+    budget.
     """
-    slots = _slots(spec, n_selected, block_rows)
+    slots = _slots(spec, n_selected, block_size)
     header = encode_header(header_document(spec, n_selected, slots))
     sizes = {s.name: s.nbytes for s in slots}
     reserved_user = 0 if spec.user_stored else spec.dim * 4
@@ -409,7 +457,7 @@ def layout(spec: PackageSpec, n_selected: int, block_rows: int, budget: int) -> 
         item_blocks=sizes["blocks"],
         user_embedding=sizes.get("user_emb", reserved_user),
         item_index=sizes["group_offsets"] + sizes["item_group"],
-        selection=sizes["selection"] + sizes["weights"],
+        selection=sizes["selection"] + sizes["weights"] + sizes.get("kinds", 0),
         item_ids=sizes.get("item_ids", 0),
         seen=sizes.get("seen", 0),
         header=PREAMBLE_BYTES + len(header),
@@ -420,6 +468,17 @@ def layout(spec: PackageSpec, n_selected: int, block_rows: int, budget: int) -> 
     return Layout(spec, int(budget), n_selected, header, slots, report)
 
 
+def row_bytes(kind: int, block_dim: int) -> int:
+    """Bytes one item takes in a block of ``kind``: its d values, plus its scale and offset."""
+    return (4 * block_dim, 2 * block_dim, block_dim + 2, block_dim + 4)[kind]
+
+
+def block_bytes(kind: int, block_dim: int, items: int) -> int:
+    """Bytes of one stored block of ``items`` rows, padded to :data:`BLOCK_ALIGN`."""
+    raw = items * row_bytes(kind, block_dim)
+    return -(-raw // BLOCK_ALIGN) * BLOCK_ALIGN
+
+
 def prefix_rows(spec: PackageSpec, order: np.ndarray) -> np.ndarray:
     """Cumulative (item, block) rows of each prefix of ``order``; entry k is for k blocks."""
     counts = np.asarray(spec.group_counts, dtype=np.int64)
@@ -427,29 +486,55 @@ def prefix_rows(spec: PackageSpec, order: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts[groups])])
 
 
-def minimum_budget(spec: PackageSpec, order: np.ndarray) -> int:
+def prefix_sizes(spec: PackageSpec, order: np.ndarray,
+                 kinds: np.ndarray | None = None) -> np.ndarray:
+    """Entry k: the ``block_size`` of :func:`layout` for the first k pairs of ``order``.
+
+    Rows for a float32 (v3) package (``kinds`` unused), bytes for a mixed one, where
+    ``kinds`` (one :data:`BLOCK_KINDS` code per pair of ``order``) is required.
+    """
+    if not spec.mixed:
+        return prefix_rows(spec, order)
+    if kinds is None or len(kinds) != len(order):
+        raise ValueError("a mixed-precision package needs one block kind per selected pair")
+    counts = np.asarray(spec.group_counts, dtype=np.int64)
+    k = np.asarray(kinds, dtype=np.int64)
+    if k.size and (k.min() < 0 or k.max() >= len(BLOCK_KINDS)):
+        raise ValueError(f"block kinds must be codes in [0, {len(BLOCK_KINDS)})")
+    per_row = np.array([row_bytes(x, spec.block_dim) for x in range(len(BLOCK_KINDS))])
+    raw = counts[np.asarray(order)[:, 0].astype(np.int64)] * per_row[k]
+    padded = -(-raw // BLOCK_ALIGN) * BLOCK_ALIGN
+    return np.concatenate([[0], np.cumsum(padded)]).astype(np.int64)
+
+
+def minimum_budget(spec: PackageSpec, order: np.ndarray,
+                   kinds: np.ndarray | None = None) -> int:
     """The smallest budget that keeps one block per item group (plus user and index)."""
-    rows = prefix_rows(spec, order)
-    return layout(spec, spec.n_groups, int(rows[spec.n_groups]), 0).report.total
+    sizes = prefix_sizes(spec, order[: spec.n_groups],
+                         None if kinds is None else kinds[: spec.n_groups])
+    return layout(spec, spec.n_groups, int(sizes[spec.n_groups]), 0).report.total
 
 
 def fit(spec: PackageSpec, order: np.ndarray, budget: int,
-        rows: np.ndarray | None = None) -> Layout:
+        rows: np.ndarray | None = None, kinds: np.ndarray | None = None) -> Layout:
     """The layout keeping the longest prefix of ``order`` whose total fits ``budget``.
 
     Stops at the first pair that does not fit rather than skipping to smaller ones: skipping
     would break the prefix property that instant shrink relies on, and costs at most one
     block's bytes. The cost is monotone in the prefix length, so a binary search is exact.
     ``order`` may itself be a prefix of the full order (a package re-fitting on the device).
+    ``rows``: :func:`prefix_sizes` of ``order`` when already known; ``kinds``: each pair's
+    block kind (mixed-precision packages).
     """
     if len(order) < spec.n_groups:
         raise ValueError("the selection order must start with one block per item group")
-    rows = prefix_rows(spec, order) if rows is None else rows
+    rows = prefix_sizes(spec, order, kinds) if rows is None else rows
     lo = spec.n_groups
     best = layout(spec, lo, int(rows[lo]), budget)
     if best.report.total > budget:
         raise BudgetError(minimum_message(budget, best.report, spec))
     hi = len(order)
+    lo, hi, best = _bracket(spec, rows, budget, lo, hi, best)
     while lo < hi:  # invariant: prefix lo fits; the answer is in [lo, hi]
         mid = (lo + hi + 1) // 2
         candidate = layout(spec, mid, int(rows[mid]), budget)
@@ -458,6 +543,36 @@ def fit(spec: PackageSpec, order: np.ndarray, budget: int,
         else:
             hi = mid - 1
     return best
+
+
+#: Bound on how far a package's total can stray from its payload arithmetic: the header's
+#: digits and the 64-byte alignment of each array (a dozen arrays at most).
+_LAYOUT_SLACK = 2048
+
+
+def _bracket(spec: PackageSpec, rows: np.ndarray, budget: int, lo: int, hi: int,
+             best: Layout) -> tuple[int, int, Layout]:
+    """Narrow [lo, hi] for :func:`fit` without building layouts: the total of a prefix is
+    the minimum's plus the added block bytes and per-block list entries, give or take
+    :data:`_LAYOUT_SLACK`. A device shrink then builds two or three layouts, not log2(G*N)
+    (each one encodes the JSON header). The narrowed bounds are checked, never trusted."""
+    unit = 1 if spec.mixed else 4 * spec.block_dim  # payload bytes per unit of ``rows``
+    per_block = 2 * 2 + 4 + (1 if spec.mixed else 0)  # selection, weight, kind
+    k = np.arange(len(rows), dtype=np.int64)
+    estimate = (best.report.total + (np.asarray(rows, np.int64) - int(rows[lo])) * unit
+                + (k - lo) * per_block)
+    top = int(np.searchsorted(estimate, budget + _LAYOUT_SLACK, side="right")) - 1
+    sure = int(np.searchsorted(estimate, budget - _LAYOUT_SLACK, side="right")) - 1
+    if lo < top < hi:
+        over = layout(spec, top + 1, int(rows[top + 1]), budget)
+        if over.report.total > budget:  # as the bound says: nothing beyond top fits
+            hi = top
+    sure = min(sure, hi)
+    if sure > lo:
+        fits = layout(spec, sure, int(rows[sure]), budget)
+        if fits.report.total <= budget:
+            lo, best = sure, fits
+    return lo, hi, best
 
 
 def minimum_message(budget: int, minimum: BudgetReport, spec: PackageSpec) -> str:

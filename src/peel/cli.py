@@ -18,6 +18,7 @@ from peel import __version__
 from peel.budget import SCALES
 from peel.config import read_toml, section
 from peel.data import DataConfig, DataError, InteractionData
+from peel.errors import TaskError
 from peel.io import to_json
 
 log = logging.getLogger("peel")
@@ -192,15 +193,42 @@ def _run_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def add_executor_options(p: argparse.ArgumentParser, what: str) -> None:
+    g = p.add_argument_group("executor")
+    g.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help=f"where {what} run: local processes, or Ray tasks "
+                        "(pip install 'peel-rec[ray]')")
+    g.add_argument("--ray-address", default=None, metavar="auto|HOST:PORT",
+                   help="join a running Ray cluster (default: start a local Ray with "
+                        "--workers CPUs, all cores if not given)")
+
+
+def _executor(args: argparse.Namespace, workers: int | None, threads: int, desc: str
+              ) -> Any:
+    """The executor the flags ask for (a context manager), or None for the command's own
+    default: ``run.workers`` local processes for groups, one baseline after another here."""
+    from peel.executor import make_executor
+
+    default = desc == "groups" or workers is None
+    if args.executor == "local" and args.ray_address is None and default:
+        return None
+    return make_executor(workers, progress=not args.quiet, backend=args.executor,
+                         address=args.ray_address, threads_per_worker=threads, desc=desc)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
+    import contextlib
+
     from peel.pipeline import train
 
     cfg = _run_config(args)
+    executor = _executor(args, cfg.run.workers, cfg.finetune.threads, "groups")
     if args.reuse_pretrain:
         from peel.pipeline import reuse_pretrain
 
         reuse_pretrain(args.reuse_pretrain, args.out, cfg)
-    summary = train(cfg, args.out, progress=not args.quiet)
+    with executor if executor is not None else contextlib.nullcontext():
+        summary = train(cfg, args.out, progress=not args.quiet, executor=executor)
     if args.json:
         print(to_json({"seconds": summary["seconds"], "out": args.out,
                        "user_group_sizes": summary["user_group_sizes"]}))
@@ -211,18 +239,41 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    import contextlib
+
     from peel.pipeline import evaluate
 
     budgets = args.budgets.split(",") if args.budgets else None
+    if args.tune_trials and args.baselines is None:
+        raise UsageError("--tune-trials tunes the baselines: add --baselines (e.g. "
+                         "--baselines pmf,bpr-mf,lightgcn)")
     selections = args.selection.split(",") if args.selection else []
-    rows = evaluate(args.run, budgets, baselines=_baselines_arg(args.baselines),
-                    selections=selections, scales=[args.scale] if args.scale else [],
-                    progress=not args.quiet, split=args.split, partial=args.partial)
+    baselines = _baselines_arg(args.baselines)
+    precisions = _precisions_arg(args.precision)
+    executor = _executor(args, args.workers, 1, "baselines") if baselines else None
+    with executor if executor is not None else contextlib.nullcontext():
+        rows = evaluate(args.run, budgets, baselines=baselines,
+                        selections=selections, scales=[args.scale] if args.scale else [],
+                        progress=not args.quiet, split=args.split, partial=args.partial,
+                        tune_trials=args.tune_trials, reference=args.reference,
+                        executor=executor, precisions=precisions)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
         print(rows_table(rows))
     return 0
+
+
+def _precisions_arg(value: str | None) -> list[str]:
+    """``--precision fp32,int8`` -> ["fp32", "int8"], each checked (a one-line error if not)."""
+    from peel.package import PRECISION_CHOICES
+
+    names = [n.strip() for n in (value or "").split(",") if n.strip()]
+    bad = [n for n in names if n not in PRECISION_CHOICES]
+    if bad:
+        raise ValueError(f"--precision: unknown rule(s) {', '.join(map(repr, bad))}; expected "
+                         f"any of {', '.join(PRECISION_CHOICES)}")
+    return names
 
 
 def _baselines_arg(value: str | None) -> bool | list[str]:
@@ -320,6 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None)
     tr.add_argument("--json", action="store_true")
     tr.add_argument("--quiet", action="store_true")
+    add_executor_options(tr, "the user groups' fine-tuning tasks")
     tr.set_defaults(func=cmd_train)
 
     ev = sub.add_parser("evaluate", help="deploy every group at every budget, rank on device")
@@ -327,18 +379,32 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--budgets", default=None, help="e.g. 5MB,10MB,0.5 (default: config)")
     ev.add_argument("--baselines", nargs="?", const="", default=None, metavar="NAMES",
                     help="also evaluate baselines per budget: the config's list, or a comma "
-                         "list such as pmf,lightgcn-svd")
+                         "list such as pmf,bpr-mf,lightgcn,lightgcn-svd")
+    ev.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                    help="tune each baseline at each budget on the validation split with N "
+                         "trials (the configured setting + N-1 random draws; 0: no tuning)")
+    ev.add_argument("--reference", action="store_true",
+                    help="also evaluate PEEL with every block kept and the run's pretrained "
+                         "model (budget 'all')")
     ev.add_argument("--selection", default=None,
                     help="extra block selections to evaluate, e.g. random (ablation)")
     ev.add_argument("--scale", default=None, choices=SCALES,
                     help="also evaluate with this Eq. 10 factor setting, e.g. eq10 (the "
                          "paper's max|S_k|/|S_g|)")
+    ev.add_argument("--precision", default=None, metavar="RULES",
+                    help="also evaluate PEEL with kept blocks stored by these precision rules "
+                         "(comma-separated: auto, fp32, fp16, int8, int8o, value; the run's "
+                         "own is [deploy] precision, default auto)")
     ev.add_argument("--split", default="test", choices=["test", "valid"],
                     help="valid: for choosing settings (nothing is saved)")
     ev.add_argument("--partial", action="store_true",
                     help="allow an incomplete run (rows are marked partial)")
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
+    ev.add_argument("--workers", type=int, default=None,
+                    help="baseline tasks (method x budget) at a time (default: one after "
+                         "another here; with --executor ray: the cluster's CPUs)")
+    add_executor_options(ev, "the baselines' tasks (one per method x budget)")
     ev.set_defaults(func=cmd_evaluate)
 
     rep = sub.add_parser("report", help="Table III-style Markdown/CSV/JSON and plots")
@@ -375,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (UsageError, DataError, ValueError, FileNotFoundError, KeyError) as err:
+    except (UsageError, DataError, ValueError, FileNotFoundError, KeyError,
+            TaskError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"peel: error: {msg}", file=sys.stderr)
         return 2

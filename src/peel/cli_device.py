@@ -18,7 +18,13 @@ import numpy as np
 from peel.budget import SCALES, SELECTIONS, SIMILARITIES, WEIGHTINGS
 from peel.device import Package, Ranking, open_package
 from peel.io import to_json
-from peel.package import DEFAULT_SCALE, DEFAULT_SIMILARITY, DEFAULT_WEIGHTING
+from peel.package import (
+    DEFAULT_PRECISION,
+    DEFAULT_SCALE,
+    DEFAULT_SIMILARITY,
+    DEFAULT_WEIGHTING,
+    PRECISION_CHOICES,
+)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -57,6 +63,11 @@ def _add_deploy(subparsers: Any) -> None:
                         "default: the run's")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of --selection random (default: the run's seed)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
+                   help="how kept blocks are stored: fp32 (format v3, as before), fp16, int8 / "
+                        "int8o (per-row float16 scale / and offset), value (per block, best "
+                        f"value per byte); auto = {DEFAULT_PRECISION}; default: the run's "
+                        "[deploy] precision")
     p.add_argument("--partial", action="store_true",
                    help="allow a run whose fine-tuning did not finish")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -110,7 +121,8 @@ def deploy(args: argparse.Namespace) -> int:
     from peel.pipeline import deploy_package
 
     overrides = {"similarity": args.similarity, "weighting": args.weighting,
-                 "scale": args.scale, "selection": args.selection, "seed": args.seed}
+                 "scale": args.scale, "selection": args.selection, "seed": args.seed,
+                 "precision": args.precision}
     group, report = deploy_package(args.run, args.budget, args.out, user=args.user,
                                    group=args.group, partial=args.partial, **overrides)
     pkg = open_package(args.out)
@@ -118,8 +130,10 @@ def deploy(args: argparse.Namespace) -> int:
         print(to_json({"out": str(args.out), **pkg.describe()}))
     else:
         who = f"user {args.user} (group {group})" if args.user is not None else f"group {group}"
-        print(f"wrote {args.out}: {who}, {report.n_selected} of {report.n_candidates} blocks, "
-              f"{pkg.similarity} similarity, weighting {pkg.weighting}, scale {pkg.scale}")
+        kinds = ", ".join(f"{n} {k}" for k, n in pkg.kind_counts().items() if n)
+        print(f"wrote {args.out}: {who}, {report.n_selected} of {report.n_candidates} blocks "
+              f"({kinds}; precision {pkg.precision}), {pkg.similarity} similarity, weighting "
+              f"{pkg.weighting}, scale {pkg.scale}")
         print(report.table())
     return 0
 

@@ -710,7 +710,8 @@ def from_splits(train: sp.spmatrix, valid: sp.spmatrix, test: sp.spmatrix,
                 name: str = "matrices") -> InteractionData:
     """Wrap already-indexed split matrices (ids are their row/column numbers)."""
     shape = train.shape
-    mats = [sp.csr_matrix(m, dtype=np.float32) for m in (train, valid, test)]
+    # copy: the caller's matrices stay as given (and may be read-only, e.g. from Ray's store)
+    mats = [sp.csr_matrix(m, dtype=np.float32, copy=True) for m in (train, valid, test)]
     for m in mats:
         if m.shape != shape:
             raise ValueError(f"split shapes differ: {[x.shape for x in mats]}")

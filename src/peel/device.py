@@ -30,6 +30,15 @@ into the score range of the block's item group (items are stored grouped). Items
 excluded: pass item indices to :meth:`Package.rank` / :meth:`Package.rank_batch`; a package
 built for one user may also carry that user's ``seen`` list, applied when ranking the stored user.
 
+Mixed precision (format v4). A kept block may be stored as float16, or as int8 codes with a
+float16 scale (and offset) per item row (:mod:`peel.quantize`). Nothing is dequantised ahead of
+time: each block is decoded one cache-sized tile at a time, and the per-row scale is applied to
+the tile's d-dim products, not to its d x rows values: item j's term is
+scale_j * (q . code_j) + offset_j * sum(q). float16 values and scales are decoded with integer
+shifts (the float16 bits moved into a float32 exponent and mantissa, the 2^112 exponent bias
+folded into the query vector), because numpy's own float16 cast is a scalar loop several times
+slower than reading the bytes.
+
 Shrinking (:meth:`Package.shrink`) keeps the longest prefix of the stored selection order that
 fits the smaller budget; the kept blocks are views of the same memory, nothing is copied.
 """
@@ -41,20 +50,26 @@ import json
 import math
 import mmap
 import os
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from peel.budget import (
+    BLOCK_KINDS,
     FORMAT_NAME,
     FORMAT_VERSION,
     HASHED_PREAMBLE,
+    KIND_F16,
+    KIND_F32,
+    KIND_I8O,
     MAGIC,
     PREAMBLE,
     PREAMBLE_BYTES,
+    READABLE_VERSIONS,
     SCALES,
     SIMILARITIES,
     WEIGHTINGS,
@@ -65,13 +80,20 @@ from peel.budget import (
     full_table_bytes,
     layout,
     parse_budget,
-    prefix_rows,
+    prefix_sizes,
 )
 from peel.errors import PeelError
 from peel.io import atomic_path, check_input_file, json_depth
 
 #: Scores are split into sets of about n / this many items to find a top-K threshold cheaply.
 _TOPK_RUN = 64
+#: Rows of a float16 / int8 block decoded at a time: (d, rows) float32 stays in L2 cache.
+_TILE = 8192
+#: float16 bits shifted left by 13 are a float32 of the same sign, mantissa and exponent, but
+#: with exponent bias 15 instead of 127: its value times 2^112 is the float16's value.
+_F16_SHIFT = 13
+_F16_BIAS = 112
+_F16_MASK = np.int32(-0x70000001)  # 0x8FFFFFFF: clears the sign-extension bits 28..30
 #: A package header is a few hundred bytes of flat JSON; these bound what a hostile or corrupt
 #: file can make the loader do (a 100k-deep header hit Python's recursion limit).
 MAX_HEADER_BYTES = 1 << 20
@@ -145,7 +167,7 @@ class Package:
 
     def __init__(self, lay: Layout, arrays: Mapping[str, np.ndarray], source: str,
                  order: _ItemOrder | None = None,
-                 chunks: list[tuple[int, int, np.ndarray]] | None = None) -> None:
+                 chunks: list[_Entry] | None = None) -> None:
         self.layout = lay
         self.spec: PackageSpec = lay.spec
         self.budget: int = lay.budget
@@ -159,9 +181,17 @@ class Package:
         self.item_ids: np.ndarray | None = self._arrays.get("item_ids")
         self.user_emb: np.ndarray | None = self._arrays.get("user_emb")
         self.seen: np.ndarray | None = self._arrays.get("seen")
+        kinds = self._arrays.get("kinds")
+        if kinds is None:  # format v3: every block float32
+            kinds = np.zeros(self.selection.shape[0], dtype=np.uint8)
+            kinds.flags.writeable = False
+        self.kinds: np.ndarray = kinds
+        """The :data:`peel.budget.BLOCK_KINDS` code of every selected block (v3: all f32)."""
         self._order = order if order is not None else _ItemOrder(self.item_group)
         self._chunks = chunks
-        self._rows = prefix_rows(self.spec, self.selection)
+        self._groups: list[list[int]] | None = None
+        self._plan: list[tuple[int, int, list[tuple[int, _Entry]]]] | None = None
+        self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
         """Eq. 10's max_k |S_k| / |S_g| for every item group g (applied when scale="eq10")."""
@@ -192,15 +222,41 @@ class Package:
     def scale(self) -> str:
         return self.spec.scale
 
+    @property
+    def precision(self) -> str:
+        return self.spec.precision
+
+    def kind_counts(self) -> dict[str, int]:
+        """How many selected blocks are stored at each kind (f32, f16, i8, i8o)."""
+        counts = np.bincount(self.kinds.astype(np.int64), minlength=len(BLOCK_KINDS))
+        return {name: int(c) for name, c in zip(BLOCK_KINDS, counts, strict=True)}
+
+    def minimum_budget(self) -> int:
+        """The smallest budget this package can shrink to (one block per item group)."""
+        from peel.budget import minimum_budget
+
+        return minimum_budget(self.spec, self.selection, self.kinds)
+
     def block_sets(self) -> list[np.ndarray]:
         """The selected block indices of every item group, in selection order."""
         sel = self.selection.astype(np.int64)
         return [sel[sel[:, 0] == g, 1] for g in range(self.spec.n_groups)]
 
     def item_blocks(self, group: int, block: int) -> np.ndarray | None:
-        """The (items in group, d) view of one selected block, rows in stored item order."""
+        """The (items in group, d) values of one selected block, rows in stored item order:
+        a view for a float32 block, the decoded float32 values (a copy) otherwise."""
         hits = np.flatnonzero((self.selection[:, 0] == group) & (self.selection[:, 1] == block))
-        return None if hits.size == 0 else self._kernel()[int(hits[0])][2].T
+        if hits.size == 0:
+            return None
+        entry = self._kernel()[int(hits[0])]
+        if entry.kind == KIND_F32:
+            return entry.values.T
+        from peel.quantize import decode
+
+        values = entry.values.view(np.float16) if entry.kind == KIND_F16 else entry.values
+        scale = None if entry.scale is None else entry.scale.view(np.float16)
+        offset = None if entry.offset is None else entry.offset.view(np.float16)
+        return decode(entry.kind, values, scale, offset)
 
     def describe(self) -> dict[str, Any]:
         """Header facts plus the budget report, for ``--json`` output and logs."""
@@ -211,7 +267,9 @@ class Package:
             "similarity": spec.similarity, "weighting": spec.weighting,
             "scale": spec.scale, "selection": spec.selection, "seed": spec.seed,
             "group": spec.group, "user": spec.user, "n_seen": spec.n_seen,
-            "has_item_ids": spec.item_ids, "report": self.report.to_dict(),
+            "has_item_ids": spec.item_ids, "precision": spec.precision,
+            "format_version": spec.version, "block_kinds": self.kind_counts(),
+            "report": self.report.to_dict(),
         }
 
     # ----------------------------------------------------------------- shrinking
@@ -231,8 +289,11 @@ class Package:
                 f"device; the blocks beyond this package come from the server (peel deploy)")
         lay = fit(self.spec, self.selection, nbytes, rows=self._rows)
         k = lay.n_selected
+        unit = 1 if self.spec.mixed else self.spec.block_dim  # bytes, or float32 per row
         arrays = {**self._arrays, "selection": self.selection[:k], "weights": self.weights[:k],
-                  "blocks": self.blocks[: int(self._rows[k]) * self.spec.block_dim]}
+                  "blocks": self.blocks[: int(self._rows[k]) * unit]}
+        if "kinds" in arrays:
+            arrays["kinds"] = self.kinds[:k]
         chunks = None if self._chunks is None else self._chunks[:k]
         return Package(lay, arrays, self.source, self._order, chunks)
 
@@ -242,17 +303,12 @@ class Package:
 
     # ----------------------------------------------------------------- scoring
 
-    def _kernel(self) -> list[tuple[int, int, np.ndarray]]:
-        """(row start, row end, (d, rows) view) per selected block, built on first use."""
+    def _kernel(self) -> list[_Entry]:
+        """One entry per selected block (its rows and views of its stored arrays), built on
+        first use and shared by every package shrunk from this one."""
         if self._chunks is None:
-            d, off = self.spec.block_dim, self.group_offsets
-            chunks = []
-            for i, g in enumerate(self.selection[:, 0].tolist()):
-                lo, hi = int(off[g]), int(off[g + 1])
-                start = int(self._rows[i]) * d
-                chunks.append((lo, hi, self.blocks[start: start + (hi - lo) * d]
-                               .reshape(d, hi - lo)))
-            self._chunks = chunks
+            self._chunks = _entries(self.spec, self.selection, self.kinds, self.blocks,
+                                    self.group_offsets, self._rows)
         return self._chunks
 
     def _queries(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
@@ -272,16 +328,53 @@ class Package:
             q = chunks.sum(axis=1, dtype=np.float32)[None, :, :] * scale
         return np.ascontiguousarray(q, dtype=np.float32)
 
+    def _by_group(self) -> list[list[int]]:
+        """The selected blocks of every item group (indices into the selection), in order."""
+        if self._groups is None:
+            groups: list[list[int]] = [[] for _ in range(self.spec.n_groups)]
+            for i, g in enumerate(self.selection[:, 0].tolist()):
+                groups[g].append(i)
+            self._groups = groups
+        return self._groups
+
+    def _group_plan(self) -> list[tuple[int, int, list[tuple[int, _Entry]]]]:
+        """(first row, end row, [(selection index, entry), ...]) of every item group."""
+        if self._plan is None:
+            entries, off = self._kernel(), self.group_offsets
+            self._plan = [(int(off[g]), int(off[g + 1]), [(i, entries[i]) for i in kept])
+                          for g, kept in enumerate(self._by_group())]
+        return self._plan
+
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
-        """Eq. 10 for one user over all rows (items in stored order)."""
+        """Eq. 10 for one user over all rows (items in stored order).
+
+        Item group by item group, one tile of rows at a time: each kept block's terms go to one
+        row of a small buffer and one reduction adds them up, so a block costs one product
+        call (plus its decode), not a product and an accumulation into the scores.
+        """
         q = self._queries(user[None, :], mode)[:, 0, :]
+        queries = list(q)
         scores = np.empty(self.n_items, dtype=np.float32)
-        groups = self.spec.n_groups
-        for i, (lo, hi, chunk) in enumerate(self._kernel()):
-            if i < groups:  # the first G blocks cover each item group exactly once
-                np.matmul(q[i], chunk, out=scores[lo:hi])
-            else:
-                scores[lo:hi] += q[i] @ chunk
+        folded = _FoldedQuery(q) if self.spec.mixed else None
+        scratch = _SCRATCH.get(self.spec.block_dim, 1, self.spec.n_blocks)
+        for lo, hi, kept in self._group_plan():
+            for a in range(lo, hi, _TILE):
+                b = min(a + _TILE, hi)
+                whole = a == lo and b == hi  # one tile: the block views need no slicing
+                out = scores[a:b]
+                rows = [out] if len(kept) == 1 else list(
+                    scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a))
+                for row, (i, entry) in zip(rows, kept, strict=True):
+                    if entry.kind == KIND_F32:
+                        np.matmul(queries[i], entry.values if whole else
+                                  entry.values[:, a - lo: b - lo], out=row)
+                    else:
+                        assert folded is not None
+                        _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
+                                      folded.post, row, scratch)
+                if len(kept) > 1:
+                    np.add.reduce(scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a),
+                                  axis=0, out=out)
         return scores
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
@@ -289,11 +382,29 @@ class Package:
         q = self._queries(users, mode)
         scores = np.empty((users.shape[0], self.n_items), dtype=np.float32)
         groups = self.spec.n_groups
-        for i, (lo, hi, chunk) in enumerate(self._kernel()):
-            if i < groups:
-                np.matmul(q[i], chunk, out=scores[:, lo:hi])
-            else:
-                scores[:, lo:hi] += q[i] @ chunk
+        folded = _FoldedQuery(q) if self.spec.mixed else None
+        batch = users.shape[0]
+        tile = _TILE if batch <= 32 else max(64, _TILE * 32 // batch)  # terms stay ~1 MB
+        scratch = _SCRATCH.get(self.spec.block_dim, batch * tile // _TILE + 1, 1)
+        for i, entry in enumerate(self._kernel()):
+            seg = scores[:, entry.lo: entry.hi]
+            if entry.kind == KIND_F32:
+                if i < groups:  # the first G blocks cover each item group exactly once
+                    np.matmul(q[i], entry.values, out=seg)
+                else:
+                    seg += q[i] @ entry.values
+                continue
+            assert folded is not None
+            n = entry.hi - entry.lo
+            for a in range(0, n, tile):
+                b = min(a + tile, n)
+                t = scratch.terms[: batch * (b - a)].reshape(batch, b - a)
+                _decoded_tile(entry, a, b, folded.q[i], folded.qsum[i], folded.post, t,
+                              scratch)
+                if i < groups:
+                    np.copyto(seg[:, a:b], t)
+                else:
+                    np.add(seg[:, a:b], t, out=seg[:, a:b])
         return scores
 
     def scores(self, users: np.ndarray | None = None, similarity: str | None = None,
@@ -453,6 +564,156 @@ class Package:
         return ptr, idx
 
 
+# --------------------------------------------------------------------------- block kernels
+
+
+class _Entry(NamedTuple):
+    """One selected block: its item rows [lo, hi) and views of what is stored for it."""
+
+    lo: int
+    hi: int
+    values: np.ndarray  # (d, rows): float32, float16 bits as int16, or int8 codes
+    kind: int
+    scale: np.ndarray | None  # (rows,) float16 bits as int16 (int8 kinds)
+    offset: np.ndarray | None  # (rows,) float16 bits as int16 (kind i8o)
+
+
+def _entries(spec: PackageSpec, selection: np.ndarray, kinds: np.ndarray,
+             blocks: np.ndarray, offsets: np.ndarray,
+             sizes: np.ndarray | None = None) -> list[_Entry]:
+    """Views of every selected block in the payload (no copies)."""
+    d = spec.block_dim
+    sizes = prefix_sizes(spec, selection, kinds) if sizes is None else sizes
+    out = []
+    for i, g in enumerate(np.asarray(selection)[:, 0].tolist()):
+        lo, hi = int(offsets[g]), int(offsets[g + 1])
+        n = hi - lo
+        if not spec.mixed:
+            start = int(sizes[i]) * d
+            out.append(_Entry(lo, hi, blocks[start: start + n * d].reshape(d, n), KIND_F32,
+                              None, None))
+            continue
+        raw = blocks[int(sizes[i]): int(sizes[i + 1])]
+        kind = int(kinds[i])
+        scale = offset = None
+        if kind == KIND_F32:
+            values = raw[: 4 * d * n].view("<f4").reshape(d, n)
+        elif kind == KIND_F16:
+            values = raw[: 2 * d * n].view("<i2").reshape(d, n)
+        else:
+            scale = raw[: 2 * n].view("<i2")
+            start = 2 * n
+            if kind == KIND_I8O:
+                offset = raw[start: start + 2 * n].view("<i2")
+                start += 2 * n
+            values = raw[start: start + d * n].view(np.int8).reshape(d, n)
+        out.append(_Entry(lo, hi, values, kind, scale, offset))
+    return out
+
+
+def _check_entries(entries: list[_Entry]) -> str | None:
+    """What is wrong with the stored values of a mixed-precision package, if anything."""
+    exponent = 0x7C00  # float16 exponent bits; all set = infinity or NaN
+    for e in entries:
+        if e.kind == KIND_F32 and not _all_finite(e.values):
+            return "block values must be finite (found NaN or infinity)"
+        if e.kind == KIND_F16 and np.any((e.values & exponent) == exponent):
+            return "float16 block values must be finite (found NaN or infinity)"
+        if e.scale is not None and (np.any(e.scale < 0)
+                                    or np.any((e.scale & exponent) == exponent)):
+            return "int8 block scales must be finite and non-negative"
+        if e.offset is not None and np.any((e.offset & exponent) == exponent):
+            return "int8 block offsets must be finite"
+    return None
+
+
+class _FoldedQuery:
+    """Queries for float16 / int8 blocks: q * 2^e, so that the float16-as-float32 bits (2^112
+    too small) need no per-value rescaling, and ``post`` = 2^(112 - e) for the rest.
+
+    e is 112 unless the user vector is so large that q . code could overflow float32 before
+    the scale multiplies it; then the remaining power of two is applied to each tile's result.
+    """
+
+    def __init__(self, q: np.ndarray) -> None:
+        d = q.shape[-1]
+        peak = float(np.abs(q).max(initial=0.0))
+        exp = _F16_BIAS if peak == 0 else min(_F16_BIAS, 126 - math.frexp(peak * d * 127)[1])
+        self.q = (q * np.float32(2.0 ** exp)).astype(np.float32)
+        self.qsum = self.q.sum(axis=-1, dtype=np.float32)
+        self.post = np.float32(2.0 ** (_F16_BIAS - exp))
+
+
+class _Buffers:
+    """Decode and product buffers for one thread (a few hundred KB, reused across calls)."""
+
+    def __init__(self, d: int, batch: int, blocks: int) -> None:
+        self.key = (d, batch, blocks)
+        self.floats = np.empty(d * _TILE, dtype=np.float32)  # a decoded tile, (d, rows)
+        self.ints = np.empty(d * _TILE, dtype=np.int32)  # float16 bits being widened
+        self.scale = np.empty(_TILE, dtype=np.int32)
+        self.offset = np.empty(_TILE, dtype=np.int32)
+        self.terms = np.empty(max(batch, blocks) * _TILE, dtype=np.float32)  # block terms
+
+
+class _Scratch(threading.local):
+    """Per-thread :class:`_Buffers`, grown on demand, so concurrent rankings never share."""
+
+    buffers: _Buffers | None = None
+
+    def get(self, d: int, batch: int, blocks: int) -> _Buffers:
+        have = self.buffers
+        if have is None or any(x < y for x, y in zip(have.key, (d, batch, blocks), strict=True)):
+            key = (d, batch, blocks) if have is None else tuple(
+                max(x, y) for x, y in zip(have.key, (d, batch, blocks), strict=True))
+            have = self.buffers = _Buffers(*key)
+        return have
+
+
+_SCRATCH = _Scratch()
+
+
+def _f16_bits_as_f32(bits: np.ndarray, out: np.ndarray, signed: bool) -> np.ndarray:
+    """float16 bits (int16) -> float32 of value x * 2^-112, written into int32 ``out``."""
+    np.copyto(out, bits, casting="unsafe")  # sign-extends
+    np.left_shift(out, _F16_SHIFT, out=out)
+    if signed:
+        np.bitwise_and(out, _F16_MASK, out=out)
+    return out.view(np.float32)
+
+
+def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
+                  qsum: np.ndarray | np.float32, post: np.float32, out: np.ndarray,
+                  buffers: _Buffers) -> None:
+    """Write the terms of rows [a, b) (at most one tile) of a float16 / int8 block.
+
+    ``q`` is the block's folded query, (d,) or (B, d) (:class:`_FoldedQuery`); ``out`` is
+    (b - a,) or (B, b - a). The rows are decoded into the thread's buffers and multiplied
+    there; an int8 block's per-row scale then multiplies the d-dim products, and its offset
+    adds offset * sum(q).
+    """
+    d, m = entry.values.shape[0], b - a
+    if entry.kind == KIND_F16:
+        tile = _f16_bits_as_f32(entry.values[:, a:b], buffers.ints[: d * m].reshape(d, m),
+                                signed=True)
+    else:
+        tile = buffers.floats[: d * m].reshape(d, m)
+        np.copyto(tile, entry.values[:, a:b], casting="unsafe")
+    np.matmul(q, tile, out=out)
+    if entry.scale is not None:
+        np.multiply(out, _f16_bits_as_f32(entry.scale[a:b], buffers.scale[:m], signed=False),
+                    out=out)
+    if entry.offset is not None:
+        off = _f16_bits_as_f32(entry.offset[a:b], buffers.offset[:m], signed=True)
+        if q.ndim == 1:
+            np.multiply(off, qsum, out=off)
+            np.add(out, off, out=out)
+        else:
+            out += np.multiply.outer(qsum, off)
+    if post != 1:
+        np.multiply(out, post, out=out)
+
+
 def _check_k(k: int) -> int:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k {k!r}: expected a positive integer")
@@ -523,9 +784,10 @@ def read_package(buffer: Any, name: str = "<buffer>", verify: bool = True) -> Pa
     if magic != MAGIC:
         raise PackageError(f"{name}: not a peel package (bad magic bytes); build one with "
                            f"peel deploy")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise PackageError(f"{name}: package format version {version} is not supported (this "
-                           f"peel reads version {FORMAT_VERSION}); rebuild it with peel deploy")
+                           f"peel reads versions {', '.join(map(str, READABLE_VERSIONS))}); "
+                           f"rebuild it with peel deploy")
     if header_len > MAX_HEADER_BYTES:
         raise PackageError(f"{name}: header of {header_len:,} bytes is larger than any package "
                            f"header ({MAX_HEADER_BYTES:,} at most); the file is corrupt, rebuild "
@@ -543,7 +805,7 @@ def read_package(buffer: Any, name: str = "<buffer>", verify: bool = True) -> Pa
             raise PackageError(f"{name}: checksum mismatch, the file is corrupt; copy it again "
                                f"or rebuild with peel deploy")
     header = bytes(view[PREAMBLE_BYTES: PREAMBLE_BYTES + header_len])
-    lay = _layout_from_header(header, buffer, data_start, budget, name)
+    lay = _layout_from_header(header, buffer, data_start, budget, name, version)
     arrays = {slot.name: _view(buffer, data_start + slot.offset, slot.dtype, slot.shape)
               for slot in lay.slots}
     _check_contents(lay, arrays, name)
@@ -558,7 +820,7 @@ def _view(buffer: Any, offset: int, dtype: str, shape: tuple[int, ...]) -> np.nd
 
 
 def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int,
-                        name: str) -> Layout:
+                        name: str, version: int = FORMAT_VERSION) -> Layout:
     """Rebuild the layout from the header and insist it is exactly the one we would write."""
     malformed = f"{name}: malformed package header; rebuild it with peel deploy"
     try:
@@ -567,8 +829,8 @@ def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int
             raise PackageError(f"{name}: header JSON nested deeper than {MAX_HEADER_DEPTH} "
                                f"levels; the file is corrupt, rebuild it with peel deploy")
         doc = json.loads(text)
-        if doc["format"] != FORMAT_NAME or doc["version"] != FORMAT_VERSION:
-            raise PackageError(f"{name}: not a {FORMAT_NAME} v{FORMAT_VERSION} header")
+        if doc["format"] != FORMAT_NAME or doc["version"] != version:
+            raise PackageError(f"{name}: not a {FORMAT_NAME} v{version} header")
         n_groups = _int(doc["n_item_groups"])
         n_items = _int(doc["n_items"])
         payload = len(memoryview(buffer)) - data_start
@@ -588,9 +850,13 @@ def _layout_from_header(header: bytes, buffer: Any, data_start: int, budget: int
             group=_opt_int(doc["group"]), user=_opt_int(doc["user"]),
             user_stored="user_emb" in arrays,
             n_seen=_int(arrays["seen"]["shape"][0]) if "seen" in arrays else 0,
-            item_ids="item_ids" in arrays)
-        block_rows = _int(arrays["blocks"]["shape"][0]) // max(spec.block_dim, 1)
-        lay = layout(spec, _int(doc["n_selected"]), block_rows, budget)
+            item_ids="item_ids" in arrays,
+            precision=doc["precision"] if version >= 4 else "fp32")
+        if spec.version != version:
+            raise PackageError(malformed)
+        size = _int(arrays["blocks"]["shape"][0])
+        block_size = size if spec.mixed else size // max(spec.block_dim, 1)
+        lay = layout(spec, _int(doc["n_selected"]), block_size, budget)
     except PackageError:
         raise
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
@@ -629,7 +895,11 @@ def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) ->
         raise PackageError(bad.format("some item group has no block"))
     if np.unique(sel[:, 0] * spec.n_blocks + sel[:, 1]).size != sel.shape[0]:
         raise PackageError(bad.format("a block is selected twice"))
-    if int(prefix_rows(spec, sel)[-1]) * spec.block_dim != arrays["blocks"].size:
+    kinds = arrays.get("kinds")
+    if kinds is not None and np.any(kinds >= len(BLOCK_KINDS)):
+        raise PackageError(bad.format("unknown block kind"))
+    unit = 1 if spec.mixed else spec.block_dim
+    if int(prefix_sizes(spec, sel, kinds)[-1]) * unit != arrays["blocks"].size:
         raise PackageError(bad.format("block payload size does not match the selection"))
     labels = arrays["item_group"].astype(np.int64)
     if np.any(labels >= spec.n_groups) or not np.array_equal(
@@ -641,8 +911,13 @@ def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) ->
         raise PackageError(bad.format("seen item out of range"))
     if "user_emb" in arrays and not np.all(np.isfinite(arrays["user_emb"])):
         raise PackageError(bad.format("user embedding is not finite"))
-    if not _all_finite(arrays["blocks"]):
+    if not spec.mixed and not _all_finite(arrays["blocks"]):
         raise PackageError(bad.format("block values must be finite (found NaN or infinity)"))
+    if spec.mixed:
+        problem = _check_entries(_entries(spec, sel, kinds, arrays["blocks"],
+                                          arrays["group_offsets"]))
+        if problem:
+            raise PackageError(bad.format(problem))
     if lay.report.total > lay.budget:
         raise PackageError(bad.format(f"{lay.report.total:,} B exceed the recorded budget "
                                       f"{lay.budget:,} B"))
@@ -662,7 +937,7 @@ def write_package(path: str | os.PathLike[str], lay: Layout,
         raise ValueError(f"internal error: layout exceeds its budget ({lay.report.total} > "
                          f"{lay.budget})")
     header = lay.header + b" " * (lay.data_start - PREAMBLE_BYTES - len(lay.header))
-    fields = (MAGIC, FORMAT_VERSION, len(lay.header), lay.payload_bytes, lay.budget)
+    fields = (MAGIC, lay.spec.version, len(lay.header), lay.payload_bytes, lay.budget)
     digest = hashlib.sha256(PREAMBLE.pack(*fields, bytes(32))[:HASHED_PREAMBLE])
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         fh.write(bytes(PREAMBLE_BYTES))

@@ -34,7 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ import torch
 
 from peel.budget import SCALES, SIMILARITIES
 from peel.data import InteractionData, from_splits
+from peel.errors import OutputError
 from peel.eval import EvalResult, evaluate
 from peel.io import load_npz, read_json, save_npz, write_json
 from peel.rotation import svd_rotate
@@ -108,6 +109,11 @@ class FinetuneConfig:
     # table, selected from the current importance once per epoch), averaged. Empty: the full
     # table only (the paper). Needs scorer="dot" and similarity="aligned".
     train_budgets: tuple[float, ...] = (0.107, 0.213, 0.533)
+    # In-place distillation (slimmable networks, Yu & Huang 2019): weight of a loss that makes
+    # each training budget's kept blocks order every (positive, negative) pair the way the full
+    # table does, P = sigmoid(full margin, detached), cross-entropy against the kept blocks'
+    # margin. 0 = off. Needs train_budgets.
+    distill: float = 0.0
     mlp_layers: int = 2  # L2 tanh layers of Eq. 5
     mlp_hidden: int = 64
     controller_layers: int = 2  # L3 tanh layers of Eq. 7
@@ -162,6 +168,9 @@ class FinetuneConfig:
             raise ValueError("early_stop_budgets must be fractions in (0, 1]")
         if not all(0 < b <= 1 for b in self.train_budgets):
             raise ValueError("train_budgets must be fractions in (0, 1]")
+        if self.distill < 0 or (self.distill > 0 and not self.train_budgets):
+            raise ValueError("distill must be >= 0 and needs train_budgets (it distils the "
+                             "full table into each budget's kept blocks)")
         if self.train_budgets and (self.scorer, self.similarity) != ("dot", "aligned"):
             raise ValueError("train_budgets needs scorer='dot' and similarity='aligned' (the "
                              "kept blocks' scores are partial sums of the aligned dot product)")
@@ -440,7 +449,8 @@ class GroupModel:
 
     def _sandwich_loss(self, users: torch.Tensor, items: torch.Tensor, groups: torch.Tensor,
                        b: int) -> torch.Tensor:
-        """Mean BPR loss of the full table and of each budget's kept blocks.
+        """Mean BPR loss of the full table and of each budget's kept blocks (plus, with
+        ``distill``, each kept set's cross-entropy against the full table's pair order).
 
         The aligned score is a sum of per-block partial products, so every kept set's score is
         the same partials summed under its (item group, block) mask: one product, M sums.
@@ -448,8 +458,14 @@ class GroupModel:
         partial = (users.reshape(items.shape) * items).sum(-1)  # (2b, N)
         masks = self.budget_masks[:, groups]  # (M, 2b, N)
         scores = torch.cat([partial.sum(-1, keepdim=True).T, (partial * masks).sum(-1)])
-        losses = torch.nn.functional.softplus(scores[:, b:] - scores[:, :b]).mean(dim=1)
-        return losses.mean()
+        margin = scores[:, :b] - scores[:, b:]  # (1 + M, b): positive minus negative
+        losses = torch.nn.functional.softplus(-margin).mean(dim=1)
+        loss = losses.mean()
+        if self.cfg.distill > 0:
+            target = torch.sigmoid(margin[:1].detach()).expand_as(margin[1:])
+            kd = torch.nn.functional.binary_cross_entropy_with_logits(margin[1:], target)
+            loss = loss + self.cfg.distill * kd
+        return loss
 
     def refresh_budget_masks(self) -> None:
         """Kept (item group, block) pairs at each training budget, from the current importance."""
@@ -586,8 +602,11 @@ def deployed_mask(weights: np.ndarray, item_group: np.ndarray, block_dim: int,
         mask[:] = True
         return mask
     try:
+        # float32 kept sets: stage 2 trains for the blocks a float32 package keeps (mixed
+        # precision packages keep more of them; training for those is not measured yet)
         pairs = kept_pairs(weights, item_group, block_dim, float(fraction),
-                           DeployOptions(similarity=similarity, scale=scale), group)
+                           DeployOptions(similarity=similarity, scale=scale, precision="fp32"),
+                           group)
     except BudgetError:  # below a package's minimum (tiny catalogues): one block per group
         pairs = selection_order(weights)[: weights.shape[0]]
     mask[pairs[:, 0], pairs[:, 1]] = True
@@ -1054,6 +1073,42 @@ def finetune_groups(data: InteractionData, user_emb: np.ndarray, item_emb: np.nd
     todo.sort(key=lambda t: (-t.train.nnz, t.group))
     executor = executor if executor is not None else SerialExecutor()
     labels = [f"g{t.group:03d}" for t in todo]
-    for summary in executor.map(train_group, todo, labels=labels):
-        done[summary.group] = summary
+    if todo:  # the item table and item groups are every task's: sent once, not per group
+        shared = SharedTables(todo[0].item_emb, todo[0].item_group)
+        light = [replace(t, item_emb=_NOT_SENT, item_group=_NOT_SENT) for t in todo]
+        for summary in executor.map(train_group_shared, light, labels=labels, shared=shared):
+            _check_visible(summary)
+            done[summary.group] = summary
     return [done[g] for g in sorted(done)]
+
+
+@dataclass(frozen=True)
+class SharedTables:
+    """What every group's task reads: the (rotated) pretrained item table and item groups."""
+
+    item_emb: np.ndarray
+    item_group: np.ndarray
+
+
+#: Stands in for the shared tables in a task sent without them (never trained on).
+_NOT_SENT = np.empty(0, dtype=np.float32)
+
+
+def train_group_shared(task: GroupTask, shared: SharedTables) -> GroupSummary:
+    """:func:`train_group` for a task sent without the tables all groups share.
+
+    The item table is used as received (it may be a read-only view of Ray's object store;
+    training copies it into its own tensor); the small item-group array is copied because
+    torch warns on wrapping read-only arrays.
+    """
+    return train_group(replace(task, item_emb=shared.item_emb,
+                               item_group=np.array(shared.item_group)))
+
+
+def _check_visible(summary: GroupSummary) -> None:
+    """A worker on another machine writes where *it* sees the run folder: refuse to go on
+    when this machine cannot see the file (a cluster without a shared filesystem)."""
+    if not Path(summary.path).exists():
+        raise OutputError(f"{summary.path}: group {summary.group} was written by a worker but "
+                      "this machine cannot see the file; on a multi-node cluster put the run "
+                      "folder on a filesystem every node shares")

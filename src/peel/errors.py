@@ -28,4 +28,14 @@ class LockError(PeelError):
     """Another live process is using the same run folder."""
 
 
-__all__ = ["ConfigError", "InputError", "LockError", "OutputError", "PeelError"]
+class TaskError(RuntimeError):
+    """A task failed on a worker (e.g. a Ray task): the message names the task, such as user
+    group ``g003``, where it ran and the cause; ``cause`` is the worker's exception."""
+
+    def __init__(self, label: str, cause: BaseException | None, message: str) -> None:
+        super().__init__(message)
+        self.label = label
+        self.cause = cause
+
+
+__all__ = ["ConfigError", "InputError", "LockError", "OutputError", "PeelError", "TaskError"]

@@ -19,6 +19,13 @@ array and a smaller budget's package is a byte prefix of a larger one's payload.
 is not stored as a permutation: ``item_group`` (one byte per item in item-index order) defines
 it, and the device derives the permutation once (4x smaller than int32 indices, which at
 91,599 items is 275 KB more budget for blocks).
+
+Mixed precision (format v4, issue 20): a ``kinds`` array after ``weights`` says how each kept
+block is stored (``peel.budget.BLOCK_KINDS``: float32, float16, or int8 with a float16 scale,
+and optionally offset, per item row; ``peel.quantize``), and the payload is then bytes, each
+block padded to 4. Which kind each (item group, block) pair gets, and the order, come from a
+precision rule (:func:`precision_order`) that does not depend on the budget, so the prefix
+property holds. ``precision="fp32"`` writes the v3 file of earlier versions byte for byte.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from peel.budget import (
+    BLOCK_KINDS,
+    KIND_F16,
+    KIND_F32,
+    KIND_I8,
+    KIND_I8O,
+    PRECISIONS,
     BudgetReport,
     Layout,
     PackageSpec,
@@ -37,9 +50,11 @@ from peel.budget import (
     fit,
     full_table_bytes,
     parse_budget,
+    row_bytes,
     selection_order,
 )
 from peel.device import write_package
+from peel.quantize import PrecisionError, encode
 
 #: How item blocks meet the user vector in Eq. 10 ("aligned" or "literal", see peel.device).
 #: Stored in every package; chosen by measurement, so change it here only.
@@ -55,6 +70,23 @@ DEFAULT_WEIGHTING = "none"
 #: 0.174/0.193/0.199 vs 0.133/0.157/0.194 on ml-1m (docs/paper-notes.md, Stage 2,
 #: "Eq. 10's factor").
 DEFAULT_SCALE = "none"
+#: The precision rule ``precision="auto"`` (the default) stands for; see :data:`PRECISIONS` and
+#: docs/paper-notes.md, "Mixed precision": chosen on ml-1m validation Recall@20.
+DEFAULT_PRECISION = "fp16"
+#: What ``--precision`` / ``precision=`` accept: "auto" or one of the rules.
+PRECISION_CHOICES = ("auto", *PRECISIONS)
+_RULE_KIND = {"fp32": KIND_F32, "fp16": KIND_F16, "int8": KIND_I8, "int8o": KIND_I8O}
+
+
+def resolve_precision(precision: str | None) -> str:
+    """The rule a package is built with: ``None`` and "auto" mean :data:`DEFAULT_PRECISION`."""
+    if precision is None or precision == "auto":
+        return DEFAULT_PRECISION
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: choose one of "
+                         f"{', '.join(PRECISION_CHOICES)}")
+    return precision
+
 
 @dataclass(frozen=True)
 class GroupArrays:
@@ -161,7 +193,7 @@ class DeployOptions:
 
     ``similarity`` / ``weighting`` / ``scale`` of ``None`` take :data:`DEFAULT_SIMILARITY` /
     :data:`DEFAULT_WEIGHTING` / :data:`DEFAULT_SCALE` when the package is built (so changing the
-    constants is enough).
+    constants is enough); ``precision`` of ``None`` or "auto" takes :data:`DEFAULT_PRECISION`.
     ``seed`` only matters to ``selection="random"`` and is recorded only then.
     """
 
@@ -170,12 +202,14 @@ class DeployOptions:
     scale: str | None = None
     selection: str = "importance"
     seed: int = 0
+    precision: str | None = None
 
 
 @dataclass(frozen=True)
 class _Plan:
     layout: Layout
     order: np.ndarray  # the kept (group, block) pairs, in selection order
+    kinds: np.ndarray  # the BLOCK_KINDS code of each kept pair
     rows: np.ndarray  # item indices in stored order (grouped)
     offsets: np.ndarray
 
@@ -186,8 +220,13 @@ def kept_pairs(alpha: np.ndarray, item_group: np.ndarray, block_dim: int,
     """The (item group, block) pairs that a group package for ``budget`` keeps, in order.
 
     Exactly the device's byte-exact selection (header, index and user vector included), so
-    training and early stopping can score the blocks a device would really get.
+    training and early stopping can score the blocks a device would really get. Only the
+    precision rules that do not look at block values work here (not "value").
     """
+    rule = resolve_precision((options or DeployOptions()).precision)
+    if rule == "value":
+        raise ValueError("precision 'value' measures the blocks' quantisation error; "
+                         "kept_pairs knows only their shape, choose another precision")
     n_items = len(item_group)
     shape = (n_items, alpha.shape[1], block_dim)  # only the shape matters: a zero-stride view
     arrays = GroupArrays(np.broadcast_to(np.float32(0), shape),
@@ -203,6 +242,7 @@ def _plan(arrays: GroupArrays, budget: int | float | str, user: int | None,
     counts = np.bincount(arrays.item_group, minlength=n_groups)
     nbytes = parse_budget(budget, full_table_bytes(arrays.n_items, arrays.dim))
     random = options.selection == "random"
+    rule = resolve_precision(options.precision)
     spec = PackageSpec(
         n_items=arrays.n_items, n_blocks=n_blocks, block_dim=int(arrays.blocks.shape[2]),
         group_counts=tuple(int(c) for c in counts),
@@ -211,19 +251,105 @@ def _plan(arrays: GroupArrays, budget: int | float | str, user: int | None,
         scale=options.scale or DEFAULT_SCALE,
         selection=options.selection, seed=int(options.seed) if random else None,
         group=group, user=user, user_stored=user is not None,
-        n_seen=0 if seen is None else int(seen.size), item_ids=item_ids is not None)
-    order = selection_order(arrays.alpha, options.selection, options.seed)
-    lay = fit(spec, order, nbytes)
+        n_seen=0 if seen is None else int(seen.size), item_ids=item_ids is not None,
+        precision=rule)
+    order, kinds = precision_order(arrays, rule, spec.similarity, options.selection,
+                                   options.seed)
+    lay = fit(spec, order, nbytes, kinds=kinds)
     rows = np.argsort(arrays.item_group, kind="stable")
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    return _Plan(lay, order[: lay.n_selected], rows, offsets)
+    k = lay.n_selected
+    return _Plan(lay, order[:k], kinds[:k], rows, offsets)
+
+
+def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SIMILARITY,
+                    selection: str = "importance",
+                    seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Every (item group, block) pair in deployment order, and the kind each is stored as.
+
+    One order for every budget, each pair once at one kind, so a smaller budget's package is
+    still a prefix of a larger one's. The fixed rules store every block at their kind in the
+    paper's importance order. "value" stores each pair at the kind of highest value per byte,
+    value = alpha * (1 - measured quantisation error) (:func:`quantisation_errors`), and
+    orders the pairs by that value per byte (each item group's best pair first, as
+    :func:`peel.budget.selection_order` does for alpha); ``selection="random"`` keeps its
+    random order.
+    """
+    if rule in _RULE_KIND:
+        order = selection_order(arrays.alpha, selection, seed)
+        return order, np.full(len(order), _RULE_KIND[rule], dtype=np.int64)
+    if rule != "value":
+        raise ValueError(f"precision {rule!r}: choose one of {', '.join(PRECISION_CHOICES)}")
+    n_groups = arrays.alpha.shape[0]
+    counts = np.maximum(np.bincount(arrays.item_group, minlength=n_groups), 1)
+    d = int(arrays.blocks.shape[2])
+    per_row = np.array([row_bytes(k, d) for k in range(len(BLOCK_KINDS))], dtype=np.float64)
+    value = arrays.alpha[:, :, None] * np.clip(1 - quantisation_errors(arrays, similarity), 0,
+                                               None)
+    per_byte = value / (counts[:, None, None] * per_row[None, None, :])
+    score = per_byte.max(axis=2)
+    # ties (e.g. a pair of no value at all) go to the kind of fewest bytes
+    best = np.argmin(np.where(per_byte == score[:, :, None], per_row, np.inf), axis=2)
+    order = selection_order(score if selection == "importance" else arrays.alpha, selection,
+                            seed)
+    return order, best[order[:, 0], order[:, 1]].astype(np.int64)
+
+
+def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARITY
+                        ) -> np.ndarray:
+    """(G_v, N, kinds): relative error each storage kind puts on each pair's scores.
+
+    For pair (g, n) at kind k: ||U (E - Q_k(E))^T||_F / ||U E^T||_F over the group's users U
+    (their chunk n, or the sum of their chunks for the "literal" similarity) and the pair's
+    item rows E, i.e. how much of the block's contribution to this group's scores the
+    rounding changes. Computed through each block's d x d user Gram matrix, so it costs one
+    pass over the table per kind. A kind that cannot hold a block (beyond float16's range)
+    gets error 1 (no value). Without users the Gram matrix is the identity.
+    """
+    n_groups, n_blocks = arrays.alpha.shape
+    d = int(arrays.blocks.shape[2])
+    users = arrays.user_emb.astype(np.float64).reshape(-1, n_blocks, d)
+    if users.shape[0] == 0:
+        grams = np.broadcast_to(np.eye(d), (n_blocks, d, d))
+    elif similarity == "literal":
+        total = users.sum(axis=1)
+        grams = np.broadcast_to(total.T @ total, (n_blocks, d, d))
+    else:
+        grams = np.einsum("und,une->nde", users, users)
+    errors = np.zeros((n_groups, n_blocks, len(BLOCK_KINDS)))
+    for g in range(n_groups):
+        items = np.flatnonzero(arrays.item_group == g)
+        if items.size == 0:
+            continue
+        for n in range(n_blocks):
+            rows = arrays.blocks[items, n, :].astype(np.float64)
+            energy = np.einsum("jd,de,je->", rows, grams[n], rows)
+            for kind in range(1, len(BLOCK_KINDS)):
+                try:
+                    delta = rows - encode(rows, kind).decoded
+                except PrecisionError:
+                    errors[g, n, kind] = 1.0
+                    continue
+                loss = np.einsum("jd,de,je->", delta, grams[n], delta)
+                errors[g, n, kind] = (np.sqrt(loss / energy) if energy > 0
+                                      else float(loss > 0))
+    return errors
 
 
 def _block_parts(arrays: GroupArrays, plan: _Plan) -> Iterator[np.ndarray]:
-    """The payload in selection order, one dimension-major (d, items in group) block at a time."""
-    for g, n in plan.order.tolist():
+    """The payload in selection order, one dimension-major (d, items in group) block at a time.
+
+    A float32 package yields the float32 blocks; a mixed one each block's stored bytes.
+    """
+    mixed = plan.layout.spec.mixed
+    for (g, n), kind in zip(plan.order.tolist(), plan.kinds.tolist(), strict=True):
         items = plan.rows[plan.offsets[g]: plan.offsets[g + 1]]
-        yield np.take(arrays.blocks[:, n, :].T, items, axis=1)  # one contiguous copy
+        if not mixed:
+            yield np.take(arrays.blocks[:, n, :].T, items, axis=1)  # one contiguous copy
+            continue
+        block = encode(arrays.blocks[items, n, :], kind,
+                       f"{arrays.source}: item group {g}, block {n}")
+        yield from block.payload()
 
 
 def _check_optional(arrays: GroupArrays, user: int | None, item_ids: np.ndarray | None,
@@ -282,6 +408,8 @@ def build_package(path: str | os.PathLike[str], arrays: GroupArrays,
         "weights": arrays.alpha[plan.order[:, 0], plan.order[:, 1]].astype("<f4"),
         "blocks": _block_parts(arrays, plan),
     }
+    if plan.layout.spec.mixed:
+        contents["kinds"] = plan.kinds.astype("|u1")
     if ids is not None:
         contents["item_ids"] = ids.astype("<i8")
     if user is not None:

@@ -38,6 +38,7 @@ from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, detect_format, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
 from peel.errors import ConfigError
+from peel.executor import Executor
 from peel.groups import GroupConfig, make_item_groups, make_user_groups
 from peel.io import (
     atomic_path,
@@ -50,7 +51,7 @@ from peel.io import (
     write_run_metadata,
     write_text,
 )
-from peel.package import DEFAULT_WEIGHTING, DeployOptions
+from peel.package import DEFAULT_WEIGHTING, PRECISION_CHOICES, DeployOptions
 from peel.pretrain import PretrainConfig, load_embeddings, pretrain, save_result
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,9 @@ class DeployConfig:
     scale: str | None = None  # Eq. 10 factor, "eq10" | "none"; None: what fine-tuning used
     baselines: tuple[str, ...] = ("pmf", "lightgcn", "lightgcn-svd")
     k: int = 50  # ranked list length; metrics at the cutoffs 20, 50 and k that are <= k
+    # how kept blocks are stored: "auto" (peel.package.DEFAULT_PRECISION, chosen on
+    # validation), "fp32" (the format-v3 packages of before), "fp16", "int8", "int8o", "value"
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -109,6 +113,8 @@ class RunConfig:
             raise ValueError(f"deploy.similarity must be one of {SIMILARITIES} (or left out)")
         if self.deploy.weighting is not None and self.deploy.weighting not in WEIGHTINGS:
             raise ValueError(f"deploy.weighting must be one of {WEIGHTINGS} (or left out)")
+        if self.deploy.precision not in PRECISION_CHOICES:
+            raise ValueError(f"deploy.precision must be one of {PRECISION_CHOICES}")
         if isinstance(self.deploy.k, bool) or not isinstance(self.deploy.k, int) \
                 or self.deploy.k < 1:
             raise ValueError(f"deploy.k must be a positive integer, got {self.deploy.k!r}")
@@ -274,11 +280,14 @@ def _timed(timings: dict[str, float], name: str, progress: bool) -> Iterator[Non
 
 @locked_run("out")  # one process per run folder; refuses a second `peel train` (RunLock)
 def train(cfg: RunConfig, out: str | Path, progress: bool = True,
-          data: InteractionData | None = None) -> dict[str, Any]:
+          data: InteractionData | None = None, executor: Executor | None = None
+          ) -> dict[str, Any]:
     """Run (or resume) every server-side stage; returns the summary written to the run.
 
     ``data`` given in memory is saved into the run (RUN/data.npz) and the run's ``run.data``
     becomes "stored", so evaluation and deployment use exactly these splits later.
+    ``executor`` runs the group fine-tuning tasks (default: ``run.workers`` local processes;
+    a :class:`peel.executor.RayExecutor` runs them on Ray); results do not depend on it.
     """
     if data is not None:
         cfg = replace(cfg, run=replace(cfg.run, data=runfolder.STORED))
@@ -299,7 +308,8 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
         from peel.executor import make_executor
 
         summaries = finetune_groups(data, user_emb, item_emb, user_groups, item_groups,
-                                    cfg.finetune, out, make_executor(cfg.run.workers, progress),
+                                    cfg.finetune, out,
+                                    executor or make_executor(cfg.run.workers, progress),
                                     seed=cfg.run.seed)
     summary = {
         "peel_version": __version__,
@@ -365,6 +375,10 @@ def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
                          "configuration; delete the pretrain folder to retrain")
     saved = read_json(path)
     wanted = json.loads(json.dumps(asdict(pcfg), default=str))
+    # a setting added after these embeddings were made is absent from the file; its default
+    # is the behaviour they were made with (new settings default to what came before)
+    defaults = json.loads(json.dumps(asdict(PretrainConfig()), default=str))
+    saved = {**{k: defaults[k] for k in defaults.keys() - saved.keys()}, **saved}
     if saved != wanted:
         diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
         raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "
@@ -434,7 +448,8 @@ def deploy_options(cfg: RunConfig) -> DeployOptions:
     return DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
                          weighting=dcfg.weighting or DEFAULT_WEIGHTING,
                          scale=dcfg.scale or cfg.finetune.scale,
-                         selection=dcfg.selection, seed=cfg.run.seed)
+                         selection=dcfg.selection, seed=cfg.run.seed,
+                         precision=dcfg.precision)
 
 
 def with_overrides(options: DeployOptions, **changes: Any) -> DeployOptions:
@@ -456,6 +471,7 @@ class GroupRanking:
     users: np.ndarray
     items: np.ndarray  # (len(users), k); -1 pads rows with fewer rankable items
     bytes_used: int
+    blocks: tuple[int, ...] = ()  # blocks the package keeps for each item group
 
 
 def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
@@ -495,33 +511,37 @@ def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
                 ranked = pkg.rank_batch(vectors, k=k, exclude_indptr=rows.indptr,
                                         exclude_indices=rows.indices)
                 yield GroupRanking(label, g, users, np.asarray(ranked.items),
-                                   pkg.report.total)
+                                   pkg.report.total, tuple(len(b) for b in pkg.block_sets()))
 
 
 def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
                   budgets: Sequence[str], split: str = "test",
                   selection: str | None = None, scale: str | None = None,
-                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None
-                  ) -> list[EvalRow]:
+                  per_user_out: dict[str, dict[str, np.ndarray]] | None = None,
+                  precision: str | None = None) -> list[EvalRow]:
     """PEEL's figures: metrics of :func:`peel_rankings` at the cutoffs <= ``[deploy] k``.
 
-    ``selection`` / ``scale`` override the run's block selection / Eq. 10 factor; rows made
-    with an override are labelled with it, e.g. "PEEL (scale=eq10)". ``per_user_out``, when
-    given, receives each budget's per-user metrics and user ids (for paired tests).
+    ``selection`` / ``scale`` / ``precision`` override the run's block selection / Eq. 10
+    factor / block storage; rows made with an override are labelled with it, e.g.
+    "PEEL (scale=eq10)". ``per_user_out``, when given, receives each budget's per-user metrics
+    and user ids (for paired tests). Each row's ``detail["blocks_per_item_group"]`` maps every
+    user group to the number of blocks its package keeps for each item group at that budget.
     """
     from peel.budget import parse_budget
     from peel.eval import metric_cutoffs, metrics_from_topk
 
     own = deploy_options(cfg)
-    options = with_overrides(own, selection=selection, scale=scale)
+    options = with_overrides(own, selection=selection, scale=scale, precision=precision)
     ks = metric_cutoffs(ranking_k(cfg, data))
     truth = data.split_matrix(split)
     per_user: dict[str, dict[str, list[np.ndarray]]] = {b: {} for b in budgets}
     used: dict[str, int] = {b: 0 for b in budgets}
     n_users: dict[str, int] = {b: 0 for b in budgets}
     order: dict[str, list[np.ndarray]] = {b: [] for b in budgets}  # users, as ranked
+    blocks: dict[str, dict[str, list[int]]] = {b: {} for b in budgets}
     for ranked in peel_rankings(run, data, cfg, budgets, split, options):
         used[ranked.budget] = max(used[ranked.budget], ranked.bytes_used)
+        blocks[ranked.budget][str(ranked.group)] = list(ranked.blocks)
         n_users[ranked.budget] += len(ranked.users)
         metrics = metrics_from_topk(_valid_topk(ranked.items), ranked.users, truth, ks)
         for key, value in metrics.items():
@@ -532,15 +552,42 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
             per_user_out[label] = {key: np.concatenate(v) for key, v in parts.items()}
             per_user_out[label]["users"] = np.concatenate(order[label])
     changed = [f"{name}={value}" for name, value, default in
-               (("selection", selection, own.selection), ("scale", scale, own.scale))
+               (("selection", selection, own.selection), ("scale", scale, own.scale),
+                ("precision", precision, own.precision))
                if value not in (None, default)]
     method = f"{cfg.run.label} ({', '.join(changed)})" if changed else cfg.run.label
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     return [EvalRow(method, label, nbytes, used[label],
                     {k: float(np.concatenate(v).mean()) for k, v in per_user[label].items()},
-                    {"users": n_users[label]})
+                    {"users": n_users[label], "blocks_per_item_group": blocks[label]})
             for nbytes, label in sized]
+
+
+#: Budget label of the reference rows: every block kept / the whole pretrained model.
+EVERY_BLOCK = "all"
+
+
+def reference_rows(run: str | Path, data: InteractionData, cfg: RunConfig,
+                   split: str = "test") -> list[EvalRow]:
+    """What PEEL is measured against at no budget: its packages with every block kept, and
+    the run's pretrained model (every dimension, dot product). Both are labelled budget
+    "all"; its bytes are the larger of the two footprints, so each row fits its "budget"."""
+    from peel.eval import dot_scorer, metric_cutoffs
+    from peel.eval import evaluate as evaluate_scorer
+
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    every = evaluate_peel(run, data, cfg, [str(2 * full + 10**6)], split)[0]
+    user_emb, item_emb = load_embeddings(Path(run) / "pretrain")
+    res = evaluate_scorer(dot_scorer(user_emb, item_emb), data, split,
+                          ks=metric_cutoffs(ranking_k(cfg, data)))
+    dim = int(item_emb.shape[1])
+    pretrained_bytes = (data.n_items + 1) * dim * 4
+    nbytes = max(every.bytes_used, pretrained_bytes)
+    return [EvalRow(f"{cfg.run.label} (every block)", EVERY_BLOCK, nbytes, every.bytes_used,
+                    every.metrics, every.detail),
+            EvalRow(f"pretrained ({dim}-d)", EVERY_BLOCK, nbytes, pretrained_bytes,
+                    res.metrics, {"dim": dim, "users": len(res.users)})]
 
 
 def _valid_topk(items: np.ndarray) -> np.ndarray:
@@ -554,41 +601,127 @@ def _valid_topk(items: np.ndarray) -> np.ndarray:
 
 def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[str],
                        progress: bool = True, methods: Sequence[str] | None = None,
-                       run: str | Path | None = None, split: str = "test") -> list[EvalRow]:
+                       run: str | Path | None = None, split: str = "test",
+                       tune_trials: int = 0, executor: Executor | None = None
+                       ) -> list[EvalRow]:
     """Fixed-size baselines at every budget, each through the shared
     :class:`peel.baselines.BudgetedRecommender` interface and PEEL's metrics.
 
     ``lightgcn-svd`` reuses the run's stage-1 embeddings when ``run`` is given (it needs no
-    training at any budget); without a run it pretrains first.
+    training at any budget); without a run it pretrains first. ``tune_trials`` > 0 tunes every
+    method at every budget on the validation split with that many trials
+    (:func:`peel.tuning.tune`); the chosen setting and every trial go into the row's
+    ``detail["tuning"]``. 0 fits the configured setting only. Without ``executor`` the
+    methods run here one after another (one model per method, refitted per budget); with
+    one, every method x budget is a task (e.g. a Ray task) and the data and the run's
+    pretrained tables are sent once. Rows are the same either way, in the same order.
     """
-    from peel.baselines import make_baseline
+    from peel.baselines import REGISTRY, make_baseline
     from peel.budget import parse_budget
-    from peel.eval import evaluate as evaluate_scorer
     from peel.eval import metric_cutoffs
 
+    if isinstance(tune_trials, bool) or not isinstance(tune_trials, int) or tune_trials < 0:
+        raise ValueError(f"tune_trials must be an integer >= 0, got {tune_trials!r}")
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
-    ks = metric_cutoffs(ranking_k(cfg, data))
+    ks = tuple(metric_cutoffs(ranking_k(cfg, data)))
+    names = list(cfg.deploy.baselines if methods is None else methods)
+    if executor is not None:
+        tasks = [BaselineTask(m, label, parse_budget(label, full), tune_trials, cfg.run.seed)
+                 for m in names for label in budgets]
+        shared = BaselineShared(data, cfg.pretrain, split, ks,
+                                _pretrained(run) if "lightgcn-svd" in names else None)
+        return executor.map(baseline_row, tasks, labels=[f"{t.method}@{t.budget}"
+                                                         for t in tasks], shared=shared)
     rows = []
-    for method in (cfg.deploy.baselines if methods is None else methods):
+    for method in names:
         model = make_baseline(method, cfg.pretrain, run=run)
+        same = None if REGISTRY[method].search_space else (lambda _cfg, m=model: m)
         for label in budgets:
             nbytes = parse_budget(label, full)
             if progress:
-                print(f"[peel] baseline {method} at {label} ...", flush=True)
-            model.fit(data, nbytes)
-            metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
-            rows.append(EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
-                                dict(model.params)))
+                print(f"[peel] baseline {method} at {label}"
+                      + (f", {tune_trials} validation trials" if tune_trials else "") + " ...",
+                      flush=True)
+            model, row = _fit_row(model, data, label, nbytes, split, ks, tune_trials,
+                                  cfg.run.seed, cfg.pretrain, run=run, make=same)
+            rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class BaselineTask:
+    """One baseline at one budget: the unit a distributed executor runs."""
+
+    method: str
+    budget: str
+    budget_bytes: int
+    tune_trials: int = 0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BaselineShared:
+    """What every baseline task reads; sent once per executor call, not once per task."""
+
+    data: InteractionData
+    config: Any  # PretrainConfig
+    split: str
+    ks: tuple[int, ...]
+    pretrained: tuple[np.ndarray, np.ndarray] | None  # the run's stage 1 (lightgcn-svd)
+
+
+def _pretrained(run: str | Path | None) -> tuple[np.ndarray, np.ndarray] | None:
+    return load_embeddings(Path(run) / "pretrain") if run is not None else None
+
+
+def baseline_row(task: BaselineTask, shared: BaselineShared) -> EvalRow:
+    """Fit (or tune) one baseline at one budget and score it (an executor's task)."""
+    from peel.baselines import REGISTRY, LightGCNSVD, make_baseline
+
+    def build(cfg: Any) -> Any:
+        if task.method == LightGCNSVD.name and shared.pretrained is not None:
+            return LightGCNSVD.from_embeddings(*shared.pretrained, cfg)
+        return make_baseline(task.method, cfg)
+
+    model = build(shared.config)
+    same = None if REGISTRY[task.method].search_space else (lambda _cfg: model)
+    return _fit_row(model, shared.data, task.budget, task.budget_bytes, shared.split,
+                    shared.ks, task.tune_trials, task.seed, shared.config,
+                    make=same or build)[1]
+
+
+def _fit_row(model: Any, data: InteractionData, label: str, nbytes: int, split: str,
+             ks: Sequence[int], tune_trials: int = 0, seed: int = 0, base: Any = None,
+             run: str | Path | None = None, make: Any = None) -> tuple[Any, EvalRow]:
+    """Fit ``model`` at ``nbytes`` (or, with ``tune_trials``, the best of that many
+    validation trials of its method) and score it on ``split``."""
+    from peel.eval import evaluate as evaluate_scorer
+    from peel.tuning import tune
+
+    if tune_trials:
+        model, _ = tune(model.name, data, nbytes, base, tune_trials, seed=seed, run=run,
+                        make=make)
+    else:
+        model.fit(data, nbytes)
+    metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
+    return model, EvalRow(model.label, label, nbytes, model.bytes_used, metrics,
+                          dict(model.params))
 
 
 def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
              baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
              scales: Sequence[str] = (), progress: bool = True, split: str = "test",
-             partial: bool = False) -> list[EvalRow]:
+             partial: bool = False, tune_trials: int = 0, reference: bool = False,
+             executor: Executor | None = None, precisions: Sequence[str] = ()
+             ) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
-    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names.
+    ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names;
+    ``selections`` / ``scales`` / ``precisions`` add PEEL rows built with those settings;
+    ``tune_trials``: validation trials per baseline and budget (0: no tuning);
+    ``reference``: also the every-block and pretrained-model rows (:func:`reference_rows`);
+    ``executor`` runs the baselines as one task per method x budget
+    (see :func:`evaluate_baselines`).
     Test-split rows are saved to RUN/eval.json merged with earlier rows for other
     methods/budgets; validation rows (``split="valid"``, for choosing settings) are only
     returned. An incomplete run is refused unless ``partial``, whose rows are marked partial.
@@ -603,9 +736,14 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
         rows += evaluate_peel(run, data, cfg, budgets, split, selection=sel)
     for scale in scales:
         rows += evaluate_peel(run, data, cfg, budgets, split, scale=scale)
+    for precision in precisions:
+        rows += evaluate_peel(run, data, cfg, budgets, split, precision=precision)
+    if reference:
+        rows += reference_rows(run, data, cfg, split)
     if baselines:
         methods = None if baselines is True else list(baselines)
-        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split)
+        rows += evaluate_baselines(data, cfg, budgets, progress, methods, run=run, split=split,
+                                   tune_trials=tune_trials, executor=executor)
     if missing:
         for row in rows:
             row.detail.update(partial=True, missing_groups=missing)
@@ -636,10 +774,10 @@ def deploy_package(run: str | Path, budget: int | float | str, out: str | Path, 
     """Write the package of one user group (``group``) or one user (``user``) of a run.
 
     Built with the run's :func:`deploy_options` (``overrides``: similarity, weighting, scale,
-    selection, seed), so it ranks exactly as ``peel evaluate`` measured. A one-user package
-    also stores the items the user already has (excluded when ranking) and the dataset's item
-    ids when they are integers. A bare folder of group files (no config.toml) takes the
-    package defaults. Returns (group, BudgetReport).
+    selection, seed, precision), so it ranks exactly as ``peel evaluate`` measured. A one-user
+    package also stores the items the user already has (excluded when ranking) and the
+    dataset's item ids when they are integers. A bare folder of group files (no config.toml)
+    takes the package defaults. Returns (group, BudgetReport).
     """
     from peel.package import build_package
 

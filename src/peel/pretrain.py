@@ -56,6 +56,10 @@ class PretrainConfig:
     diversity: float = 0.1  # lambda of Eq. 2 (normalised mode; 0 = "w/o Regularizer")
     diversity_mode: str = "normalized"  # "normalized" | "literal" (unbounded, see docs)
     init_std: float = 0.1
+    # Matryoshka prefixes (Kusupati et al. 2022; MRL4Rec): the BPR loss is averaged over the
+    # full embedding and its first k dimensions for each k here, so that small prefixes are
+    # trained to rank on their own. () = the full embedding only (LightGCN, the paper).
+    nested_dims: tuple[int, ...] = ()
     eval_every: int = 1
     patience: int = 5  # evaluations without a new best val. Recall@20 (paper-notes)
     eval_batch_size: int = 1024
@@ -81,6 +85,9 @@ class PretrainConfig:
             raise ValueError("diversity_mode must be 'normalized' or 'literal'")
         if self.lr_half_life < 0:
             raise ValueError("lr_half_life must be >= 0 optimiser steps (0 = constant rate)")
+        if not all(0 < k < self.dim for k in self.nested_dims):
+            raise ValueError(f"nested_dims {self.nested_dims}: every prefix must lie in "
+                             f"(0, dim={self.dim})")
         if self.batch_size < 1 or self.negatives < 1 or self.epochs < 0:
             raise ValueError("batch_size, negatives must be >= 1 and epochs >= 0")
         if isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
@@ -416,9 +423,12 @@ def _batch_loss(model: Model, prop: Propagator, u: torch.Tensor, p: torch.Tensor
     eu = all_u[u]
     if cfg.sampling == "dns":
         n = _hardest(eu.detach(), all_i.detach(), n, cfg.negatives)
-    pos = (eu * all_i[p]).sum(-1)
-    neg = torch.einsum("bd,bkd->bk", eu, all_i[n])
-    loss = bpr_loss(pos, neg)
+    if cfg.nested_dims:
+        loss = _nested_bpr(eu, all_i[p], all_i[n], cfg.nested_dims)
+    else:
+        pos = (eu * all_i[p]).sum(-1)
+        neg = torch.einsum("bd,bkd->bk", eu, all_i[n])
+        loss = bpr_loss(pos, neg)
     ego = (model.user[u].pow(2).sum() + model.item[p].pow(2).sum()
            + model.item[n].pow(2).sum() / n.shape[1])
     loss = loss + cfg.l2 * 0.5 * ego / len(u)
@@ -428,6 +438,16 @@ def _batch_loss(model: Model, prop: Propagator, u: torch.Tensor, p: torch.Tensor
             dist = dist / all_i.shape[0]  # per item, so lambda means the same at any |V|
         loss = loss - cfg.diversity * dist
     return loss
+
+
+def _nested_bpr(eu: torch.Tensor, ip: torch.Tensor, inn: torch.Tensor,
+                nested: tuple[int, ...]) -> torch.Tensor:
+    """Mean BPR loss of the full embedding and of each prefix: a prefix's score is a partial
+    sum of the per-dimension products, so one cumulative sum gives every prefix at once."""
+    cols = torch.tensor([k - 1 for k in nested] + [eu.shape[1] - 1])
+    pos = torch.cumsum(eu * ip, dim=-1)[:, cols]  # (b, P)
+    neg = torch.cumsum(eu.unsqueeze(1) * inn, dim=-1)[..., cols]  # (b, K, P)
+    return torch.stack([bpr_loss(pos[:, j], neg[..., j]) for j in range(len(cols))]).mean()
 
 
 def _hardest(eu: torch.Tensor, items: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:

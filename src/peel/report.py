@@ -4,12 +4,23 @@
 table: methods x budgets, Recall@50 / NDCG@50 like Table III, plus @20), `results.csv` and
 `results.json` (every figure), and `recall50.png` / `ndcg50.png` (metric against budget for every
 method). Plots are optional: without matplotlib the tables are still written.
+
+Every figure a results README quotes comes from these files, so the report also writes what
+the runs and their evaluations know beyond Table III: `stages.csv` (each run's seconds per
+stage from `train_summary.json`, and its stage-1 best epoch and validation Recall@20),
+`blocks.csv` (blocks each user group's package keeps for each item group at each budget),
+`hyperparameters.csv` (each baseline's size and the setting chosen on validation, with every
+trial, when `peel evaluate --tune-trials` tuned it), and the same as Markdown sections at the
+end of `results.md` and as `details.json`. Rows of the reference budget "all" (`peel evaluate
+--reference`: every block kept, the pretrained model) are a column of the table like any
+budget. Rows carry their run's seed; with runs of several seeds each seed is its own row.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,7 +30,7 @@ from peel.io import check_output_dir, read_json, write_json, write_text
 from peel.runfolder import check_complete
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
-METHOD_ORDER = ("PMF", "LightGCN", "lightgcn-svd", "PEEL")
+METHOD_ORDER = ("PMF", "BPR-MF", "LightGCN", "lightgcn-svd", "PEEL", "pretrained")
 
 
 class ReportError(PeelError):
@@ -43,8 +54,19 @@ def collect(runs: Sequence[str | Path], partial: bool = False) -> list[dict[str,
             raise ValueError(f"{path}: rows of {', '.join(sorted(set(flagged)))} were evaluated "
                              "on an incomplete run (partial); re-evaluate the finished run, or "
                              "pass partial=True (--partial)")
-        rows.extend(checked)
+        seed = _run_seed(run)
+        rows.extend({**r, "seed": seed} for r in checked)
     return rows
+
+
+def _run_seed(run: str | Path) -> int | None:
+    """The run's seed from its config.toml (None for a folder without one)."""
+    from peel.pipeline import load_run_config
+    from peel.runfolder import config_path
+
+    if not config_path(run).exists():
+        return None
+    return load_run_config(run).run.seed
 
 
 def read_eval(path: Path, run: str) -> list[dict[str, Any]]:
@@ -97,9 +119,21 @@ def _budget_label(nbytes: int, label: str, full: int) -> str:
     return f"{label} ({nbytes / 1e6:.2f} MB, {100 * nbytes / full:.1f}%)"
 
 
+def _seeded(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a dataset evaluated under several seeds get the seed in their method name."""
+    out = []
+    for r in rows:
+        seeds = {x.get("seed") for x in rows if x["dataset"] == r["dataset"]
+                 and x["method"] == r["method"]}
+        out.append({**r, "method": f"{r['method']} [seed {r.get('seed')}]"}
+                   if len(seeds) > 1 else r)
+    return out
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     """One table per dataset; bold marks the best value of each column."""
     out = []
+    rows = _seeded(rows)
     for dataset in sorted({r["dataset"] for r in rows}):
         sub = [r for r in rows if r["dataset"] == dataset]
         budgets = _budgets(sub)
@@ -132,12 +166,165 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 def to_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["dataset", "method", "budget", "budget_bytes", "bytes_used", *METRICS, "run"])
+    w.writerow(["dataset", "method", "budget", "budget_bytes", "bytes_used", *METRICS, "run",
+                "seed"])
     for r in sorted(rows, key=lambda r: (r["dataset"], _method_key(r["method"]),
-                                         r["budget_bytes"])):
+                                         r["budget_bytes"], str(r.get("seed")))):
         w.writerow([r["dataset"], r["method"], r["budget"], r["budget_bytes"], r["bytes_used"],
-                    *[f"{r['metrics'].get(m, float('nan')):.6f}" for m in METRICS], r["run"]])
+                    *[f"{r['metrics'].get(m, float('nan')):.6f}" for m in METRICS], r["run"],
+                    r.get("seed")])
     return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond Table III: stage timings, blocks kept, chosen hyper-parameters
+# ---------------------------------------------------------------------------------------------
+
+STAGES = ("data", "pretrain", "groups", "finetune")
+
+
+def stage_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Each run's seconds per stage (train_summary.json) and stage 1's best epoch and
+    validation Recall@20 (pretrain/pretrain_log.json); runs without them are skipped."""
+    out = []
+    for run in runs:
+        path = Path(run) / "train_summary.json"
+        if not path.exists():
+            continue
+        summary = read_json(path)
+        seconds = summary.get("seconds") if isinstance(summary, dict) else None
+        if not isinstance(seconds, dict):
+            raise ReportError(f"{path}: no 'seconds' object; re-run `peel train` into {run}")
+        row: dict[str, Any] = {"run": str(run), "seed": _run_seed(run),
+                               **{f"{k}_s": seconds.get(k) for k in STAGES},
+                               "pretrain_all_sessions_s":
+                                   summary.get("pretrain_seconds_all_sessions")}
+        log = Path(run) / "pretrain" / "pretrain_log.json"
+        if log.exists():
+            doc = read_json(log)
+            row["pretrain_best_epoch"] = doc.get("best_epoch")
+            row["pretrain_epochs"] = len(doc.get("history") or [])
+            row["pretrain_valid_recall@20"] = (doc.get("valid") or {}).get("recall@20")
+        out.append(row)
+    return out
+
+
+def block_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (method, budget, user group, item group): blocks its package keeps."""
+    out = []
+    for r in rows:
+        kept = (r.get("detail") or {}).get("blocks_per_item_group")
+        if not isinstance(kept, dict):
+            continue
+        for group, counts in sorted(kept.items(), key=lambda kv: int(kv[0])):
+            for item_group, n in enumerate(counts):
+                out.append({"dataset": r["dataset"], "method": r["method"],
+                            "budget": r["budget"], "seed": r.get("seed"),
+                            "user_group": int(group), "item_group": item_group, "blocks": n})
+    return out
+
+
+def block_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, budget): over user groups, how many item groups keep one block and how
+    many blocks the most popular item group (0) and the least popular one keep."""
+    out = []
+    for r in rows:
+        kept = (r.get("detail") or {}).get("blocks_per_item_group")
+        if not isinstance(kept, dict) or not kept:
+            continue
+        counts = list(kept.values())
+        ones = [sum(1 for n in c if n == 1) for c in counts]
+        out.append({"dataset": r["dataset"], "method": r["method"], "budget": r["budget"],
+                    "seed": r.get("seed"), "user_groups": len(counts),
+                    "item_groups": len(counts[0]),
+                    "one_block_min": min(ones), "one_block_max": max(ones),
+                    "top_group_min": min(c[0] for c in counts),
+                    "top_group_max": max(c[0] for c in counts),
+                    "tail_group_min": min(c[-1] for c in counts),
+                    "tail_group_max": max(c[-1] for c in counts)})
+    return out
+
+
+def hyperparameter_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each baseline row's size and setting: chosen on validation when tuned, else the
+    configured one ("not tuned")."""
+    out = []
+    for r in rows:
+        detail = r.get("detail") or {}
+        if "dim" not in detail or r["budget"] == "all":
+            continue
+        tuning = detail.get("tuning") if isinstance(detail.get("tuning"), dict) else None
+        row: dict[str, Any] = {"dataset": r["dataset"], "method": r["method"],
+                               "budget": r["budget"], "seed": r.get("seed"),
+                               "dim": detail["dim"], "best_epoch": detail.get("best_epoch")}
+        if tuning is None:
+            row.update(tuned="no", trials=0, chosen="")
+        else:
+            log = tuning.get("log") or []
+            row.update(tuned="yes" if tuning.get("space") else "nothing to tune",
+                       trials=tuning.get("trials"), chosen_trial=tuning.get("chosen_trial"),
+                       chosen=json.dumps(tuning.get("chosen"), sort_keys=True),
+                       **{"default_valid_recall@20": log[0].get("valid_recall@20")
+                          if log else None,
+                          "chosen_valid_recall@20": tuning.get("valid_recall@20")})
+        out.append(row)
+    return out
+
+
+def _csv(records: list[dict[str, Any]]) -> str:
+    keys = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    for r in records:
+        w.writerow({k: _fmt(v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def _fmt(value: Any) -> Any:
+    return f"{value:.6f}" if isinstance(value, float) else value
+
+
+def _md_table(records: list[dict[str, Any]], columns: Sequence[str]) -> list[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    lines += ["| " + " | ".join(_cell(c, r.get(c)) for c in columns) + " |" for r in records]
+    return lines
+
+
+def _cell(column: str, value: Any) -> str:
+    """Seconds to 0.1 s, other floats (metrics) to 4 places like Table III."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.1f}" if column.endswith("_s") else f"{value:.4f}"
+    return str(value)
+
+
+def details_markdown(stages: list[dict[str, Any]], blocks: list[dict[str, Any]],
+                     hyper: list[dict[str, Any]]) -> str:
+    out: list[str] = []
+    if stages:
+        out += ["### Stage timings (seconds, wall-clock on the machine that trained each run)",
+                ""]
+        out += _md_table(stages, ["run", "seed", *[f"{k}_s" for k in STAGES],
+                                  "pretrain_all_sessions_s", "pretrain_best_epoch",
+                                  "pretrain_epochs", "pretrain_valid_recall@20"])
+        out.append("")
+    if blocks:
+        out += ["### Blocks kept per item group (over user groups: item groups keeping one "
+                "block; blocks of the most and least popular item group)", ""]
+        out += _md_table(blocks, ["dataset", "method", "budget", "seed", "user_groups",
+                                  "item_groups", "one_block_min", "one_block_max",
+                                  "top_group_min", "top_group_max", "tail_group_min",
+                                  "tail_group_max"])
+        out.append("")
+    if hyper:
+        out += ["### Baseline sizes and hyper-parameters (chosen on validation Recall@20)", ""]
+        out += _md_table(hyper, ["dataset", "method", "budget", "seed", "dim", "best_epoch",
+                                 "tuned", "trials", "chosen", "default_valid_recall@20",
+                                 "chosen_valid_recall@20"])
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(rows: list[dict[str, Any]], metric: str, path: Path) -> bool:
@@ -177,9 +364,17 @@ def write_report(runs: Sequence[str | Path], out: str | Path,
                  partial: bool = False) -> dict[str, Any]:
     out = check_output_dir(out)  # before reading: a bad --out is reported first, not last
     rows = collect(runs, partial)
-    write_text(out / "results.md", markdown(rows) + "\n")
+    stages, blocks, hyper = stage_rows(runs), block_rows(rows), hyperparameter_rows(rows)
+    summary = block_summary(rows)
+    details = details_markdown(stages, summary, hyper)
+    write_text(out / "results.md", markdown(rows) + "\n" + (details + "\n" if details else ""))
     write_text(out / "results.csv", to_csv(rows))
     write_json(out / "results.json", rows)
+    write_text(out / "stages.csv", _csv(stages))
+    write_text(out / "blocks.csv", _csv(blocks))
+    write_text(out / "hyperparameters.csv", _csv(hyper))
+    write_json(out / "details.json", {"stages": stages, "blocks_summary": summary,
+                                      "hyperparameters": hyper})
     plots = [m for m in ("recall@50", "ndcg@50")
-             if plot(rows, m, out / f"{m.replace('@', '')}.png")]
+             if plot(_seeded(rows), m, out / f"{m.replace('@', '')}.png")]
     return {"rows": len(rows), "out": str(out), "plots": plots}

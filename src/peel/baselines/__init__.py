@@ -4,6 +4,8 @@ Every class here implements :class:`BudgetedRecommender` (``fit(data, budget_byt
 ``scores``, ``rank``, ``bytes_used``, ``params``) and is registered under the name that
 ``[deploy] baselines`` and ``peel evaluate --baselines pmf,lightgcn-svd`` use. A new baseline
 is one new module plus one line in :data:`REGISTRY`; the shared contract test then runs it.
+Each class declares ``search_space`` (PretrainConfig fields -> values) for :mod:`peel.tuning`,
+which gives every method the same number of validation trials.
 """
 
 from __future__ import annotations
@@ -20,16 +22,25 @@ from peel.baselines.base import (
     fixed_size_bytes,
     fixed_size_dim,
 )
+from peel.baselines.bpr_mf import BPRMF
 from peel.baselines.dlrm_ce import DLRMCE, QROptions
 from peel.baselines.lightgcn import LightGCN
+from peel.baselines.lightgcn_quantized import (
+    LightGCNFP16,
+    LightGCNInt8,
+    QuantizedLightGCN,
+    TrainedCache,
+)
 from peel.baselines.lightgcn_svd import LightGCNSVD
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
+from peel.baselines.rule import Rule, RuleConfig
 from peel.pretrain import PretrainConfig
 
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
-    cls.name: cls for cls in (PMF, LightGCN, LightGCNSVD, DLRMCE, LightRec)
+    cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNFP16, LightGCNInt8,
+                              DLRMCE, LightRec, Rule)
 }
 
 
@@ -41,17 +52,22 @@ def check_names(names: Iterable[str], where: str = "baselines") -> None:
                          f"expected any of {', '.join(REGISTRY)}")
 
 
-def make_baseline(name: str, config: PretrainConfig,
-                  run: str | Path | None = None) -> EmbeddingRecommender:
+def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = None,
+                  trained: TrainedCache | None = None) -> EmbeddingRecommender:
     """A fresh instance of baseline ``name``; ``run`` lets the methods built on the run's
-    stage 1 (lightgcn-svd, lightrec's teacher) reuse it."""
+    stage 1 (lightgcn-svd, lightrec's teacher, rule) reuse it; ``trained`` (a dict shared by
+    the caller) lets lightgcn-fp16 and lightgcn-int8 share a training at the same dimension."""
     check_names([name])
-    if name in (LightGCNSVD.name, LightRec.name) and run is not None:
+    if name in (LightGCNSVD.name, LightRec.name, Rule.name) and run is not None:
         return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
-    return REGISTRY[name](config)
+    cls = REGISTRY[name]
+    if trained is not None and issubclass(cls, QuantizedLightGCN):
+        return cls(config, trained=trained)
+    return cls(config)
 
 
-__all__ = ["DLRMCE", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender",
-           "EmbeddingRecommender", "LightGCN", "LightGCNSVD", "LightRec", "LightRecOptions",
-           "QROptions", "baseline_config", "check_names", "dims_for_budgets",
-           "fixed_size_bytes", "fixed_size_dim", "make_baseline"]
+__all__ = ["BPRMF", "DLRMCE", "FLOAT_BYTES", "PMF", "REGISTRY", "BudgetedRecommender",
+           "EmbeddingRecommender", "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD",
+           "LightRec", "LightRecOptions", "QROptions", "Rule", "RuleConfig", "baseline_config",
+           "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
+           "make_baseline"]

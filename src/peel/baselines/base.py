@@ -68,8 +68,9 @@ def dims_for_budgets(budgets: list[int], n_items: int) -> np.ndarray:
 def baseline_config(method: str, dim: int, base: PretrainConfig,
                     layers: int | None = None) -> PretrainConfig:
     """Stage 1's config retargeted to one fixed-size baseline: one block (no block
-    structure), no diversity term, ``layers`` (0 for PMF; None keeps the base's)."""
-    return replace(base, dim=dim, block_dim=dim, diversity=0.0,
+    structure), no diversity term, no nested prefixes, ``layers`` (0 for the
+    factorisations; None keeps the base's)."""
+    return replace(base, dim=dim, block_dim=dim, diversity=0.0, nested_dims=(),
                    layers=base.layers if layers is None else layers)
 
 
@@ -78,6 +79,9 @@ class EmbeddingRecommender:
 
     name: ClassVar[str] = ""
     label: ClassVar[str] = ""
+    #: PretrainConfig field -> the values :func:`peel.tuning.tune` may draw for it. Empty (the
+    #: default) means the method has nothing to tune: only its configured setting is fitted.
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, config: PretrainConfig | None = None) -> None:
         self.config = config or PretrainConfig()

@@ -26,6 +26,8 @@ class LightGCNSVD(EmbeddingRecommender):
 
     name: ClassVar[str] = "lightgcn-svd"
     label: ClassVar[str] = "lightgcn-svd"
+    #: nothing to tune: no training at any budget, the truncation is fixed by the budget
+    search_space: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, config: PretrainConfig | None = None) -> None:
         super().__init__(config)

@@ -1,0 +1,115 @@
+"""LightGCN stored at float16 or int8: the fixed-size baseline at the precisions packages use.
+
+Mixed-precision packages buy PEEL more blocks per byte; for a fair comparison the fixed-size
+LightGCN gets the same storage. For a budget of M bytes a device holds the quantised item
+table, its per-row scales (int8) and one float32 user vector:
+
+* ``lightgcn-fp16``: |V| * D' * 2 + D' * 4 <= M;
+* ``lightgcn-int8``: |V| * (D' + 2) + D' * 4 <= M (one float16 scale per item row, the
+  ``i8`` rows of :mod:`peel.quantize`).
+
+D' is the largest such dimension, capped at the configured full dimension (``dim``, 128 by
+default). LightGCN is trained at D' with the recipe of ``lightgcn`` and its item table is then
+quantised row by row exactly as a package stores a block; scores use the decoded table, which
+is what a device computes with.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from peel.baselines.base import FLOAT_BYTES, baseline_config
+from peel.baselines.lightgcn import LightGCN
+from peel.budget import KIND_F16, KIND_I8, row_bytes
+from peel.data import InteractionData
+from peel.pretrain import PretrainConfig, pretrain
+from peel.quantize import encode
+
+#: A shared cache of trained float tables: key -> (user_emb, item_emb, best_epoch, seconds).
+TrainedCache = dict[tuple[Any, ...], tuple[np.ndarray, np.ndarray, int, float]]
+
+
+def quantized_bytes(dim: int, n_items: int, kind: int) -> int:
+    """What a device stores: the item table at ``kind`` (with its scales) + a float32 user."""
+    return n_items * row_bytes(kind, dim) + dim * FLOAT_BYTES
+
+
+def quantized_dim(budget_bytes: int, n_items: int, kind: int, cap: int) -> int:
+    """The largest D' <= ``cap`` whose :func:`quantized_bytes` fits ``budget_bytes``."""
+    if quantized_bytes(1, n_items, kind) > budget_bytes:
+        raise ValueError(f"budget {budget_bytes} B cannot hold even a 1-d item table"
+                         f" ({quantized_bytes(1, n_items, kind)} B needed)")
+    lo, hi = 1, max(int(cap), 1)
+    while lo < hi:  # the cost grows with D', so the largest fitting D' is a binary search
+        mid = (lo + hi + 1) // 2
+        if quantized_bytes(mid, n_items, kind) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class QuantizedLightGCN(LightGCN):
+    """LightGCN trained at the largest D' whose quantised table fits, then quantised."""
+
+    kind: ClassVar[int] = KIND_I8
+    precision: ClassVar[str] = "int8"
+    #: Values a shared tuning driver may try, by :class:`peel.pretrain.PretrainConfig` field.
+    search_space: ClassVar[dict[str, tuple]] = {
+        "lr": (1e-3, 3e-3, 1e-2),
+        "l2": (1e-5, 1e-4, 1e-3),
+        "layers": (1, 2, 3),
+    }
+
+    def __init__(self, config: PretrainConfig | None = None,
+                 trained: TrainedCache | None = None) -> None:
+        super().__init__(config)
+        self.trained = trained
+
+    def _train(self, data: InteractionData, cfg: PretrainConfig
+               ) -> tuple[np.ndarray, np.ndarray, int, float]:
+        """Train LightGCN with ``cfg`` (or reuse the shared cache's identical training)."""
+        key = (data.name, data.n_users, data.n_items, data.train.nnz, repr(cfg))
+        if self.trained is not None and key in self.trained:
+            return self.trained[key]
+        t0 = time.perf_counter()
+        result = pretrain(data, cfg, progress=False)
+        value = (result.user_emb, result.item_emb, result.best_epoch, time.perf_counter() - t0)
+        if self.trained is not None:
+            self.trained[key] = value
+        return value
+
+    def fit(self, data: InteractionData, budget_bytes: int) -> QuantizedLightGCN:
+        dim = quantized_dim(budget_bytes, data.n_items, self.kind, self.config.dim)
+        cfg = baseline_config(self.name, dim, self.config, layers=self.layers)
+        user_emb, item_emb, best_epoch, seconds = self._train(data, cfg)
+        stored = encode(item_emb, self.kind, f"{self.name}: item table").decoded
+        error = float(np.linalg.norm(stored - item_emb) / max(np.linalg.norm(item_emb), 1e-30))
+        self.user_emb, self.item_emb, self.data = user_emb, stored.astype(np.float32), data
+        self.bytes_used = quantized_bytes(dim, data.n_items, self.kind)
+        self.params = {"dim": dim, "full_dim": self.config.dim, "precision": self.precision,
+                       "layers": cfg.layers, "best_epoch": best_epoch,
+                       "train_seconds": seconds, "table_error": error}
+        return self
+
+
+class LightGCNFP16(QuantizedLightGCN):
+    """LightGCN with a float16 item table: D' = largest with |V| D' 2 + 4 D' <= M."""
+
+    name: ClassVar[str] = "lightgcn-fp16"
+    label: ClassVar[str] = "LightGCN-fp16"
+    kind: ClassVar[int] = KIND_F16
+    precision: ClassVar[str] = "fp16"
+
+
+class LightGCNInt8(QuantizedLightGCN):
+    """LightGCN with an int8 item table, one float16 scale per item row:
+    D' = largest with |V| (D' + 2) + 4 D' <= M."""
+
+    name: ClassVar[str] = "lightgcn-int8"
+    label: ClassVar[str] = "LightGCN-int8"
+    kind: ClassVar[int] = KIND_I8
+    precision: ClassVar[str] = "int8"
