@@ -94,15 +94,19 @@ def baseline_budget(budget: str, full: int, n_items: int, dim: int) -> int:
 def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
               tune_trials: int = 0, on_fit: Callable[[str, str, Any], dict] | None = None,
               rule: dict[str, object] | None = None, precisions: list[str] | None = None,
-              peel: bool = True) -> tuple[dict, dict[str, np.ndarray]]:
+              peel: bool = True, overrides: dict[str, list[str]] | None = None
+              ) -> tuple[dict, dict[str, np.ndarray]]:
     """``on_fit(name, budget, model)``, if given, runs after each baseline is scored and its
     dict joins the row (e.g. device latency); ``rule`` overrides RuleConfig fields;
     ``precisions`` scores PEEL once per package precision rule; ``peel=False`` scores the
     baselines alone (a part joined later with one that scored PEEL: a fixed-size baseline
-    needs only the run's data and config, so it can train while the run's stage 2 does)."""
+    needs only the run's data and config, so it can train while the run's stage 2 does);
+    ``overrides[name]`` are ``key=value`` changes of the stage-1 config that baseline trains
+    with (chosen on validation)."""
     from peel.baselines import REGISTRY, make_baseline
     from peel.budget import full_table_bytes
     from peel.eval import dot_scorer, evaluate
+    from peel.overrides import override_fields
     from peel.pipeline import evaluate_peel, load_run_config, run_data
     from peel.pretrain import load_embeddings
     from peel.tuning import tune
@@ -144,7 +148,9 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     trained: dict = {}  # lightgcn, -fp16 and -int8 share a training at the same dimension
     for spec in methods:  # every baseline through its peel.baselines class
         name, own_budgets = method_budgets(spec, budgets)
-        model = make_baseline(name, cfg.pretrain, run, trained)  # lightgcn-svd rotates once
+        changes = (overrides or {}).get(name, [])
+        pcfg = override_fields(cfg.pretrain, changes, "pretrain")
+        model = make_baseline(name, pcfg, run, trained)  # lightgcn-svd rotates once
         same = None if REGISTRY[name].search_space else (lambda _cfg, m=model: m)
         label = model.label
         if name == "rule" and rule:  # a RuleConfig variant, labelled with its changes
@@ -156,13 +162,15 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
         for b in own_budgets:
             t0 = time.perf_counter()
             if tune_trials:  # chosen on validation; the test split is read below, once
-                model, _ = tune(name, data, bytes_at(b), cfg.pretrain, tune_trials,
+                model, _ = tune(name, data, bytes_at(b), pcfg, tune_trials,
                                 seed=cfg.run.seed, run=run, make=same)
             else:
                 model.fit(data, bytes_at(b))
             res = evaluate(model.scorer(), data, split)
             extra = {**model.params, "bytes_used": model.bytes_used,
                      "seconds": time.perf_counter() - t0}  # params may hold its own seconds
+            if changes:
+                extra["pretrain_overrides"] = changes
             if on_fit is not None:
                 extra.update(on_fit(name, b, model))
             keep(label, b, res.metrics, res.per_user, res.users, **extra)

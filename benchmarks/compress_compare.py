@@ -87,7 +87,16 @@ def main() -> None:
     ap.add_argument("--methods", default="dlrm-ce,lightrec")
     ap.add_argument("--latency-users", type=int, default=300)
     ap.add_argument("--lightgcn", type=Path, help="a budget_compare seed file with LightGCN")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="METHOD:KEY=VALUE",
+                    help="stage-1 config change for one method, e.g. lightrec:lr=0.001")
+    ap.add_argument("--merge", type=Path, nargs="+", metavar="DIR",
+                    help="instead of scoring: merge the seed files of these folders (one run, "
+                         "methods scored in parallel processes) into --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, args.out, args.lightgcn)
+        return
 
     from peel.pipeline import run_data
     from peel.pretrain import load_embeddings
@@ -103,18 +112,46 @@ def main() -> None:
 
     methods = [m for m in args.methods.split(",") if m]
     t0 = time.perf_counter()
-    doc, per_user = score_run(args.run, "test", args.budgets.split(","), methods, on_fit=on_fit)
+    overrides: dict[str, list[str]] = {}
+    for item in args.overrides:
+        method, sep, pair = item.partition(":")
+        if not sep:
+            ap.error(f"--set {item!r}: expected METHOD:KEY=VALUE")
+        overrides.setdefault(method, []).append(pair)
+    doc, per_user = score_run(args.run, "test", args.budgets.split(","), methods, on_fit=on_fit,
+                              overrides=overrides)
     doc["seconds"]["total"] = time.perf_counter() - t0
     u_emb, i_emb = load_embeddings(args.run / "pretrain")
     doc["dense_latency"] = latency(lambda v: i_emb @ v, u_emb, seen, users)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
-    np.savez(args.out / f"per_user_seed{doc['seed']}.npz", **per_user)
-    summarise(args.out, "PEEL")
-    lightgcn = json.loads(args.lightgcn.read_text()) if args.lightgcn else None
-    md = table(doc, lightgcn, ["DLRM-CE", "LightRec"])
-    (args.out / "table.md").write_text(md)
+    write(doc, per_user, args.out, args.lightgcn)
+
+
+def write(doc: dict, per_user: dict[str, np.ndarray], out: Path, lightgcn: Path | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"seed{doc['seed']}.json").write_text(json.dumps(doc, indent=2) + "\n")
+    np.savez(out / f"per_user_seed{doc['seed']}.npz", **per_user)
+    summarise(out, "PEEL")
+    ref = json.loads(lightgcn.read_text()) if lightgcn else None
+    md = table(doc, ref, ["DLRM-CE", "LightRec"])
+    (out / "table.md").write_text(md)
     print(md)
+
+
+def merge(folders: list[Path], out: Path, lightgcn: Path | None) -> None:
+    """One seed file from several of the same run and seed (PEEL / pretrained rows agree)."""
+    docs = [json.loads(next(f.glob("seed[0-9]*.json")).read_text()) for f in folders]
+    if len({(d["run"], d["seed"], d["split"]) for d in docs}) != 1:
+        raise SystemExit("--merge: the folders hold different runs, seeds or splits")
+    doc = docs[0]
+    seconds: dict[str, float] = {}
+    per_user: dict[str, np.ndarray] = {}
+    for folder, d in zip(folders, docs, strict=True):
+        doc["methods"].update(d["methods"])
+        seconds.update({f"{folder.name}:{k}": v for k, v in d["seconds"].items()})
+        with np.load(folder / f"per_user_seed{d['seed']}.npz", allow_pickle=False) as pu:
+            per_user.update({k: pu[k] for k in pu.files})
+    doc["seconds"] = seconds
+    write(doc, per_user, out, lightgcn)
 
 
 if __name__ == "__main__":

@@ -291,6 +291,8 @@ def test_search_spaces_name_pretrain_fields() -> None:
 def test_options_are_validated() -> None:
     with pytest.raises(ValueError, match="op"):
         DLRMCE(CFG, QROptions(op="max"))
+    with pytest.raises(ValueError, match="remainder_init"):
+        DLRMCE(CFG, QROptions(remainder_init="zeros"))
     with pytest.raises(ValueError, match="codewords"):
         LightRec(CFG, LightRecOptions(codewords=300))
     with pytest.raises(ValueError, match="teacher"):

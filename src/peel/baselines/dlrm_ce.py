@@ -38,24 +38,30 @@ class QROptions:
     """DLRM-CE's own knob. ``mult`` chosen on ml-1m validation (docs/results/ml-1m/compress)."""
 
     op: str = "mult"
+    #: mult only: R starts at "ones" (1 + noise) or "normal" (N(0, 1): the items that share
+    #: a quotient row start in different directions)
+    remainder_init: str = "ones"
 
     def validate(self) -> None:
         if self.op not in dc.QR_OPS:
             raise ValueError(f"dlrm-ce op {self.op!r}: expected one of {', '.join(dc.QR_OPS)}")
+        if self.remainder_init not in ("ones", "normal"):
+            raise ValueError(f"dlrm-ce remainder_init {self.remainder_init!r}: expected "
+                             "'ones' or 'normal'")
 
 
 class QRItems(ItemModel):
     """Q and R as trainable tables; items composed on the fly."""
 
     def __init__(self, n_items: int, m: int, dim: int, op: str, std: float,
-                 generator: torch.Generator) -> None:
+                 generator: torch.Generator, remainder_init: str = "ones") -> None:
         super().__init__()
         self.n_items, self.m, self.dim, self.op = n_items, m, dim, op
         dq, dr = dc.qr_table_dims(dim, op)
         q = torch.randn(-(-n_items // m), dq, generator=generator) * std
-        r = torch.randn(m, dr, generator=generator) * std
-        if op == "mult":
-            r = r + 1.0
+        r = torch.randn(m, dr, generator=generator)
+        if op != "mult" or remainder_init == "ones":
+            r = r * std + (1.0 if op == "mult" else 0.0)
         self.q = torch.nn.Parameter(q)
         self.r = torch.nn.Parameter(r)
 
@@ -99,7 +105,8 @@ class DLRMCE(CompressedRecommender):
         m, dim = dc.qr_plan(budget_bytes, data.n_items, self.config.dim, op)
         cfg = self.config
         gen = torch.Generator().manual_seed(cfg.seed)
-        items = QRItems(data.n_items, m, dim, op, cfg.init_std, gen)
+        items = QRItems(data.n_items, m, dim, op, cfg.init_std, gen,
+                        self.options.remainder_init)
         result = train_bpr(data, cfg, items)
         self.user_emb, self.arrays, self.data = result.user_emb, result.arrays, data
         self.bytes_used = dc.qr_bytes(data.n_items, m, dim, op)
