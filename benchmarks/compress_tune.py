@@ -1,4 +1,5 @@
-"""Validation sweep of DLRM-CE / LightRec settings on a trained run (decisions only: no test).
+"""Validation sweep of DLRM-CE / LightRec / ESAPN / AutoEmb settings on a trained run
+(decisions only: no test).
 
     python benchmarks/compress_tune.py RUN --out FILE.jsonl \
         --variants "mult:dlrm-ce:op=mult" "add:dlrm-ce:op=add" \
@@ -6,7 +7,7 @@
         [--budgets 0.107,0.213,0.533]
 
 Each variant is ``label:method:key=value,...``; keys are the method's options
-(:class:`peel.baselines.QROptions` / :class:`peel.baselines.LightRecOptions`) or
+(:class:`peel.baselines.QROptions`, ``LightRecOptions``, ``ESAPNOptions``, ``AutoEmbOptions``) or
 ``pretrain.FIELD`` for the run's stage-1 config (what the method trains with). Every
 (variant, budget) is fitted on the run's data and scored on the VALIDATION split through the
 device ranking; one JSON line each (appended, so an interrupted sweep keeps what it did and
@@ -37,14 +38,27 @@ def parse_variant(spec: str) -> tuple[str, str, list[str], list[str]]:
 
 
 def make(method: str, options: list[str], cfg: Any, run: Path) -> Any:
-    from peel.baselines import DLRMCE, LightRec, LightRecOptions, QROptions
+    from peel.baselines import (
+        DLRMCE,
+        ESAPN,
+        AutoEmb,
+        AutoEmbOptions,
+        ESAPNOptions,
+        LightRec,
+        LightRecOptions,
+        QROptions,
+    )
 
     if method == "dlrm-ce":
         return DLRMCE(cfg, override_fields(QROptions(), options, "dlrm-ce"))
     if method == "lightrec":
         return LightRec.from_run(run, cfg, override_fields(LightRecOptions(), options,
                                                            "lightrec"))
-    raise SystemExit(f"unknown method {method!r}: expected dlrm-ce or lightrec")
+    if method == "esapn":
+        return ESAPN(cfg, override_fields(ESAPNOptions(), options, "esapn"))
+    if method == "autoemb":
+        return AutoEmb(cfg, override_fields(AutoEmbOptions(), options, "autoemb"))
+    raise SystemExit(f"unknown method {method!r}: expected dlrm-ce, lightrec, esapn or autoemb")
 
 
 def main() -> None:

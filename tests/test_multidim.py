@@ -270,6 +270,52 @@ def test_search_spaces_and_options() -> None:
         ESAPN(CFG, ESAPNOptions(policy_lr=0))
     with pytest.raises(ValueError, match="autoemb"):
         AutoEmb(CFG, AutoEmbOptions(controller_hidden=0))
+    with pytest.raises(ValueError, match="deploy"):
+        AutoEmb(CFG, AutoEmbOptions(deploy="soft"))
+
+
+def test_fixed_sizes_train_one_candidate_per_item(data: InteractionData) -> None:
+    """After fix_sizes the controllers stop learning, the deployment keeps the fixed levels
+    and each item's device vector is its one candidate at that level."""
+    search = AutoEmbSearch(data, CFG, AutoEmbOptions(), 10**6)
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, len(search.sizes), data.n_items)
+    search.fix_sizes(levels, {"demoted_items": 3})
+    u = torch.from_numpy(rng.integers(0, data.n_users, 256))
+    p = torch.from_numpy(rng.integers(0, data.n_items, 256))
+    n = torch.from_numpy(rng.integers(0, data.n_items, (256, 1)))
+    ctrl0 = [q.detach().clone() for q in search.item.controller.parameters()]
+    table0 = [t.detach().clone() for t in search.item.tables]
+    for _ in range(3):
+        search.train_step(u, p, n, 1e-2, rng)
+    assert all(torch.equal(a, b) for a, b in zip(
+        ctrl0, search.item.controller.parameters(), strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(table0, search.item.tables, strict=True))
+    _, arrays, info = search.deploy()
+    np.testing.assert_array_equal(arrays["codes"], levels)
+    assert info["demoted_items"] == 3
+    with torch.no_grad():
+        cands = search.item.candidates(torch.arange(data.n_items), "eval")[0].numpy()
+    np.testing.assert_allclose(dm.lifted_table(arrays, search.sizes, "autoemb"),
+                               cands[np.arange(data.n_items), levels], rtol=1e-5, atol=1e-5)
+
+
+def test_retrain_keeps_the_better_phase_on_validation(data: InteractionData) -> None:
+    budget = int(0.5 * full_table_bytes(data.n_items, CFG.dim))
+    cfg = dataclasses.replace(CFG, epochs=4)
+    lit = AutoEmb(cfg, AutoEmbOptions(deploy="argmax")).fit(data, budget)
+    model = AutoEmb(cfg, AutoEmbOptions(deploy="retrain")).fit(data, budget)
+    p = model.params
+    assert model.bytes_used == dm.stored_bytes(model.arrays, CFG.dim) <= budget
+    # the search phase is the literal model's own search (same seed, same loop)
+    assert p["search_valid_recall@20"] == lit.params["valid_recall@20"]
+    assert p["valid_recall@20"] == max(p["search_valid_recall@20"],
+                                       p["retrain_valid_recall@20"])
+    assert p["deployed_from"] in ("search", "retrain")
+    assert p["item_sizes"] == model.params["item_sizes"]
+    np.testing.assert_array_equal(
+        np.bincount(model.arrays["codes"], minlength=len(model.sizes)),
+        np.bincount(lit.arrays["codes"], minlength=len(lit.sizes)))
 
 
 def test_evaluate_path_runs_both(data: InteractionData) -> None:

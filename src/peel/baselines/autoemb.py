@@ -10,14 +10,25 @@ DARTS: a step of the tables, maps and batch norms on a training batch with the w
 fixed, then a step of the controllers on a VALIDATION batch (validation interactions, negatives
 that are neither training nor validation items) with everything else held fixed.
 
-Deployment: each item keeps only its highest-weighted size (the hard argmax, no retraining);
-its device vector is that size's lifted candidate. If the device's bytes (tables at the chosen
+Deployment: each item keeps only its highest-weighted size (the hard argmax); its device
+vector is that size's lifted candidate. If the device's bytes (tables at the chosen
 sizes, uint8 size codes, the folded maps of the sizes in use, one user vector;
 :func:`peel.device_multidim.autoemb_bytes`) exceed M, items are demoted one size at a time,
 those with the smallest weight on their current size first, until it fits
 (:func:`demote_to_fit`); ``params["demoted_items"]`` says how many. The search itself never
 sees M (as in the paper). Users are not budgeted (the device stores one user vector), so a
 user's vector stays the soft mix it was trained as.
+
+``AutoEmbOptions.deploy`` says what happens between the search and the device:
+
+* ``"argmax"`` (the issue's literal reading): the searched tables as they are. A candidate was
+  trained only as one term of a mix whose largest weight is often under one half, so alone it
+  is a poor vector; on ml-1m this deploys 2-4 dims per item at every budget.
+* ``"retrain"`` (DARTS's own second phase, "derive the discrete architecture, then train it"):
+  the sizes are fixed at the (demoted) argmax, each item's vector is its one lifted candidate
+  in training too, and the tables, maps and batch norms train again with the same loop and
+  early stopping (controllers frozen). Which one is the default was decided on validation
+  (``docs/paper-notes.md``, "ESAPN and AutoEmb").
 
 Changes from the paper, shared with ESAPN (dot-product ranking with BPR on the training split
 in shuffled mini-batches, early stopping on validation Recall@20 of the deployed model):
@@ -26,6 +37,7 @@ in shuffled mini-batches, early stopping on validation Recall@20 of the deployed
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +54,7 @@ from peel.baselines.multidim import (
     hardest_negatives,
     lifted_all,
     popularity_features,
+    run_search,
     size_histogram,
     size_tables,
 )
@@ -57,10 +70,19 @@ class AutoEmbOptions:
 
     controller_lr: float = 1e-3
     controller_hidden: int = 64
+    #: "argmax" (the searched candidates as they are) or "retrain" (train the fixed sizes)
+    deploy: str = "argmax"
 
     def validate(self) -> None:
         if not self.controller_lr > 0 or self.controller_hidden < 1:
             raise ValueError("autoemb: need controller_lr > 0 and controller_hidden >= 1")
+        if self.deploy not in DEPLOY_MODES:
+            raise ValueError(f"autoemb deploy {self.deploy!r}: expected one of "
+                             f"{', '.join(DEPLOY_MODES)}")
+
+
+#: What AutoEmbOptions.deploy may be (module docstring).
+DEPLOY_MODES = ("argmax", "retrain")
 
 
 def demote_to_fit(levels: np.ndarray, weights: np.ndarray, sizes: tuple[int, ...],
@@ -183,6 +205,26 @@ class AutoEmbSearch(torch.nn.Module):
         self.valid_sampler = NegativeSampler((data.train + data.valid).tocsr())
         self.data = data
         self._items: torch.Tensor | None = None
+        #: the items' fixed size levels once the sizes are derived ("retrain"), else None
+        self.fixed: torch.Tensor | None = None
+        self._fixed_info: dict[str, Any] = {}
+
+    def fix_sizes(self, levels: np.ndarray, info: dict[str, Any]) -> None:
+        """From now on each item is its one lifted candidate at ``levels`` (training and
+        deployment) and the controllers stay as they are; ``info`` (the search's sizes and
+        demotions) is reported with every deployment."""
+        self.fixed = torch.as_tensor(np.asarray(levels, dtype=np.int64))
+        self._fixed_info = dict(info)
+        self._items = None
+
+    def _item_alpha(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """One-hot weights on the fixed sizes, or None (the controller's soft weights)."""
+        if self.fixed is None:
+            return None
+        return torch.nn.functional.one_hot(self.fixed[ids], len(self.sizes)).float()
+
+    def _item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.item.mix(ids, "eval", self._item_alpha(ids))[0]
 
     def _bpr(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, mode: str,
              controllers: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +232,7 @@ class AutoEmbSearch(torch.nn.Module):
         ii, i_inv = torch.unique(torch.cat([pos, neg.reshape(-1)]), return_inverse=True)
         if not controllers:
             uv, ureg = self.user.mix(uu, mode)
-            iv, ireg = self.item.mix(ii, mode)
+            iv, ireg = self.item.mix(ii, mode, self._item_alpha(ii))
         else:  # controllers' step: candidates fixed, only the weights carry gradients
             with torch.no_grad():
                 uc, _ = self.user.candidates(uu, mode)
@@ -215,7 +257,8 @@ class AutoEmbSearch(torch.nn.Module):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        if len(self.valid_u):  # first-order DARTS: the controllers on a validation batch
+        if len(self.valid_u) and self.fixed is None:  # first-order DARTS: the controllers
+            # on a validation batch
             idx = rng.integers(0, len(self.valid_u), size=min(len(users), len(self.valid_u)))
             vu = self.valid_u[idx]
             vn = self.valid_sampler.sample(vu, neg.shape[1], rng)
@@ -228,8 +271,7 @@ class AutoEmbSearch(torch.nn.Module):
 
     def start_epoch(self) -> None:
         """Refresh the lifted items that hard negatives are picked with."""
-        self._items = lifted_all(lambda i: self.item.mix(i, "eval")[0],
-                                 len(self.item.pop))
+        self._items = lifted_all(self._item_vectors, len(self.item.pop))
 
     def hardest(self, users: torch.Tensor, cand: torch.Tensor, k: int) -> torch.Tensor:
         if self._items is None:
@@ -242,18 +284,15 @@ class AutoEmbSearch(torch.nn.Module):
         return self.item.controller(self.item.pop).cpu().numpy()
 
     def deploy(self) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, Any]]:
+        if self.fixed is not None:
+            levels = self.fixed.numpy()
+            arrays = self._arrays(levels)
+            return self.user.deployed_vectors(), arrays, {
+                **self._fixed_info, "item_sizes": size_histogram(levels, self.sizes)}
         weights = self.item_weights()
         argmax = weights.argmax(axis=1)
         levels, demoted = demote_to_fit(argmax, weights, self.sizes, self.budget)
-        arrays = class_tables(self.item.tables, levels, self.sizes)
-        for k, s in enumerate(self.sizes):
-            if (levels == k).any():
-                scale, shift = folded_bn(self.item.bns[k])
-                lin = self.item.maps[k]
-                w = lin.weight.detach().T.cpu().numpy()
-                b = lin.bias.detach().cpu().numpy()
-                arrays[f"lift_w_{s}"] = (w * scale).astype(np.float32)
-                arrays[f"lift_b_{s}"] = (b * scale + shift).astype(np.float32)
+        arrays = self._arrays(levels)
         info = {"item_sizes": size_histogram(levels, self.sizes),
                 "argmax_item_sizes": size_histogram(argmax, self.sizes),
                 "demoted_items": int(demoted.sum()),
@@ -266,6 +305,19 @@ class AutoEmbSearch(torch.nn.Module):
             info["soft_valid_recall@20"] = selection_recall(metrics)
         return users, arrays, info
 
+    def _arrays(self, levels: np.ndarray) -> dict[str, np.ndarray]:
+        """What the device stores for items at ``levels``: rows, codes, folded maps in use."""
+        arrays = class_tables(self.item.tables, levels, self.sizes)
+        for k, s in enumerate(self.sizes):
+            if (levels == k).any():
+                scale, shift = folded_bn(self.item.bns[k])
+                lin = self.item.maps[k]
+                w = lin.weight.detach().T.cpu().numpy()
+                b = lin.bias.detach().cpu().numpy()
+                arrays[f"lift_w_{s}"] = (w * scale).astype(np.float32)
+                arrays[f"lift_b_{s}"] = (b * scale + shift).astype(np.float32)
+        return arrays
+
 
 class AutoEmb(MultiDimRecommender):
     """Soft size selection searched on validation; the hard argmax deployed within M."""
@@ -277,3 +329,32 @@ class AutoEmb(MultiDimRecommender):
     options_type: ClassVar[type] = AutoEmbOptions
     search_type: ClassVar[type] = AutoEmbSearch
     options: AutoEmbOptions
+
+    def fit(self, data: InteractionData, budget_bytes: int) -> AutoEmb:
+        """Search (the base class's loop); with ``deploy="retrain"`` then fix each item's size
+        at the searched deployment and train again, keeping whichever of the searched and the
+        retrained deployments scores higher on validation (the searched one is the retrained
+        phase's epoch 0)."""
+        if self.options.deploy == "argmax":
+            return super().fit(data, budget_bytes)  # type: ignore[return-value]
+        self.config.validate()
+        search = AutoEmbSearch(data, self.config, self.options, budget_bytes)
+        found = run_search(data, self.config, search, self.method)
+        search.fix_sizes(found.arrays["codes"], {
+            k: v for k, v in found.info.items() if k != "item_sizes"})
+        again = run_search(data, self.config, search, self.method)
+        best = again
+        if found.valid_metrics and again.valid_metrics and (
+                selection_recall(found.valid_metrics) >= selection_recall(again.valid_metrics)):
+            best = found
+        result = dataclasses.replace(best, seconds=found.seconds + again.seconds,
+                                     history=[*found.history, *again.history])
+        extra = {"search_best_epoch": found.best_epoch,
+                 "search_valid_recall@20": found.valid_metrics.get("recall@20"),
+                 "retrain_best_epoch": again.best_epoch,
+                 "retrain_valid_recall@20": again.valid_metrics.get("recall@20"),
+                 "deployed_from": "retrain" if best is again else "search"}
+        self._finish(data, result, budget_bytes, {**dataclasses.asdict(self.options),
+                                                  "budget_bytes": budget_bytes, **extra})
+        self.params["best_epoch"] = best.best_epoch  # of the phase deployed
+        return self
