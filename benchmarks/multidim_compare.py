@@ -2,7 +2,8 @@
 
     python benchmarks/multidim_compare.py RUN --out DIR [--budgets 0.107,0.213,0.533] \
         [--methods esapn,autoemb] [--epochs 10] [--tune-trials 0] \
-        [--reference docs/results/ml-1m/issue14/seed0.json]
+        [--reference docs/results/ml-1m/issue14/seed0.json] \
+        [--keep OLD/seed0.json --relabel "AutoEmb=AutoEmb (argmax)"]
 
 Reporting only (test split). Every choice a fit makes (its early-stopping epoch, the sizes it
 deploys) is made on the validation split; ``--tune-trials N`` adds :func:`peel.tuning.tune`'s
@@ -135,6 +136,12 @@ def table(doc: dict, reference: dict | None) -> str:
                 extra = (f"; {r['demoted_items']} items demoted from the argmax "
                          f"({sizes_text(r['argmax_item_sizes'])})" if "demoted_items" in r
                          else f"; {r['growth_refused_by_budget']:,} growth requests refused")
+                if "retrain_valid_recall@20" in r:
+                    extra += (f"; validation Recall@20 of the searched sizes as searched "
+                              f"{r['search_valid_recall@20']:.4f}, retrained "
+                              f"{r['retrain_valid_recall@20']:.4f} (deployed: "
+                              f"{r['deployed_from']}, search epoch {r['search_best_epoch']}, "
+                              f"retrain epoch {r['retrain_best_epoch']})")
                 if "soft_valid_recall@20" in r:
                     extra += (f"; validation Recall@20 deployed {r['valid_recall@20']:.4f}, "
                               f"soft mix (not deployable) {r['soft_valid_recall@20']:.4f}")
@@ -143,6 +150,21 @@ def table(doc: dict, reference: dict | None) -> str:
     lines += ["", f"Dense 128-d pretrained table, one user's top-20: "
               f"{doc['dense_latency']['latency_ms_median']:.2f} ms median."]
     return "\n".join(lines) + "\n"
+
+
+def keep_rows(doc: dict, old: dict, source: Path, relabel: list[str]) -> None:
+    """Add ``old``'s rows (relabelled) that ``doc`` did not score, each marked with the file
+    it came from; refuse a file of another run, seed or split."""
+    for key in ("run", "seed", "split"):
+        if old.get(key) != doc[key]:
+            raise SystemExit(f"--keep {source}: {key} {old.get(key)!r}, this run's is "
+                             f"{doc[key]!r}")
+    names = dict(item.split("=", 1) for item in relabel)
+    for label, rows in old["methods"].items():
+        new = names.get(label, label)
+        if new not in doc["methods"]:
+            doc["methods"][new] = {b: {**r, "kept_from": str(source)} for b, r in rows.items()}
+    doc["seconds"].update({f"kept: {k}": v for k, v in old.get("seconds", {}).items()})
 
 
 def main() -> None:
@@ -159,10 +181,17 @@ def main() -> None:
     ap.add_argument("--latency-users", type=int, default=300)
     ap.add_argument("--reference", type=Path,
                     help="a budget_compare seed file of the same run (PEEL and LightGCN rows)")
+    ap.add_argument("--keep", type=Path, metavar="SEED_FILE",
+                    help="an earlier seed file of this script (same run, seed and split): its "
+                         "rows join this one's, after --relabel, unless scored again here")
+    ap.add_argument("--relabel", action="append", default=[], metavar="OLD=NEW",
+                    help="rename a row of --keep (e.g. a method whose default changed since)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     doc, per_user = score(args.run, args.budgets.split(","), methods, args.epochs,
                           args.tune_trials, args.latency_users, args.sampling)
+    if args.keep:
+        keep_rows(doc, json.loads(args.keep.read_text()), args.keep, args.relabel)
     reference = None
     if args.reference:
         reference = json.loads(args.reference.read_text())
