@@ -82,6 +82,28 @@ def test_quantised_variants_share_one_training_per_dimension() -> None:
     assert fp16.label == "LightGCN-fp16" and int8.label == "LightGCN-int8"
 
 
+@pytest.mark.parametrize("name", ["lightgcn-fp16", "lightgcn-int8"])
+def test_full_size_from_a_run_is_its_stage1_quantised(name: str, tmp_path) -> None:
+    """At D' = dim a model made from a run stores that run's stage 1 (no training); below it,
+    it trains as before."""
+    from peel.pretrain import pretrain, save_result
+
+    data = planted()
+    cfg = PretrainConfig(**{**SMALL.__dict__, "dim": 16, "block_dim": 16})
+    stage1 = pretrain(data, cfg, progress=False)
+    save_result(stage1, tmp_path / "pretrain")
+    cls = REGISTRY[name]
+    full = make_baseline(name, cfg, run=tmp_path).fit(data, 10 * full_table_bytes(
+        data.n_items, 16))
+    assert full.params["same_model_as"] == "pretrained" and full.params["train_seconds"] == 0
+    np.testing.assert_array_equal(full.user_emb, stage1.user_emb)
+    np.testing.assert_array_equal(full.item_emb,
+                                  encode(stage1.item_emb, cls.kind).decoded.astype(np.float32))
+    small = make_baseline(name, cfg, run=tmp_path).fit(data, full_table_bytes(data.n_items, 16)
+                                                       // 5)
+    assert small.params["dim"] < 16 and "same_model_as" not in small.params
+
+
 def test_search_space_names_pretrain_fields() -> None:
     fields = set(PretrainConfig.__dataclass_fields__)
     for name in ("lightgcn-fp16", "lightgcn-int8"):

@@ -27,7 +27,7 @@ from peel.baselines.bpr_mf import BPRMF
 from peel.baselines.dlrm_ce import DLRMCE, QROptions
 from peel.baselines.esapn import ESAPN, ESAPNOptions
 from peel.baselines.lightgcn import LightGCN, TrainedCache
-from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8
+from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8, QuantizedLightGCN
 from peel.baselines.lightgcn_svd import LightGCNSVD, LightGCNSVDFP16, LightGCNSVDInt8
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
@@ -61,6 +61,8 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
             and run is not None:
         return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     cls = REGISTRY[name]
+    if issubclass(cls, QuantizedLightGCN) and run is not None:  # its full size: stage 1
+        return cls.from_run(run, config, trained)
     if trained is not None and issubclass(cls, LightGCN):
         return cls(config, trained=trained)
     return cls(config)

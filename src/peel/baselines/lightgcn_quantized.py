@@ -12,18 +12,26 @@ D' is the largest such dimension, capped at the configured full dimension (``dim
 default). LightGCN is trained at D' with the recipe of ``lightgcn`` and its item table is then
 quantised row by row exactly as a package stores a block; scores use the decoded table, which
 is what a device computes with.
+
+At D' = the full dimension, when the model is made from a run (:meth:`from_run`), the
+LightGCN is the run's stage 1, the pretrained full-size LightGCN, as LightGCN's own 100% row
+is (``benchmarks/budget_compare.py``, ``FULL_SIZE_IS_PRETRAINED``): a second full-size
+training would cost an hour on gowalla and answer a question the pretrained row already
+answers. ``params["same_model_as"]`` then says ``"pretrained"``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
 
-from peel.baselines.base import FLOAT_BYTES, baseline_config
-from peel.baselines.lightgcn import LightGCN
+from peel.baselines.base import FLOAT_BYTES, baseline_config, stage1_tables
+from peel.baselines.lightgcn import LightGCN, TrainedCache
 from peel.budget import KIND_F16, KIND_I8, row_bytes
 from peel.data import InteractionData
+from peel.pretrain import PretrainConfig, load_embeddings
 from peel.quantize import encode
 
 
@@ -59,17 +67,34 @@ class QuantizedLightGCN(LightGCN):
         "layers": (1, 2, 3),
     }
 
+    #: the run whose stage 1 is the full-size model (:meth:`from_run`), or None
+    run: Path | None = None
+
+    @classmethod
+    def from_run(cls, run: str | Path, config: PretrainConfig | None = None,
+                 trained: TrainedCache | None = None) -> QuantizedLightGCN:
+        """A model whose full-size case is ``run``'s stage 1 instead of a new training."""
+        model = cls(config, trained=trained)
+        model.run = Path(run)
+        return model
+
     def fit(self, data: InteractionData, budget_bytes: int) -> QuantizedLightGCN:
         dim = quantized_dim(budget_bytes, data.n_items, self.kind, self.config.dim)
         cfg = baseline_config(self.name, dim, self.config, layers=self.layers)
-        user_emb, item_emb, best_epoch, seconds = self._train(data, cfg)
+        same: dict[str, str] = {}
+        if dim == self.config.dim and self.run is not None:
+            (user_emb, item_emb), _ = stage1_tables(load_embeddings(self.run / "pretrain"),
+                                                    data, self.config, self.name)
+            best_epoch, seconds, same = 0, 0.0, {"same_model_as": "pretrained"}
+        else:
+            user_emb, item_emb, best_epoch, seconds = self._train(data, cfg)
         stored = encode(item_emb, self.kind, f"{self.name}: item table").decoded
         error = float(np.linalg.norm(stored - item_emb) / max(np.linalg.norm(item_emb), 1e-30))
         self.user_emb, self.item_emb, self.data = user_emb, stored.astype(np.float32), data
         self.bytes_used = quantized_bytes(dim, data.n_items, self.kind)
         self.params = {"dim": dim, "full_dim": self.config.dim, "precision": self.precision,
                        "layers": cfg.layers, "best_epoch": best_epoch,
-                       "train_seconds": seconds, "table_error": error}
+                       "train_seconds": seconds, "table_error": error, **same}
         return self
 
 
