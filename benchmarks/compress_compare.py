@@ -49,7 +49,8 @@ def latency(score: Any, vectors: np.ndarray, seen: Any, users: np.ndarray) -> di
 def table(doc: dict, lightgcn: dict | None, methods: list[str]) -> str:
     rows = doc["methods"]
     budgets = sorted(next(iter(rows[m] for m in methods if m in rows)), key=float)
-    lines = [f"ml seed {doc['seed']}, {doc['split']} split, Recall@20 / NDCG@20; "
+    lines = [f"{doc.get('dataset', 'dataset')} seed {doc['seed']}, {doc['split']} split, "
+             "Recall@20 / NDCG@20; "
              "wall s = fit + evaluate (upper bound, shared machine); latency = one user's "
              "numpy scoring + top-20 (median ms)", "",
              "| method | " + " | ".join(budgets) + " |", "|---" * (len(budgets) + 1) + "|"]
@@ -71,7 +72,8 @@ def table(doc: dict, lightgcn: dict | None, methods: list[str]) -> str:
     if lightgcn and "LightGCN" in lightgcn["methods"]:
         lg = lightgcn["methods"]["LightGCN"]
         lines.append("| LightGCN (fixed size, same run's seed file) | " + " | ".join(
-            f"{lg[b]['recall@20']:.4f} / {lg[b]['ndcg@20']:.4f} ({lg[b]['dim']}-d)"
+            f"{lg[b]['recall@20']:.4f} / {lg[b]['ndcg@20']:.4f}"
+            + (f" ({lg[b]['dim']}-d)" if lg[b].get("dim") else "")
             if b in lg else "" for b in budgets) + " |")
     lines += ["", f"Pretrained 128-d model: {ref['recall@20']:.4f} / {ref['ndcg@20']:.4f}; "
               f"its dense single-user ranking: {doc['dense_latency']['latency_ms_median']:.2f}"
