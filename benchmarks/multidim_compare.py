@@ -120,7 +120,7 @@ def table(doc: dict, reference: dict | None) -> str:
                 f"{r['latency_ms_median']:.2f} ms)"))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if reference:
-        for label in ("PEEL", "LightGCN"):
+        for label in ("PEEL", "PEEL (int8)", "LightGCN"):  # "PEEL (int8)": the default package
             ref = reference["methods"].get(label)
             if ref:
                 lines.append(f"| {label} (same run, {Path(doc['reference']).name}) | " + " | ".join(
