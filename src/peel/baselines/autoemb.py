@@ -259,8 +259,8 @@ class AutoEmbSearch(torch.nn.Module):
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        if len(self.valid_u) and self.fixed is None:  # first-order DARTS: the controllers
-            # on a validation batch
+        if len(self.valid_u) and self.fixed is None:  # first-order DARTS: the controllers,
+            # on a validation batch (not once the sizes are fixed)
             idx = rng.integers(0, len(self.valid_u), size=min(len(users), len(self.valid_u)))
             vu = self.valid_u[idx]
             vn = self.valid_sampler.sample(vu, neg.shape[1], rng)
@@ -339,9 +339,7 @@ class AutoEmb(MultiDimRecommender):
         phase's epoch 0)."""
         if self.options.deploy == "argmax":
             return super().fit(data, budget_bytes)  # type: ignore[return-value]
-        self.config.validate()
-        search = AutoEmbSearch(data, self.config, self.options, budget_bytes)
-        found = run_search(data, self.config, search, self.method)
+        search, found = self._search(data, budget_bytes)
         search.fix_sizes(found.arrays["codes"], {
             k: v for k, v in found.info.items() if k != "item_sizes"})
         again = run_search(data, self.config, search, self.method)

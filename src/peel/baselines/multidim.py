@@ -246,12 +246,16 @@ class MultiDimRecommender(CompressedRecommender):
     def fit(self, data: InteractionData, budget_bytes: int) -> MultiDimRecommender:
         """Search sizes under ``budget_bytes`` with the method's search module, then keep
         the best deployment (:meth:`_finish`)."""
-        self.config.validate()
-        search = self.search_type(data, self.config, self.options, budget_bytes)
-        result = run_search(data, self.config, search, self.method)
+        _, result = self._search(data, budget_bytes)
         self._finish(data, result, budget_bytes, {**asdict(self.options),
                                                   "budget_bytes": budget_bytes})
         return self
+
+    def _search(self, data: InteractionData, budget_bytes: int) -> tuple[Any, SearchResult]:
+        """The method's search module, run to its best validated deployment."""
+        self.config.validate()
+        search = self.search_type(data, self.config, self.options, budget_bytes)
+        return search, run_search(data, self.config, search, self.method)
 
     def device_scores(self, user_vectors: np.ndarray) -> np.ndarray:
         self._ready()
