@@ -40,6 +40,22 @@ RECIPES: dict[str, dict[str, object]] = {
 TIE = 5e-4
 
 
+def _point(rec: dict) -> dict:
+    """One evaluation of a training log as a recipe's trace keeps it."""
+    return {"epoch": rec["epoch"], "elapsed": rec["elapsed"], "loss": rec["loss"],
+            "recall@20": rec["valid"]["recall@20"], "ndcg@20": rec["valid"]["ndcg@20"]}
+
+
+def _row(name: str, trace: list[dict], best_epoch: int, seconds: float, **extra: object
+         ) -> dict:
+    """A recipe's row: its best validation point, cost and whole trace."""
+    best = max(trace, key=lambda t: t["recall@20"])
+    return {"recipe": name, "overrides": RECIPES[name], "best_epoch": best_epoch,
+            "best_recall@20": best["recall@20"], "best_ndcg@20": best["ndcg@20"],
+            "seconds_to_best": best["elapsed"], "seconds": seconds,
+            "epochs": len(trace), "trace": trace, **extra}
+
+
 def run_recipe(data: object, base: PretrainConfig, name: str) -> dict:
     """Train one recipe to its early stop; its validation trace and best epoch."""
     cfg = replace(base, **RECIPES[name])
@@ -48,17 +64,11 @@ def run_recipe(data: object, base: PretrainConfig, name: str) -> dict:
 
     def on_eval(rec: dict, emb: object) -> None:
         if "valid" in rec:
-            trace.append({"epoch": rec["epoch"], "elapsed": rec["elapsed"], "loss": rec["loss"],
-                          "recall@20": rec["valid"]["recall@20"],
-                          "ndcg@20": rec["valid"]["ndcg@20"]})
+            trace.append(_point(rec))
 
     t0 = time.perf_counter()
     result = pretrain(data, cfg, progress=False, on_eval=on_eval)
-    best = max(trace, key=lambda t: t["recall@20"])
-    return {"recipe": name, "overrides": RECIPES[name], "best_epoch": result.best_epoch,
-            "best_recall@20": best["recall@20"], "best_ndcg@20": best["ndcg@20"],
-            "seconds_to_best": best["elapsed"], "seconds": time.perf_counter() - t0,
-            "epochs": len(trace), "trace": trace}
+    return _row(name, trace, result.best_epoch, time.perf_counter() - t0)
 
 
 #: Config fields that do not change what a recipe learns (or are capped separately).
@@ -84,14 +94,9 @@ def reused_recipe(run: Path, base: PretrainConfig, name: str) -> dict:
                          + ", ".join(f"{k} ({had.get(k)!r} != {getattr(cfg, k)!r})"
                                      for k in differ))
     log = json.loads((run / "pretrain" / "pretrain_log.json").read_text())
-    trace = [{"epoch": r["epoch"], "elapsed": r["elapsed"], "loss": r["loss"],
-              "recall@20": r["valid"]["recall@20"], "ndcg@20": r["valid"]["ndcg@20"]}
-             for r in log["history"] if "valid" in r and r["epoch"] <= cfg.epochs]
+    trace = [_point(r) for r in log["history"] if "valid" in r and r["epoch"] <= cfg.epochs]
     best = max(trace, key=lambda t: t["recall@20"])
-    return {"recipe": name, "overrides": RECIPES[name], "best_epoch": best["epoch"],
-            "best_recall@20": best["recall@20"], "best_ndcg@20": best["ndcg@20"],
-            "seconds_to_best": best["elapsed"], "seconds": trace[-1]["elapsed"],
-            "epochs": len(trace), "trace": trace, "reused_from": str(run)}
+    return _row(name, trace, best["epoch"], trace[-1]["elapsed"], reused_from=str(run))
 
 
 def decide(rows: list[dict]) -> str:
