@@ -8,7 +8,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from peel.budget import (
-    BLOCK_KINDS,
     MB,
     BudgetError,
     PackageSpec,
@@ -139,7 +138,7 @@ specs = st.builds(
     user_stored=st.booleans(),
     n_seen=st.integers(0, 5),
     item_ids=st.booleans(),
-    precision=st.sampled_from(["fp32", "fp32", "int8", "value"]),
+    precision=st.sampled_from(["fp32", "fp32", "int8", "value", "int4"]),
 )
 
 
@@ -149,7 +148,7 @@ def test_fit_is_the_longest_prefix_within_budget(spec: PackageSpec, data: st.Dat
     alpha = np.asarray(data.draw(st.lists(st.floats(0, 1), min_size=spec.n_groups * spec.n_blocks,
                                           max_size=spec.n_groups * spec.n_blocks)))
     order = selection_order(alpha.reshape(spec.n_groups, spec.n_blocks))
-    kinds = np.asarray(data.draw(st.lists(st.integers(0, len(BLOCK_KINDS) - 1),
+    kinds = np.asarray(data.draw(st.lists(st.integers(0, len(spec.block_kinds) - 1),
                                           min_size=len(order), max_size=len(order))))
     rows = prefix_sizes(spec, order, kinds)
     minimum = minimum_budget(spec, order, kinds)

@@ -55,7 +55,8 @@ def test_file_size_matches_the_accounting(group: GroupArrays, tmp_path: Path) ->
 
 
 #: Largest |stored - true| of one value, relative to its row's largest |value|, per kind.
-TOLERANCE = {"f32": 0.0, "f16": 2.0**-11, "i8": 0.5 / 127 * 1.001, "i8o": 1.0 / 127 * 1.001}
+TOLERANCE = {"f32": 0.0, "f16": 2.0**-11, "i8": 0.5 / 127 * 1.001, "i8o": 1.0 / 127 * 1.001,
+             "i4": 0.5 / 7 * 1.001}  # half a code step of the row's peak
 
 
 @pytest.mark.parametrize("precision", PRECISION_CHOICES)
@@ -68,7 +69,8 @@ def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Pat
     assert pkg.similarity == DEFAULT_SIMILARITY and pkg.weighting == DEFAULT_WEIGHTING
     assert pkg.scale == DEFAULT_SCALE
     rule = DEFAULT_PRECISION if precision == "auto" else precision
-    assert pkg.precision == rule and pkg.spec.version == (3 if rule == "fp32" else 4)
+    assert pkg.precision == rule
+    assert pkg.spec.version == {"fp32": 3, "int4": 5}.get(rule, 4)
     np.testing.assert_array_equal(pkg.weights, group.alpha[pkg.selection[:, 0],
                                                             pkg.selection[:, 1]].astype(np.float32))
     np.testing.assert_array_equal(pkg.user_emb, group.user_emb[3])
@@ -91,7 +93,8 @@ def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path,
                                          precision: str) -> None:
     options = DeployOptions(precision=precision)
     build_package(tmp_path / "big.peel", group, 0.8, options=options)
-    build_package(tmp_path / "small.peel", group, 0.3, options=options)
+    smaller = 0.15 if precision == "int4" else 0.3  # 4-bit blocks all fit in 30%
+    build_package(tmp_path / "small.peel", group, smaller, options=options)
     big, small = open_package(tmp_path / "big.peel"), open_package(tmp_path / "small.peel")
     assert small.n_selected < big.n_selected
     np.testing.assert_array_equal(small.selection, big.selection[: small.n_selected])
@@ -102,7 +105,7 @@ def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path,
 def test_lower_precision_keeps_more_blocks_for_the_same_bytes(group: GroupArrays) -> None:
     kept = {p: plan_package(group, 0.3, options=DeployOptions(precision=p)).n_selected
             for p in PRECISIONS}
-    assert kept["fp32"] < kept["fp16"] <= kept["int8o"] < kept["int8"]
+    assert kept["fp32"] < kept["fp16"] <= kept["int8o"] < kept["int8"] < kept["int4"]
     reports = [plan_package(group, 0.3, options=DeployOptions(precision=p)) for p in PRECISIONS]
     assert all(r.total <= r.budget for r in reports)
 
@@ -138,7 +141,7 @@ def test_v3_files_still_open_rank_and_shrink(tmp_path: Path) -> None:
     arrays = fixture_arrays()
     pkg = open_package(FIXTURES / "v3_user.peel")
     assert pkg.spec.version == 3 and pkg.precision == "fp32"
-    assert set(pkg.kind_counts()) == set(BLOCK_KINDS) and pkg.kind_counts()["f32"] == 7
+    assert set(pkg.kind_counts()) == set(BLOCK_KINDS[:4]) and pkg.kind_counts()["f32"] == 7
     expected = np.zeros(arrays.n_items)
     for g, n in pkg.selection.tolist():
         items = np.flatnonzero(arrays.item_group == g)
@@ -159,9 +162,46 @@ def test_v4_header_says_how_each_block_is_stored(group: GroupArrays, tmp_path: P
     raw = (tmp_path / "p.peel").read_bytes()
     header = json.loads(raw[64: 64 + int.from_bytes(raw[12:16], "little")])
     assert header["version"] == 4 and header["precision"] == "value"
-    assert header["block_kinds"] == list(BLOCK_KINDS)
+    assert header["block_kinds"] == list(BLOCK_KINDS[:4])  # the v4 table: no 4-bit kind
     assert header["arrays"]["kinds"]["shape"] == [header["n_selected"]]
     assert header["arrays"]["blocks"]["dtype"] == "|u1"
+
+
+def test_int4_packages_are_v5_and_hold_two_codes_a_byte(group: GroupArrays,
+                                                        tmp_path: Path) -> None:
+    build_package(tmp_path / "p.peel", group, 0.4, options=DeployOptions(precision="int4"))
+    raw = (tmp_path / "p.peel").read_bytes()
+    header = json.loads(raw[64: 64 + int.from_bytes(raw[12:16], "little")])
+    assert header["version"] == 5 == int.from_bytes(raw[8:12], "little")
+    assert header["block_kinds"] == list(BLOCK_KINDS)
+    pkg = open_package(tmp_path / "p.peel")
+    assert pkg.kind_counts()["i4"] == pkg.n_selected
+    d, counts = group.blocks.shape[2], np.diff(pkg.group_offsets)
+    per_block = [-(-int(counts[g]) * ((d + 1) // 2 + 2) // 4) * 4 for g, _ in pkg.selection]
+    assert pkg.blocks.size == sum(per_block)  # ceil(d/2) code bytes + a scale per row
+
+
+def fixture_v4(name: str) -> tuple[Path, dict]:
+    """tests/fixtures/v4_*.peel, written by peel at commit cb805ae (the last writer before the
+    4-bit kind) from :func:`fixture_arrays`, and how."""
+    how = {"user": dict(budget=1950, user=1, group=0, seen=[3, 5],
+                        item_ids=np.arange(40) * 10, options=DeployOptions(precision="int8")),
+           "group": dict(budget=1700, group=2, options=DeployOptions(precision="value"))}
+    return FIXTURES / f"v4_{name}.peel", how[name]
+
+
+@pytest.mark.parametrize("name", ["user", "group"])
+def test_v4_files_are_still_written_byte_for_byte_and_open(tmp_path: Path, name: str) -> None:
+    path, how = fixture_v4(name)
+    kw = dict(how)
+    build_package(tmp_path / "p.peel", fixture_arrays(), kw.pop("budget"), **kw)
+    assert (tmp_path / "p.peel").read_bytes() == path.read_bytes()
+    pkg = open_package(path)
+    assert pkg.spec.version == 4 and "i4" not in pkg.kind_counts()
+    smaller = pkg.shrink(pkg.minimum_budget())
+    assert smaller.n_selected == 3 and smaller.spec.version == 4
+    user = fixture_arrays().user_emb[1]
+    assert np.all(np.isfinite(pkg.scores(user)))
 
 
 # ------------------------------------------------------------- precision rules
@@ -174,8 +214,9 @@ def test_value_rule_measures_errors_and_pays_for_precision_only_where_it_matters
     assert np.all(errors[:, :, 0] == 0)  # float32 is exact
     assert np.all(errors[:, :, 1] < errors[:, :, 2])  # float16 beats int8 on tanh blocks
     assert np.all(errors[:, :, 3] <= errors[:, :, 2] * 1.5)
+    assert np.all(errors[:, :, 4] > 5 * errors[:, :, 2])  # 15 levels, not 255
     order, kinds = precision_order(arrays, "value")
-    assert set(kinds.tolist()) == {2}  # int8 is the most value per byte here
+    assert set(kinds.tolist()) == {2}  # int8 is the most value per byte among v4's kinds
     # one row per item spanning 1e-6 .. 1e3 in block 0 of group 0: int8 loses the small values
     blocks = arrays.blocks.copy()
     items = np.flatnonzero(arrays.item_group == 0)
@@ -195,7 +236,7 @@ def test_values_beyond_float16_are_refused_or_kept_float32(tmp_path: Path) -> No
     arrays = synthetic_group(n_items=60, n_blocks=2, block_dim=2, n_item_groups=2, n_users=2)
     big = GroupArrays(arrays.blocks * 1e9, arrays.alpha, arrays.item_group, arrays.users,
                       arrays.user_emb)  # beyond float16, and int8 scales beyond it too
-    for precision in ("fp16", "int8", "int8o"):
+    for precision in ("fp16", "int8", "int8o", "int4"):
         with pytest.raises(ValueError, match=r"float16's range.*fp32"):
             build_package(tmp_path / "p.peel", big, "1MB",
                           options=DeployOptions(precision=precision))
@@ -203,9 +244,9 @@ def test_values_beyond_float16_are_refused_or_kept_float32(tmp_path: Path) -> No
     build_package(tmp_path / "v.peel", big, "1MB", options=DeployOptions(precision="value"))
     pkg = open_package(tmp_path / "v.peel")
     assert pkg.kind_counts()["f32"] == pkg.n_selected == 4
-    with pytest.raises(ValueError, match="precision 'int4'"):
+    with pytest.raises(ValueError, match="precision 'int2'"):
         build_package(tmp_path / "x.peel", arrays, "1MB",
-                      options=DeployOptions(precision="int4"))
+                      options=DeployOptions(precision="int2"))
 
 
 @pytest.mark.parametrize("precision", ["fp32", "value"])

@@ -36,9 +36,12 @@ FORMAT_NAME = "peel-package"
 #: v4: kept blocks may be float16 or int8 (a ``kinds`` array says which); v3: the header records
 #: Eq. 10's scale; v2: blocks stored (d, rows). A float32-only package (``precision="fp32"``)
 #: is still written as v3, byte for byte what earlier versions wrote, so older readers open it.
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 LEGACY_VERSION = 3
-READABLE_VERSIONS = (LEGACY_VERSION, FORMAT_VERSION)
+#: v5 adds the 4-bit block kind ("i4", precision "int4"); packages of every other precision are
+#: still written as v4 (or v3), byte for byte what earlier versions wrote.
+MIXED_VERSION = 4
+READABLE_VERSIONS = (LEGACY_VERSION, MIXED_VERSION, FORMAT_VERSION)
 MAGIC = b"PEELPKG\x00"
 #: magic, format version, JSON header length, payload length, budget in bytes, sha256 digest.
 PREAMBLE = struct.Struct("<8sIIQQ32s")
@@ -57,14 +60,22 @@ SELECTIONS = ("importance", "random")
 #: How one kept block is stored (its code in a v4 package's ``kinds`` array is the index):
 #: "f32" float32; "f16" IEEE float16; "i8" int8 codes with one float16 scale per item row
 #: (x ~ scale * code); "i8o" int8 codes with a float16 scale and offset per item row
-#: (x ~ offset + scale * code). Every kind is stored dimension-major, (d, items in group).
-BLOCK_KINDS = ("f32", "f16", "i8", "i8o")
-KIND_F32, KIND_F16, KIND_I8, KIND_I8O = range(4)
+#: (x ~ offset + scale * code); "i4" 4-bit codes in [-7, 7] with one float16 scale per item
+#: row, two codes a byte (byte j holds dims j and j + ceil(d/2)). Every kind is stored
+#: dimension-major, (d or ceil(d/2) rows, items in group).
+BLOCK_KINDS = ("f32", "f16", "i8", "i8o", "i4")
+KIND_F32, KIND_F16, KIND_I8, KIND_I8O, KIND_I4 = range(5)
+
+
+def kind_table(version: int) -> tuple[str, ...]:
+    """The block kinds a package of format ``version`` names (v3 / v4: all but "i4"; a v3
+    package holds float32 blocks only)."""
+    return BLOCK_KINDS if version >= FORMAT_VERSION else BLOCK_KINDS[:KIND_I4]
 #: Package precision rules (``peel.package`` resolves "auto" to the validated default):
-#: "fp32" every block float32 (format v3); "fp16" / "int8" / "int8o" every block of that
+#: "fp32" every block float32 (format v3); "fp16" / "int8" / "int8o" / "int4" every block of that
 #: kind; "value" per block the kind of highest importance-per-byte after its measured
 #: quantisation error, blocks ordered by that value per byte.
-PRECISIONS = ("fp32", "fp16", "int8", "int8o", "value")
+PRECISIONS = ("fp32", "fp16", "int8", "int8o", "int4", "value")
 #: Each stored block starts on this many bytes, so float32 / float16 views stay aligned.
 BLOCK_ALIGN = 4
 MB = 1_000_000
@@ -264,8 +275,16 @@ class PackageSpec:
 
     @property
     def version(self) -> int:
-        """The format version this package is written in: v3 when every block is float32."""
-        return LEGACY_VERSION if self.precision == "fp32" else FORMAT_VERSION
+        """The format version this package is written in: v3 when every block is float32, v5
+        when blocks are 4-bit (the only kind v4 readers do not know), v4 otherwise."""
+        if self.precision == "fp32":
+            return LEGACY_VERSION
+        return FORMAT_VERSION if self.precision == "int4" else MIXED_VERSION
+
+    @property
+    def block_kinds(self) -> tuple[str, ...]:
+        """The kinds this package's ``kinds`` codes may name (its header's table)."""
+        return kind_table(self.version)
 
     @property
     def mixed(self) -> bool:
@@ -424,7 +443,7 @@ def header_document(spec: PackageSpec, n_selected: int,
     }
     if spec.mixed:
         doc["precision"] = spec.precision
-        doc["block_kinds"] = list(BLOCK_KINDS)
+        doc["block_kinds"] = list(spec.block_kinds)
     return doc
 
 
@@ -470,7 +489,8 @@ def layout(spec: PackageSpec, n_selected: int, block_size: int, budget: int) -> 
 
 def row_bytes(kind: int, block_dim: int) -> int:
     """Bytes one item takes in a block of ``kind``: its d values, plus its scale and offset."""
-    return (4 * block_dim, 2 * block_dim, block_dim + 2, block_dim + 4)[kind]
+    return (4 * block_dim, 2 * block_dim, block_dim + 2, block_dim + 4,
+            (block_dim + 1) // 2 + 2)[kind]
 
 
 def block_bytes(kind: int, block_dim: int, items: int) -> int:
@@ -499,8 +519,10 @@ def prefix_sizes(spec: PackageSpec, order: np.ndarray,
         raise ValueError("a mixed-precision package needs one block kind per selected pair")
     counts = np.asarray(spec.group_counts, dtype=np.int64)
     k = np.asarray(kinds, dtype=np.int64)
-    if k.size and (k.min() < 0 or k.max() >= len(BLOCK_KINDS)):
-        raise ValueError(f"block kinds must be codes in [0, {len(BLOCK_KINDS)})")
+    known = len(spec.block_kinds)
+    if k.size and (k.min() < 0 or k.max() >= known):
+        raise ValueError(f"block kinds must be codes in [0, {known}) in a v{spec.version} "
+                         "package")
     per_row = np.array([row_bytes(x, spec.block_dim) for x in range(len(BLOCK_KINDS))])
     raw = counts[np.asarray(order)[:, 0].astype(np.int64)] * per_row[k]
     padded = -(-raw // BLOCK_ALIGN) * BLOCK_ALIGN

@@ -65,7 +65,8 @@ def _add_deploy(subparsers: Any) -> None:
                    help="seed of --selection random (default: the run's seed)")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                    help="how kept blocks are stored: fp32 (format v3, as before), fp16, int8 / "
-                        "int8o (per-row float16 scale / and offset), value (per block, best "
+                        "int8o (per-row float16 scale / and offset), int4 (4-bit, per-row "
+                        "scale; format v5), value (per block, best "
                         f"value per byte); auto = {DEFAULT_PRECISION}; default: the run's "
                         "[deploy] precision")
     p.add_argument("--partial", action="store_true",

@@ -61,12 +61,12 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from peel.budget import (
-    BLOCK_KINDS,
     FORMAT_NAME,
     FORMAT_VERSION,
     HASHED_PREAMBLE,
     KIND_F16,
     KIND_F32,
+    KIND_I4,
     KIND_I8O,
     MAGIC,
     PREAMBLE,
@@ -232,9 +232,11 @@ class Package:
         return self.spec.precision
 
     def kind_counts(self) -> dict[str, int]:
-        """How many selected blocks are stored at each kind (f32, f16, i8, i8o)."""
-        counts = np.bincount(self.kinds.astype(np.int64), minlength=len(BLOCK_KINDS))
-        return {name: int(c) for name, c in zip(BLOCK_KINDS, counts, strict=True)}
+        """How many selected blocks are stored at each kind its format knows (f32, f16, i8,
+        i8o; i4 from v5 on)."""
+        table = self.spec.block_kinds
+        counts = np.bincount(self.kinds.astype(np.int64), minlength=len(table))
+        return {name: int(c) for name, c in zip(table, counts, strict=True)}
 
     def minimum_budget(self) -> int:
         """The smallest budget this package can shrink to (one block per item group)."""
@@ -261,7 +263,7 @@ class Package:
         values = entry.values.view(np.float16) if entry.kind == KIND_F16 else entry.values
         scale = None if entry.scale is None else entry.scale.view(np.float16)
         offset = None if entry.offset is None else entry.offset.view(np.float16)
-        return decode(entry.kind, values, scale, offset)
+        return decode(entry.kind, values, scale, offset, d=self.spec.block_dim)
 
     def describe(self) -> dict[str, Any]:
         """Header facts plus the budget report, for ``--json`` output and logs."""
@@ -435,8 +437,7 @@ class Package:
                     at += d * n
                 at, row = gp.i8_at, gp.row_at
                 for entry in gp.i8:
-                    np.copyto(floats[at: at + d * n].reshape(d, n), entry.values,
-                              casting="unsafe")
+                    _widen_codes(entry.values, entry.kind, floats[at: at + d * n].reshape(d, n))
                     np.copyto(scl[row: row + n], entry.scale, casting="unsafe")
                     if gp.has_offset:
                         if entry.offset is None:
@@ -749,7 +750,8 @@ def _entries(spec: PackageSpec, selection: np.ndarray, kinds: np.ndarray,
             if kind == KIND_I8O:
                 offset = raw[start: start + 2 * n].view("<i2")
                 start += 2 * n
-            values = raw[start: start + d * n].view(np.int8).reshape(d, n)
+            rows = (d + 1) // 2 if kind == KIND_I4 else d  # 4-bit codes: two dims a byte
+            values = raw[start: start + rows * n].view(np.int8).reshape(rows, n)
         out.append(_Entry(lo, hi, values, kind, scale, offset))
     return out
 
@@ -844,6 +846,20 @@ def _f16_bits_as_f32(bits: np.ndarray, out: np.ndarray, signed: bool) -> np.ndar
     return out.view(np.float32)
 
 
+def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
+    """int8 codes (d, m), or 4-bit ones packed (ceil(d/2), m), as float32 into ``out`` (d, m).
+
+    A packed byte holds dim j low and dim j + ceil(d/2) high: an arithmetic right shift
+    sign-extends the high nibble, a left shift first does the same for the low one.
+    """
+    if kind != KIND_I4:
+        np.copyto(out, codes, casting="unsafe")
+        return
+    h = codes.shape[0]
+    np.right_shift(np.left_shift(codes, 4), 4, out=out[:h], casting="unsafe")
+    np.right_shift(codes[: out.shape[0] - h], 4, out=out[h:], casting="unsafe")
+
+
 def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
                   qsum: np.ndarray | np.float32, post: np.float32, out: np.ndarray,
                   buffers: _Buffers) -> None:
@@ -854,13 +870,13 @@ def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
     there; an int8 block's per-row scale then multiplies the d-dim products, and its offset
     adds offset * sum(q).
     """
-    d, m = entry.values.shape[0], b - a
+    d, m = q.shape[-1], b - a  # the block's dimension (a 4-bit block stores ceil(d/2) rows)
     if entry.kind == KIND_F16:
         tile = _f16_bits_as_f32(entry.values[:, a:b], buffers.ints[: d * m].reshape(d, m),
                                 signed=True)
     else:
         tile = buffers.floats[: d * m].reshape(d, m)
-        np.copyto(tile, entry.values[:, a:b], casting="unsafe")
+        _widen_codes(entry.values[:, a:b], entry.kind, tile)
     np.matmul(q, tile, out=out)
     if entry.scale is not None:
         np.multiply(out, _f16_bits_as_f32(entry.scale[a:b], buffers.scale[:m], signed=False),
@@ -1094,7 +1110,7 @@ def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) ->
     if np.unique(sel[:, 0] * spec.n_blocks + sel[:, 1]).size != sel.shape[0]:
         raise PackageError(bad.format("a block is selected twice"))
     kinds = arrays.get("kinds")
-    if kinds is not None and np.any(kinds >= len(BLOCK_KINDS)):
+    if kinds is not None and np.any(kinds >= len(spec.block_kinds)):
         raise PackageError(bad.format("unknown block kind"))
     unit = 1 if spec.mixed else spec.block_dim
     if int(prefix_sizes(spec, sel, kinds)[-1]) * unit != arrays["blocks"].size:

@@ -40,6 +40,7 @@ from peel.budget import (
     BLOCK_KINDS,
     KIND_F16,
     KIND_F32,
+    KIND_I4,
     KIND_I8,
     KIND_I8O,
     PRECISIONS,
@@ -76,7 +77,10 @@ DEFAULT_SCALE = "none"
 DEFAULT_PRECISION = "int8"
 #: What ``--precision`` / ``precision=`` accept: "auto" or one of the rules.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
-_RULE_KIND = {"fp32": KIND_F32, "fp16": KIND_F16, "int8": KIND_I8, "int8o": KIND_I8O}
+_RULE_KIND = {"fp32": KIND_F32, "fp16": KIND_F16, "int8": KIND_I8, "int8o": KIND_I8O,
+              "int4": KIND_I4}
+#: The kinds the "value" rule chooses among: those of format v4, so its packages stay v4.
+_VALUE_KINDS = KIND_I4
 
 
 def resolve_precision(precision: str | None) -> str:
@@ -284,9 +288,9 @@ def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SI
     n_groups = arrays.alpha.shape[0]
     counts = np.maximum(np.bincount(arrays.item_group, minlength=n_groups), 1)
     d = int(arrays.blocks.shape[2])
-    per_row = np.array([row_bytes(k, d) for k in range(len(BLOCK_KINDS))], dtype=np.float64)
-    value = arrays.alpha[:, :, None] * np.clip(1 - quantisation_errors(arrays, similarity), 0,
-                                               None)
+    per_row = np.array([row_bytes(k, d) for k in range(_VALUE_KINDS)], dtype=np.float64)
+    errors = quantisation_errors(arrays, similarity)[:, :, :_VALUE_KINDS]
+    value = arrays.alpha[:, :, None] * np.clip(1 - errors, 0, None)
     per_byte = value / (counts[:, None, None] * per_row[None, None, :])
     score = per_byte.max(axis=2)
     # ties (e.g. a pair of no value at all) go to the kind of fewest bytes

@@ -88,7 +88,8 @@ class DeployConfig:
     baselines: tuple[str, ...] = ("pmf", "lightgcn", "lightgcn-svd")
     k: int = 50  # ranked list length; metrics at the cutoffs 20, 50 and k that are <= k
     # how kept blocks are stored: "auto" (peel.package.DEFAULT_PRECISION, chosen on
-    # validation), "fp32" (the format-v3 packages of before), "fp16", "int8", "int8o", "value"
+    # validation), "fp32" (the format-v3 packages of before), "fp16", "int8", "int8o", "int4"
+    # (4-bit, format v5), "value"
     precision: str = "auto"
 
 

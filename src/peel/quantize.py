@@ -9,6 +9,9 @@ float32 block, as one of the kinds of :data:`peel.budget.BLOCK_KINDS`:
 * ``i8o``: a float16 scale and a float16 offset per row, then the codes; x ~ offset +
   scale * code, the offset being the middle of the row's range (better for rows that are not
   centred on zero, at 2 more bytes per row).
+* ``i4``: one float16 scale per row (max|x| / 7), then 4-bit codes in [-7, 7], two a byte:
+  byte row j (of ceil(d/2)) holds dim j in its low nibble and dim j + ceil(d/2) in its high
+  one, so the device widens each half with one shift pair into consecutive rows.
 
 One scale per item row is FBGEMM's fused row-wise layout (Guan et al. 2019 measured it neutral
 for recommendation quality at 8 bits). Codes are rounded to nearest and lie in [-127, 127].
@@ -21,11 +24,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from peel.budget import BLOCK_ALIGN, BLOCK_KINDS, KIND_F16, KIND_F32, KIND_I8, KIND_I8O
+from peel.budget import BLOCK_ALIGN, BLOCK_KINDS, KIND_F16, KIND_F32, KIND_I4, KIND_I8, KIND_I8O
 
 #: The largest finite float16; values (or int8 scales and offsets) beyond it cannot be stored.
 F16_MAX = float(np.finfo(np.float16).max)
 CODE_MAX = 127
+#: The largest 4-bit code (symmetric, so -8 is never written).
+CODE_MAX_4 = 7
 
 
 class PrecisionError(ValueError):
@@ -79,7 +84,7 @@ def encode(x: np.ndarray, kind: int, where: str = "block") -> Encoded:
         _check_range(rows, F16_MAX, "a value of", where)
         values = np.ascontiguousarray(rows.T, dtype="<f2")
         return Encoded(kind, (values,), values.T.astype(np.float64))
-    if kind == KIND_I8:
+    if kind in (KIND_I8, KIND_I4):
         offset = np.zeros(rows.shape[0])
         radius = np.abs(rows).max(axis=1, initial=0.0)
     elif kind == KIND_I8O:
@@ -90,23 +95,49 @@ def encode(x: np.ndarray, kind: int, where: str = "block") -> Encoded:
     else:
         raise ValueError(f"{where}: unknown block kind {kind!r}; expected a code in "
                          f"[0, {len(BLOCK_KINDS)})")
-    _check_range(radius / CODE_MAX, F16_MAX, "an int8 scale of", where)
-    scale = _f16_up(radius / CODE_MAX).astype("<f2")
+    top = CODE_MAX_4 if kind == KIND_I4 else CODE_MAX
+    _check_range(radius / top, F16_MAX, "a quantisation scale of", where)
+    scale = _f16_up(radius / top).astype("<f2")
     s = scale.astype(np.float64)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.where(s > 0, np.rint((rows - offset[:, None]) / np.where(s > 0, s, 1)), 0)
-    codes = np.clip(codes, -CODE_MAX, CODE_MAX).astype(np.int8)
+    codes = np.clip(codes, -top, top).astype(np.int8)
     decoded = offset[:, None] + s * codes
+    if kind == KIND_I4:
+        return Encoded(kind, (scale, pack_nibbles(codes.T)), decoded)
     stored = np.ascontiguousarray(codes.T)
     parts = (scale, stored) if kind == KIND_I8 else (scale, offset.astype("<f2"), stored)
     return Encoded(kind, parts, decoded)
 
 
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """(d, rows) codes in [-8, 7] -> (ceil(d/2), rows) int8: row j = dim j | dim j + h << 4."""
+    d = codes.shape[0]
+    h = (d + 1) // 2
+    low = codes[:h].astype(np.int8)
+    high = np.zeros_like(low)
+    high[: d - h] = codes[h:]
+    packed = (low & 0x0F) | (high << 4)  # int8 arithmetic: the high nibble carries the sign
+    return np.ascontiguousarray(packed, dtype=np.int8)
+
+
+def unpack_nibbles(packed: np.ndarray, d: int) -> np.ndarray:
+    """The inverse of :func:`pack_nibbles`: (ceil(d/2), rows) int8 -> (d, rows) int8."""
+    h = packed.shape[0]
+    low = np.right_shift(np.left_shift(packed, 4), 4)  # sign-extends the low nibble
+    return np.concatenate([low, np.right_shift(packed, 4)[: d - h]])
+
+
 def decode(kind: int, values: np.ndarray, scale: np.ndarray | None = None,
-           offset: np.ndarray | None = None) -> np.ndarray:
-    """The (rows, d) float32 values of one stored block (``values`` is (d, rows))."""
+           offset: np.ndarray | None = None, d: int | None = None) -> np.ndarray:
+    """The (rows, d) float32 values of one stored block (``values`` is (d, rows), or the
+    (ceil(d/2), rows) packed codes of an ``i4`` block, whose ``d`` is then required)."""
+    if kind == KIND_I4:
+        if d is None:
+            raise ValueError("decoding a 4-bit block needs its dimension d")
+        values = unpack_nibbles(np.asarray(values), d)
     x = np.asarray(values).T.astype(np.float32)
-    if kind in (KIND_I8, KIND_I8O):
+    if kind in (KIND_I8, KIND_I8O, KIND_I4):
         assert scale is not None
         x = x * scale.astype(np.float32)[:, None]
         if offset is not None:
