@@ -177,16 +177,16 @@ def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, caps
 
 def test_precision_flags_of_deploy_and_evaluate(run_dir, capsys):
     root, out = run_dir
-    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 4)):
+    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 4), ("int4", 5)):
         pkg = root / f"g0_{precision}.peel"
         assert main(["deploy", str(out), "--budget", "0.6", "--group", "0", "--out", str(pkg),
                      "--precision", precision, "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["format_version"] == version
         assert info["precision"] == (DEFAULT_PRECISION if precision == "auto" else precision)
-    assert main(["evaluate", str(out), "--precision", "fp32,int4", "--quiet"]) == 2
+    assert main(["evaluate", str(out), "--precision", "fp32,int2", "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert "'int4'" in err and "Traceback" not in err
+    assert "'int2'" in err and "Traceback" not in err
 
 
 def test_set_override_validation(capsys, tmp_path):
