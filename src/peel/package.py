@@ -289,7 +289,7 @@ def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SI
     counts = np.maximum(np.bincount(arrays.item_group, minlength=n_groups), 1)
     d = int(arrays.blocks.shape[2])
     per_row = np.array([row_bytes(k, d) for k in range(_VALUE_KINDS)], dtype=np.float64)
-    errors = quantisation_errors(arrays, similarity)[:, :, :_VALUE_KINDS]
+    errors = quantisation_errors(arrays, similarity, n_kinds=_VALUE_KINDS)
     value = arrays.alpha[:, :, None] * np.clip(1 - errors, 0, None)
     per_byte = value / (counts[:, None, None] * per_row[None, None, :])
     score = per_byte.max(axis=2)
@@ -300,8 +300,8 @@ def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SI
     return order, best[order[:, 0], order[:, 1]].astype(np.int64)
 
 
-def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARITY
-                        ) -> np.ndarray:
+def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARITY,
+                        n_kinds: int = len(BLOCK_KINDS)) -> np.ndarray:
     """(G_v, N, kinds): relative error each storage kind puts on each pair's scores.
 
     For pair (g, n) at kind k: ||U (E - Q_k(E))^T||_F / ||U E^T||_F over the group's users U
@@ -309,7 +309,8 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
     item rows E, i.e. how much of the block's contribution to this group's scores the
     rounding changes. Computed through each block's d x d user Gram matrix, so it costs one
     pass over the table per kind. A kind that cannot hold a block (beyond float16's range)
-    gets error 1 (no value). Without users the Gram matrix is the identity.
+    gets error 1 (no value). Without users the Gram matrix is the identity. ``n_kinds``: only
+    the first kinds of :data:`BLOCK_KINDS` (the "value" rule needs no 4-bit encoding pass).
     """
     n_groups, n_blocks = arrays.alpha.shape
     d = int(arrays.blocks.shape[2])
@@ -321,7 +322,7 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
         grams = np.broadcast_to(total.T @ total, (n_blocks, d, d))
     else:
         grams = np.einsum("und,une->nde", users, users)
-    errors = np.zeros((n_groups, n_blocks, len(BLOCK_KINDS)))
+    errors = np.zeros((n_groups, n_blocks, n_kinds))
     for g in range(n_groups):
         items = np.flatnonzero(arrays.item_group == g)
         if items.size == 0:
@@ -329,7 +330,7 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
         for n in range(n_blocks):
             rows = arrays.blocks[items, n, :].astype(np.float64)
             energy = np.einsum("jd,de,je->", rows, grams[n], rows)
-            for kind in range(1, len(BLOCK_KINDS)):
+            for kind in range(1, n_kinds):
                 try:
                     delta = rows - encode(rows, kind).decoded
                 except PrecisionError:
