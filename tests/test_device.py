@@ -74,7 +74,7 @@ def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndar
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s"])
 @pytest.mark.parametrize("scale", ["eq10", "none"])
 @pytest.mark.parametrize("similarity", ["aligned", "literal"])
 def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: str,
@@ -86,7 +86,8 @@ def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: s
     raw = check_group_arrays(np.tanh(rng.standard_normal((n_items, 4, 3))) + 0.3,
                              rng.random((5, 4)), groups, np.arange(3),
                              rng.standard_normal((3, 12)))
-    pkg = _build(tmp_path, raw, 0.6, similarity=similarity, weighting="none", scale=scale,
+    budget = 0.5 if precision == "int4s" else 0.6  # some item groups keep fewer blocks
+    pkg = _build(tmp_path, raw, budget, similarity=similarity, weighting="none", scale=scale,
                  user=1, precision=precision)
     assert (pkg.similarity, pkg.scale, pkg.precision) == (similarity, scale, precision)
     arrays = stored_arrays(raw, pkg)
@@ -135,7 +136,8 @@ def test_stored_alpha_weighting_is_used(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("fp16", 2e-3),
                                                      ("int8", 2e-2), ("int8o", 2e-2),
-                                                     ("int4", 0.25)])
+                                                     ("int4", 0.25), ("int8s", 2e-2),
+                                                     ("int4s", 0.35)])
 def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path, precision: str,
                                                       tolerance: float) -> None:
     arrays = synthetic_group(n_items=50, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
@@ -146,7 +148,7 @@ def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path, precision:
                                atol=tolerance)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int8o", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8o", "int4", "int8s", "int4s"])
 def test_quantised_kernels_with_large_tiles_and_extreme_users(tmp_path: Path,
                                                               precision: str) -> None:
     """Blocks longer than one decode tile, and user vectors large enough that the 2^112
@@ -331,7 +333,7 @@ def test_device_never_imports_torch_or_scipy(group: GroupArrays, tmp_path: Path)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8o", "int4"])
+@pytest.mark.parametrize("precision", ["fp16", "int8o", "int4", "int4s"])
 def test_many_users_at_once_in_bounded_memory(tmp_path: Path, precision: str) -> None:
     arrays = synthetic_group(n_items=3000, n_blocks=2, block_dim=4, n_item_groups=2,
                              n_users=300, seed=4)
@@ -360,7 +362,8 @@ def reference_rank(pkg: Package, user: np.ndarray, k: int,
     return top, scores[top]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4", "value"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s",
+                                       "value"])
 @pytest.mark.parametrize("path", ["stacked", "by_block"])
 def test_fast_kernel_matches_a_reference_ranking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  precision: str, path: str) -> None:

@@ -57,6 +57,8 @@ def test_file_size_matches_the_accounting(group: GroupArrays, tmp_path: Path) ->
 #: Largest |stored - true| of one value, relative to its row's largest |value|, per kind.
 TOLERANCE = {"f32": 0.0, "f16": 2.0**-11, "i8": 0.5 / 127 * 1.001, "i8o": 1.0 / 127 * 1.001,
              "i4": 0.5 / 7 * 1.001}  # half a code step of the row's peak
+#: The largest code of each shared-scale kind.
+SHARED_TOP = {"i8s": 127, "i4s": 7}
 
 
 @pytest.mark.parametrize("precision", PRECISION_CHOICES)
@@ -70,7 +72,7 @@ def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Pat
     assert pkg.scale == DEFAULT_SCALE
     rule = DEFAULT_PRECISION if precision == "auto" else precision
     assert pkg.precision == rule
-    assert pkg.spec.version == {"fp32": 3, "int4": 5}.get(rule, 4)
+    assert pkg.spec.version == {"fp32": 3, "int4": 5, "int8s": 6, "int4s": 6}.get(rule, 4)
     np.testing.assert_array_equal(pkg.weights, group.alpha[pkg.selection[:, 0],
                                                             pkg.selection[:, 1]].astype(np.float32))
     np.testing.assert_array_equal(pkg.user_emb, group.user_emb[3])
@@ -78,8 +80,15 @@ def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Pat
         items = np.flatnonzero(group.item_group == g)  # stored grouped, by item index
         true = group.blocks[items, n, :]
         stored = pkg.item_blocks(g, n)
+        name = BLOCK_KINDS[kind]
+        if name in SHARED_TOP:  # half a code step of row scale x column scale
+            r = pkg.row_scale[pkg.group_offsets[g]: pkg.group_offsets[g + 1]]
+            r = r.astype(np.float64)[:, None]
+            col = (np.abs(true) / r).max(axis=0, keepdims=True) / SHARED_TOP[name]
+            assert np.all(np.abs(stored - true) <= 0.5 * r * col * 1.001 + 1e-7)
+            continue
         peak = np.abs(true).max(axis=1, keepdims=True)
-        assert np.all(np.abs(stored - true) <= TOLERANCE[BLOCK_KINDS[kind]] * peak + 1e-7)
+        assert np.all(np.abs(stored - true) <= TOLERANCE[name] * peak + 1e-7)
         if BLOCK_KINDS[kind] == "f32":
             np.testing.assert_array_equal(stored, true)
     for arr in (pkg.blocks, pkg.selection, pkg.item_group, pkg.kinds):
@@ -93,7 +102,8 @@ def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path,
                                          precision: str) -> None:
     options = DeployOptions(precision=precision)
     build_package(tmp_path / "big.peel", group, 0.8, options=options)
-    smaller = 0.15 if precision == "int4" else 0.3  # 4-bit blocks all fit in 30%
+    # at 30% every 4-bit block fits, and every int8 one with shared scales
+    smaller = {"int4": 0.15, "int8s": 0.15, "int4s": 0.1}.get(precision, 0.3)
     build_package(tmp_path / "small.peel", group, smaller, options=options)
     big, small = open_package(tmp_path / "big.peel"), open_package(tmp_path / "small.peel")
     assert small.n_selected < big.n_selected
@@ -106,6 +116,10 @@ def test_lower_precision_keeps_more_blocks_for_the_same_bytes(group: GroupArrays
     kept = {p: plan_package(group, 0.3, options=DeployOptions(precision=p)).n_selected
             for p in PRECISIONS}
     assert kept["fp32"] < kept["fp16"] <= kept["int8o"] < kept["int8"] < kept["int4"]
+    assert kept["int8"] < kept["int8s"]  # 2 bytes per item, not per item and block
+    small = {p: plan_package(group, 0.15, options=DeployOptions(precision=p)).n_selected
+             for p in ("int4", "int4s")}
+    assert small["int4"] < small["int4s"]
     reports = [plan_package(group, 0.3, options=DeployOptions(precision=p)) for p in PRECISIONS]
     assert all(r.total <= r.budget for r in reports)
 
@@ -173,12 +187,41 @@ def test_int4_packages_are_v5_and_hold_two_codes_a_byte(group: GroupArrays,
     raw = (tmp_path / "p.peel").read_bytes()
     header = json.loads(raw[64: 64 + int.from_bytes(raw[12:16], "little")])
     assert header["version"] == 5 == int.from_bytes(raw[8:12], "little")
-    assert header["block_kinds"] == list(BLOCK_KINDS)
+    assert header["block_kinds"] == list(BLOCK_KINDS[:5])  # the v5 table: no shared kinds
     pkg = open_package(tmp_path / "p.peel")
     assert pkg.kind_counts()["i4"] == pkg.n_selected
     d, counts = group.blocks.shape[2], np.diff(pkg.group_offsets)
     per_block = [-(-int(counts[g]) * ((d + 1) // 2 + 2) // 4) * 4 for g, _ in pkg.selection]
     assert pkg.blocks.size == sum(per_block)  # ceil(d/2) code bytes + a scale per row
+
+
+@pytest.mark.parametrize("precision", ["int8s", "int4s"])
+def test_shared_scale_packages_are_v6_with_one_row_scale_per_item(
+        group: GroupArrays, tmp_path: Path, precision: str) -> None:
+    build_package(tmp_path / "p.peel", group, 0.2, options=DeployOptions(precision=precision))
+    raw = (tmp_path / "p.peel").read_bytes()
+    header = json.loads(raw[64: 64 + int.from_bytes(raw[12:16], "little")])
+    assert header["version"] == 6 == int.from_bytes(raw[8:12], "little")
+    assert header["block_kinds"] == list(BLOCK_KINDS)
+    assert header["arrays"]["row_scale"] == {"dtype": "<f2", "shape": [group.n_items],
+                                             "offset": header["arrays"]["row_scale"]["offset"]}
+    pkg = open_package(tmp_path / "p.peel")
+    kind = {"int8s": "i8s", "int4s": "i4s"}[precision]
+    assert pkg.kind_counts()[kind] == pkg.n_selected
+    d, counts = group.blocks.shape[2], np.diff(pkg.group_offsets)
+    code_bytes = d if precision == "int8s" else (d + 1) // 2
+    per_block = [-(-(4 * d + int(counts[g]) * code_bytes) // 4) * 4 for g, _ in pkg.selection]
+    assert pkg.blocks.size == sum(per_block)  # d column scales, then the codes: no row scales
+    assert pkg.report.item_blocks == pkg.blocks.size + 2 * group.n_items  # + row_scale
+    # the row scale of an item is its largest value over its column's root mean square, over
+    # every block (kept or not), so a smaller package keeps the same one
+    g0 = np.flatnonzero(group.item_group == 0)
+    x = group.blocks[g0].astype(np.float64)
+    expect = (np.abs(x) / np.sqrt((x * x).mean(axis=0))).max(axis=(1, 2))
+    r = pkg.row_scale[: g0.size].astype(np.float64)
+    assert np.all(r >= expect) and np.allclose(r, expect, rtol=1e-3)
+    smaller = pkg.shrink(0.1)
+    np.testing.assert_array_equal(smaller.row_scale, pkg.row_scale)
 
 
 def fixture_v4(name: str) -> tuple[Path, dict]:
@@ -486,6 +529,8 @@ def _resigned(raw: bytes) -> bytes:
     ("int8", lambda k, b: (b.__setitem__(1, 0x80), None), "scales must be finite and non-neg"),
     ("int8o", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7c"), None), "finite"),
     ("fp16", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7e"), None), "float16 block"),
+    ("int8s", lambda k, b: (b.__setitem__(slice(0, 4), b"\x00\x00\xc0\x7f"), None),
+     "column scales must be finite"),
 ])
 def test_v4_content_checks(group: GroupArrays, tmp_path: Path, precision: str, edit: object,
                            message: str) -> None:
@@ -500,4 +545,16 @@ def test_v4_content_checks(group: GroupArrays, tmp_path: Path, precision: str, e
     kinds.release()
     blocks.release()
     with pytest.raises(PackageError, match=message):
+        read_package(_resigned(bytes(raw)), "edited.peel")
+
+
+@pytest.mark.parametrize("bits", [b"\x00\x7e", b"\x00\xbc"])  # NaN, -1.0
+def test_v6_row_scales_are_checked(group: GroupArrays, tmp_path: Path, bits: bytes) -> None:
+    build_package(tmp_path / "p.peel", group, 0.3, options=DeployOptions(precision="int4s"))
+    raw = bytearray((tmp_path / "p.peel").read_bytes())
+    header_len = int.from_bytes(raw[12:16], "little")
+    slot = json.loads(raw[64: 64 + header_len])["arrays"]["row_scale"]
+    at = 64 + -(-header_len // 64) * 64 + slot["offset"] + 2 * 17  # item row 17
+    raw[at: at + 2] = bits
+    with pytest.raises(PackageError, match="row scales must be finite and non-negative"):
         read_package(_resigned(bytes(raw)), "edited.peel")

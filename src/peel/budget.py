@@ -36,12 +36,15 @@ FORMAT_NAME = "peel-package"
 #: v4: kept blocks may be float16 or int8 (a ``kinds`` array says which); v3: the header records
 #: Eq. 10's scale; v2: blocks stored (d, rows). A float32-only package (``precision="fp32"``)
 #: is still written as v3, byte for byte what earlier versions wrote, so older readers open it.
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 LEGACY_VERSION = 3
-#: v5 adds the 4-bit block kind ("i4", precision "int4"); packages of every other precision are
-#: still written as v4 (or v3), byte for byte what earlier versions wrote.
+#: v5 adds the 4-bit block kind ("i4", precision "int4"); v6 the kinds whose item-row scale is
+#: shared by all of an item's blocks ("i8s" / "i4s", precisions "int8s" / "int4s") and the
+#: ``row_scale`` array that holds it. Packages of every other precision are still written as
+#: v4 (or v3), byte for byte what earlier versions wrote.
 MIXED_VERSION = 4
-READABLE_VERSIONS = (LEGACY_VERSION, MIXED_VERSION, FORMAT_VERSION)
+INT4_VERSION = 5
+READABLE_VERSIONS = (LEGACY_VERSION, MIXED_VERSION, INT4_VERSION, FORMAT_VERSION)
 MAGIC = b"PEELPKG\x00"
 #: magic, format version, JSON header length, payload length, budget in bytes, sha256 digest.
 PREAMBLE = struct.Struct("<8sIIQQ32s")
@@ -61,21 +64,33 @@ SELECTIONS = ("importance", "random")
 #: "f32" float32; "f16" IEEE float16; "i8" int8 codes with one float16 scale per item row
 #: (x ~ scale * code); "i8o" int8 codes with a float16 scale and offset per item row
 #: (x ~ offset + scale * code); "i4" 4-bit codes in [-7, 7] with one float16 scale per item
-#: row, two codes a byte (byte j holds dims j and j + ceil(d/2)). Every kind is stored
-#: dimension-major, (d or ceil(d/2) rows, items in group).
-BLOCK_KINDS = ("f32", "f16", "i8", "i8o", "i4")
-KIND_F32, KIND_F16, KIND_I8, KIND_I8O, KIND_I4 = range(5)
+#: row, two codes a byte (byte j holds dims j and j + ceil(d/2)); "i8s" / "i4s" int8 / 4-bit
+#: codes whose item-row scale is the package's ``row_scale`` (one float16 per item, shared by
+#: all of the item's blocks) times a float32 scale per block dimension stored with the block
+#: (x[i, j] ~ row_scale[i] * col_scale[j] * code). Every kind is stored dimension-major,
+#: (d or ceil(d/2) rows, items in group).
+BLOCK_KINDS = ("f32", "f16", "i8", "i8o", "i4", "i8s", "i4s")
+KIND_F32, KIND_F16, KIND_I8, KIND_I8O, KIND_I4, KIND_I8S, KIND_I4S = range(7)
+#: The kinds whose row scale is the shared ``row_scale`` array.
+SHARED_KINDS = (KIND_I8S, KIND_I4S)
+#: The 4-bit kinds (two codes a byte).
+NIBBLE_KINDS = (KIND_I4, KIND_I4S)
 
 
 def kind_table(version: int) -> tuple[str, ...]:
-    """The block kinds a package of format ``version`` names (v3 / v4: all but "i4"; a v3
-    package holds float32 blocks only)."""
-    return BLOCK_KINDS if version >= FORMAT_VERSION else BLOCK_KINDS[:KIND_I4]
+    """The block kinds a package of format ``version`` names (v3 / v4: the first four; v5 adds
+    "i4", v6 "i8s" and "i4s"; a v3 package holds float32 blocks only)."""
+    if version >= FORMAT_VERSION:
+        return BLOCK_KINDS
+    return BLOCK_KINDS[: KIND_I8S if version == INT4_VERSION else KIND_I4]
 #: Package precision rules (``peel.package`` resolves "auto" to the validated default):
-#: "fp32" every block float32 (format v3); "fp16" / "int8" / "int8o" / "int4" every block of that
-#: kind; "value" per block the kind of highest importance-per-byte after its measured
-#: quantisation error, blocks ordered by that value per byte.
-PRECISIONS = ("fp32", "fp16", "int8", "int8o", "int4", "value")
+#: "fp32" every block float32 (format v3); "fp16" / "int8" / "int8o" / "int4" / "int8s" /
+#: "int4s" every block of that kind ("s": the item-row scale shared across blocks, format v6);
+#: "value" per block the kind of highest importance-per-byte after its measured quantisation
+#: error, blocks ordered by that value per byte.
+PRECISIONS = ("fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s", "value")
+#: The precisions whose blocks share one float16 scale per item (a ``row_scale`` array).
+SHARED_PRECISIONS = ("int8s", "int4s")
 #: Each stored block starts on this many bytes, so float32 / float16 views stay aligned.
 BLOCK_ALIGN = 4
 MB = 1_000_000
@@ -276,10 +291,13 @@ class PackageSpec:
     @property
     def version(self) -> int:
         """The format version this package is written in: v3 when every block is float32, v5
-        when blocks are 4-bit (the only kind v4 readers do not know), v4 otherwise."""
+        when blocks are 4-bit (the only kind v4 readers do not know), v6 when item rows share
+        one scale, v4 otherwise."""
         if self.precision == "fp32":
             return LEGACY_VERSION
-        return FORMAT_VERSION if self.precision == "int4" else MIXED_VERSION
+        if self.precision in SHARED_PRECISIONS:
+            return FORMAT_VERSION
+        return INT4_VERSION if self.precision == "int4" else MIXED_VERSION
 
     @property
     def block_kinds(self) -> tuple[str, ...]:
@@ -290,6 +308,11 @@ class PackageSpec:
     def mixed(self) -> bool:
         """Whether blocks may be stored at other precisions than float32 (format v4)."""
         return self.version >= 4
+
+    @property
+    def shared_scale(self) -> bool:
+        """Whether the package holds one float16 scale per item (``row_scale``, format v6)."""
+        return self.precision in SHARED_PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -403,6 +426,8 @@ def _slots(spec: PackageSpec, n_selected: int, block_size: int) -> tuple[ArraySl
     wanted.append(("weights", "<f4", (n_selected,)))  # alpha of each kept block
     if spec.mixed:
         wanted.append(("kinds", "|u1", (n_selected,)))  # BLOCK_KINDS code of each kept block
+        if spec.shared_scale:  # one float16 per item, in stored row order, shared by its blocks
+            wanted.append(("row_scale", "<f2", (spec.n_items,)))
         blocks = ("blocks", "|u1", (block_size,))  # bytes: the kinds differ in item size
     else:
         blocks = ("blocks", "<f4", (block_size * spec.block_dim,))
@@ -473,7 +498,7 @@ def layout(spec: PackageSpec, n_selected: int, block_size: int, budget: int) -> 
         budget=int(budget),
         n_selected=n_selected,
         n_candidates=spec.n_groups * spec.n_blocks,
-        item_blocks=sizes["blocks"],
+        item_blocks=sizes["blocks"] + sizes.get("row_scale", 0),
         user_embedding=sizes.get("user_emb", reserved_user),
         item_index=sizes["group_offsets"] + sizes["item_group"],
         selection=sizes["selection"] + sizes["weights"] + sizes.get("kinds", 0),
@@ -488,14 +513,21 @@ def layout(spec: PackageSpec, n_selected: int, block_size: int, budget: int) -> 
 
 
 def row_bytes(kind: int, block_dim: int) -> int:
-    """Bytes one item takes in a block of ``kind``: its d values, plus its scale and offset."""
+    """Bytes one item takes in a block of ``kind``: its d values, plus its scale and offset
+    (the shared kinds' row scale is the package's ``row_scale``, paid once per item)."""
     return (4 * block_dim, 2 * block_dim, block_dim + 2, block_dim + 4,
-            (block_dim + 1) // 2 + 2)[kind]
+            (block_dim + 1) // 2 + 2, block_dim, (block_dim + 1) // 2)[kind]
+
+
+def block_extra(kind: int, block_dim: int) -> int:
+    """Bytes a stored block of ``kind`` takes whatever its rows: the shared kinds' float32
+    scale per dimension."""
+    return 4 * block_dim if kind in SHARED_KINDS else 0
 
 
 def block_bytes(kind: int, block_dim: int, items: int) -> int:
     """Bytes of one stored block of ``items`` rows, padded to :data:`BLOCK_ALIGN`."""
-    raw = items * row_bytes(kind, block_dim)
+    raw = block_extra(kind, block_dim) + items * row_bytes(kind, block_dim)
     return -(-raw // BLOCK_ALIGN) * BLOCK_ALIGN
 
 
@@ -524,7 +556,8 @@ def prefix_sizes(spec: PackageSpec, order: np.ndarray,
         raise ValueError(f"block kinds must be codes in [0, {known}) in a v{spec.version} "
                          "package")
     per_row = np.array([row_bytes(x, spec.block_dim) for x in range(len(BLOCK_KINDS))])
-    raw = counts[np.asarray(order)[:, 0].astype(np.int64)] * per_row[k]
+    extra = np.array([block_extra(x, spec.block_dim) for x in range(len(BLOCK_KINDS))])
+    raw = counts[np.asarray(order)[:, 0].astype(np.int64)] * per_row[k] + extra[k]
     padded = -(-raw // BLOCK_ALIGN) * BLOCK_ALIGN
     return np.concatenate([[0], np.cumsum(padded)]).astype(np.int64)
 

@@ -66,7 +66,8 @@ def _add_deploy(subparsers: Any) -> None:
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None,
                    help="how kept blocks are stored: fp32 (format v3, as before), fp16, int8 / "
                         "int8o (per-row float16 scale / and offset), int4 (4-bit, per-row "
-                        "scale; format v5), value (per block, best "
+                        "scale; format v5), int8s / int4s (one scale per item shared by its "
+                        "blocks; format v6), value (per block, best "
                         f"value per byte); auto = {DEFAULT_PRECISION}; default: the run's "
                         "[deploy] precision")
     p.add_argument("--partial", action="store_true",

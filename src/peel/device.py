@@ -66,13 +66,14 @@ from peel.budget import (
     HASHED_PREAMBLE,
     KIND_F16,
     KIND_F32,
-    KIND_I4,
     KIND_I8O,
     MAGIC,
+    NIBBLE_KINDS,
     PREAMBLE,
     PREAMBLE_BYTES,
     READABLE_VERSIONS,
     SCALES,
+    SHARED_KINDS,
     SIMILARITIES,
     WEIGHTINGS,
     BudgetReport,
@@ -186,6 +187,8 @@ class Package:
         self.item_ids: np.ndarray | None = self._arrays.get("item_ids")
         self.user_emb: np.ndarray | None = self._arrays.get("user_emb")
         self.seen: np.ndarray | None = self._arrays.get("seen")
+        self.row_scale: np.ndarray | None = self._arrays.get("row_scale")
+        """One float16 scale per item row, shared by its blocks (format v6 shared kinds)."""
         kinds = self._arrays.get("kinds")
         if kinds is None:  # format v3: every block float32
             kinds = np.zeros(self.selection.shape[0], dtype=np.uint8)
@@ -196,6 +199,7 @@ class Package:
         self._chunks = chunks
         self._groups: list[list[int]] | None = None
         self._plan: _Plan | None = None
+        self._cols: np.ndarray | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
         counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
@@ -263,7 +267,8 @@ class Package:
         values = entry.values.view(np.float16) if entry.kind == KIND_F16 else entry.values
         scale = None if entry.scale is None else entry.scale.view(np.float16)
         offset = None if entry.offset is None else entry.offset.view(np.float16)
-        return decode(entry.kind, values, scale, offset, d=self.spec.block_dim)
+        return decode(entry.kind, values, scale, offset, d=self.spec.block_dim,
+                      col_scale=entry.cols)
 
     def describe(self) -> dict[str, Any]:
         """Header facts plus the budget report, for ``--json`` output and logs."""
@@ -314,9 +319,21 @@ class Package:
         """One entry per selected block (its rows and views of its stored arrays), built on
         first use and shared by every package shrunk from this one."""
         if self._chunks is None:
+            shared = None if self.row_scale is None else self.row_scale.view("<i2")
             self._chunks = _entries(self.spec, self.selection, self.kinds, self.blocks,
-                                    self.group_offsets, self._rows)
+                                    self.group_offsets, self._rows, shared)
         return self._chunks
+
+    def _col_scales(self) -> np.ndarray | None:
+        """(k, d) float32: each selected block's scale per dimension (1 but for the shared
+        kinds), folded into its query; ``None`` when no block has one."""
+        if self._cols is None and self.row_scale is not None:
+            cols = np.ones((self.n_selected, self.spec.block_dim), dtype=np.float32)
+            for i, entry in enumerate(self._kernel()):
+                if entry.cols is not None:
+                    cols[i] = entry.cols
+            self._cols = cols
+        return self._cols
 
     def _queries(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
         """(k, B, d) float32: the user chunk each selected block is dotted with, times Eq. 10's
@@ -329,6 +346,9 @@ class Package:
         if mode.weighting == "alpha":
             scale = scale * self.weights
         scale = scale.astype(np.float32)[:, None, None]
+        cols = self._col_scales()
+        if cols is not None:  # a shared-scale block's scale per dimension joins the query
+            scale = scale * cols[:, None, :]
         if mode.similarity == "aligned":
             q = chunks[:, sel[:, 1], :].transpose(1, 0, 2) * scale
         else:
@@ -718,14 +738,17 @@ class _Entry(NamedTuple):
     hi: int
     values: np.ndarray  # (d, rows): float32, float16 bits as int16, or int8 codes
     kind: int
-    scale: np.ndarray | None  # (rows,) float16 bits as int16 (int8 kinds)
+    scale: np.ndarray | None  # (rows,) float16 bits as int16 (int8 / 4-bit kinds)
     offset: np.ndarray | None  # (rows,) float16 bits as int16 (kind i8o)
+    cols: np.ndarray | None = None  # (d,) float32 scale per dimension (shared-scale kinds)
 
 
 def _entries(spec: PackageSpec, selection: np.ndarray, kinds: np.ndarray,
              blocks: np.ndarray, offsets: np.ndarray,
-             sizes: np.ndarray | None = None) -> list[_Entry]:
-    """Views of every selected block in the payload (no copies)."""
+             sizes: np.ndarray | None = None,
+             row_scale: np.ndarray | None = None) -> list[_Entry]:
+    """Views of every selected block in the payload (no copies). A shared-scale block's row
+    scale is its rows of the package's ``row_scale`` (float16 bits as int16)."""
     d = spec.block_dim
     sizes = prefix_sizes(spec, selection, kinds) if sizes is None else sizes
     out = []
@@ -739,20 +762,24 @@ def _entries(spec: PackageSpec, selection: np.ndarray, kinds: np.ndarray,
             continue
         raw = blocks[int(sizes[i]): int(sizes[i + 1])]
         kind = int(kinds[i])
-        scale = offset = None
+        scale = offset = cols = None
         if kind == KIND_F32:
             values = raw[: 4 * d * n].view("<f4").reshape(d, n)
         elif kind == KIND_F16:
             values = raw[: 2 * d * n].view("<i2").reshape(d, n)
         else:
-            scale = raw[: 2 * n].view("<i2")
-            start = 2 * n
+            if kind in SHARED_KINDS:
+                if row_scale is None:
+                    raise PackageError("a shared-scale block needs the package's row_scale")
+                scale, cols, start = row_scale[lo:hi], raw[: 4 * d].view("<f4"), 4 * d
+            else:
+                scale, start = raw[: 2 * n].view("<i2"), 2 * n
             if kind == KIND_I8O:
                 offset = raw[start: start + 2 * n].view("<i2")
                 start += 2 * n
-            rows = (d + 1) // 2 if kind == KIND_I4 else d  # 4-bit codes: two dims a byte
+            rows = (d + 1) // 2 if kind in NIBBLE_KINDS else d  # 4-bit codes: two dims a byte
             values = raw[start: start + rows * n].view(np.int8).reshape(rows, n)
-        out.append(_Entry(lo, hi, values, kind, scale, offset))
+        out.append(_Entry(lo, hi, values, kind, scale, offset, cols))
     return out
 
 
@@ -769,6 +796,8 @@ def _check_entries(entries: list[_Entry]) -> str | None:
             return "int8 block scales must be finite and non-negative"
         if e.offset is not None and np.any((e.offset & exponent) == exponent):
             return "int8 block offsets must be finite"
+        if e.cols is not None and not (np.all(np.isfinite(e.cols)) and np.all(e.cols >= 0)):
+            return "block column scales must be finite and non-negative"
     return None
 
 
@@ -852,7 +881,7 @@ def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
     A packed byte holds dim j low and dim j + ceil(d/2) high: an arithmetic right shift
     sign-extends the high nibble, a left shift first does the same for the low one.
     """
-    if kind != KIND_I4:
+    if kind not in NIBBLE_KINDS:
         np.copyto(out, codes, casting="unsafe")
         return
     h = codes.shape[0]
@@ -1127,9 +1156,15 @@ def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) ->
         raise PackageError(bad.format("user embedding is not finite"))
     if not spec.mixed and not _all_finite(arrays["blocks"]):
         raise PackageError(bad.format("block values must be finite (found NaN or infinity)"))
+    row_scale = arrays.get("row_scale")
+    if row_scale is not None:
+        bits = row_scale.view("<i2")
+        if np.any(bits < 0) or np.any((bits & 0x7C00) == 0x7C00):
+            raise PackageError(bad.format("row scales must be finite and non-negative"))
+        row_scale = bits
     if spec.mixed:
         problem = _check_entries(_entries(spec, sel, kinds, arrays["blocks"],
-                                          arrays["group_offsets"]))
+                                          arrays["group_offsets"], row_scale=row_scale))
         if problem:
             raise PackageError(bad.format(problem))
     if lay.report.total > lay.budget:

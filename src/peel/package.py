@@ -41,9 +41,12 @@ from peel.budget import (
     KIND_F16,
     KIND_F32,
     KIND_I4,
+    KIND_I4S,
     KIND_I8,
     KIND_I8O,
+    KIND_I8S,
     PRECISIONS,
+    SHARED_KINDS,
     BudgetReport,
     Layout,
     PackageSpec,
@@ -55,7 +58,7 @@ from peel.budget import (
     selection_order,
 )
 from peel.device import write_package
-from peel.quantize import PrecisionError, encode
+from peel.quantize import PrecisionError, encode, row_scales
 
 #: How item blocks meet the user vector in Eq. 10 ("aligned" or "literal", see peel.device).
 #: Stored in every package; chosen by measurement, so change it here only.
@@ -78,7 +81,7 @@ DEFAULT_PRECISION = "int8"
 #: What ``--precision`` / ``precision=`` accept: "auto" or one of the rules.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 _RULE_KIND = {"fp32": KIND_F32, "fp16": KIND_F16, "int8": KIND_I8, "int8o": KIND_I8O,
-              "int4": KIND_I4}
+              "int4": KIND_I4, "int8s": KIND_I8S, "int4s": KIND_I4S}
 #: The kinds the "value" rule chooses among: those of format v4, so its packages stay v4.
 _VALUE_KINDS = KIND_I4
 
@@ -327,12 +330,20 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
         items = np.flatnonzero(arrays.item_group == g)
         if items.size == 0:
             continue
+        shared = None
+        if n_kinds > min(SHARED_KINDS):
+            try:
+                shared = row_scales(arrays.blocks[items])
+            except PrecisionError:
+                errors[g, :, list(SHARED_KINDS)] = 1.0
         for n in range(n_blocks):
             rows = arrays.blocks[items, n, :].astype(np.float64)
             energy = np.einsum("jd,de,je->", rows, grams[n], rows)
             for kind in range(1, n_kinds):
+                if kind in SHARED_KINDS and shared is None:
+                    continue
                 try:
-                    delta = rows - encode(rows, kind).decoded
+                    delta = rows - encode(rows, kind, row_scale=shared).decoded
                 except PrecisionError:
                     errors[g, n, kind] = 1.0
                     continue
@@ -342,19 +353,36 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
     return errors
 
 
-def _block_parts(arrays: GroupArrays, plan: _Plan) -> Iterator[np.ndarray]:
+def shared_row_scales(arrays: GroupArrays, rows: np.ndarray,
+                      offsets: np.ndarray) -> np.ndarray:
+    """The ``row_scale`` array of a shared-scale package: :func:`peel.quantize.row_scales` of
+    each item group's items over all their blocks, in stored row order (``rows``)."""
+    out = np.zeros(arrays.n_items, dtype="<f2")
+    for g in range(len(offsets) - 1):
+        lo, hi = int(offsets[g]), int(offsets[g + 1])
+        if hi > lo:
+            out[lo:hi] = row_scales(arrays.blocks[rows[lo:hi]],
+                                    f"{arrays.source}: item group {g}")
+    return out
+
+
+def _block_parts(arrays: GroupArrays, plan: _Plan,
+                 shared: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """The payload in selection order, one dimension-major (d, items in group) block at a time.
 
     A float32 package yields the float32 blocks; a mixed one each block's stored bytes.
+    ``shared``: the package's ``row_scale`` (shared-scale kinds).
     """
     mixed = plan.layout.spec.mixed
     for (g, n), kind in zip(plan.order.tolist(), plan.kinds.tolist(), strict=True):
-        items = plan.rows[plan.offsets[g]: plan.offsets[g + 1]]
+        lo, hi = int(plan.offsets[g]), int(plan.offsets[g + 1])
+        items = plan.rows[lo:hi]
         if not mixed:
             yield np.take(arrays.blocks[:, n, :].T, items, axis=1)  # one contiguous copy
             continue
         block = encode(arrays.blocks[items, n, :], kind,
-                       f"{arrays.source}: item group {g}, block {n}")
+                       f"{arrays.source}: item group {g}, block {n}",
+                       row_scale=None if shared is None else shared[lo:hi])
         yield from block.payload()
 
 
@@ -407,15 +435,19 @@ def build_package(path: str | os.PathLike[str], arrays: GroupArrays,
     ids, s = _check_optional(arrays, user, item_ids, seen)
     plan = _plan(arrays, budget, user, group, options or DeployOptions(), ids, s)
     label_dtype = plan.layout.spec.label_dtype
+    shared = (shared_row_scales(arrays, plan.rows, plan.offsets)
+              if plan.layout.spec.shared_scale else None)
     contents: dict[str, np.ndarray | Iterator[np.ndarray]] = {
         "group_offsets": plan.offsets,
         "item_group": arrays.item_group.astype(label_dtype),
         "selection": plan.order.astype("<u2"),
         "weights": arrays.alpha[plan.order[:, 0], plan.order[:, 1]].astype("<f4"),
-        "blocks": _block_parts(arrays, plan),
+        "blocks": _block_parts(arrays, plan, shared),
     }
     if plan.layout.spec.mixed:
         contents["kinds"] = plan.kinds.astype("|u1")
+    if shared is not None:
+        contents["row_scale"] = shared
     if ids is not None:
         contents["item_ids"] = ids.astype("<i8")
     if user is not None:
