@@ -376,6 +376,7 @@ class Package:
         entries, off, d = self._kernel(), self.group_offsets, self.spec.block_dim
         f16_order: list[int] = []
         i8_order: list[int] = []
+        s8_order: list[int] = []
         batches: list[_Batch] = []
         current: list[_GroupPlan] = []
         used = [0, 0, 0]  # int32 values (float16 tiles), float32 values (int8 codes), rows
@@ -392,27 +393,31 @@ class Package:
             n = hi - lo
             f32 = [(i, entries[i]) for i in kept if entries[i].kind == KIND_F32]
             f16 = [i for i in kept if entries[i].kind == KIND_F16]
-            i8 = [i for i in kept if entries[i].kind not in (KIND_F32, KIND_F16)]
-            need16, need8 = n * d * len(f16), n * d * len(i8)
+            s8 = [i for i in kept if entries[i].kind in SHARED_KINDS]
+            i8 = [i for i in kept
+                  if entries[i].kind not in (KIND_F32, KIND_F16, *SHARED_KINDS)]
+            need16, need8 = n * d * len(f16), n * d * (len(i8) + len(s8))
             large = max(need16, need8) > _STACK or n > _TILE
             if large or used[0] + need16 > _STACK or used[1] + need8 > _STACK:
                 flush()
             gp = _GroupPlan(lo, hi, f32, [entries[i] for i in f16], [entries[i] for i in i8],
                             any(entries[i].offset is not None for i in i8),
                             used[0], used[1], used[2], len(f16_order), len(i8_order),
-                            f16, i8)
+                            f16, i8, [entries[i] for i in s8], len(s8_order), s8)
             f16_order += f16
             i8_order += i8
+            s8_order += s8
             if large:
                 batches.append(_Batch([gp], True, 0, 0, gp.has_offset))
                 continue
             current.append(gp)
             used[0] += need16
             used[1] += need8
-            used[2] += n * len(i8)
+            used[2] += n * (len(i8) + (len(s8) > 0))  # the shared kinds: one row scale
         flush()
         self._plan = _Plan(batches, np.asarray(f16_order, dtype=np.int64),
-                           np.asarray(i8_order, dtype=np.int64))
+                           np.asarray(i8_order, dtype=np.int64),
+                           np.asarray(s8_order, dtype=np.int64))
         return self._plan
 
     def _row_scores(self, user: np.ndarray, mode: _Mode) -> np.ndarray:
@@ -435,10 +440,11 @@ class Package:
         folded = _FoldedQuery(q) if self.spec.mixed else None
         d = self.spec.block_dim
         scratch = _SCRATCH.get(d, 1, self.spec.n_blocks)
-        q16 = q8 = qsum8 = np.zeros((0, 1, d), dtype=np.float32)  # used by mixed packages only
+        q16 = q8 = qsum8 = qs8 = np.zeros((0, 1, d), dtype=np.float32)  # mixed packages only
         post = np.float32(1)
         if folded is not None:
             q16 = folded.q[plan.f16_order].reshape(-1)
+            qs8 = folded.q[plan.s8_order].reshape(-1)
             q8 = folded.q[plan.i8_order][:, None, :]
             qsum8 = folded.qsum[plan.i8_order][:, None]
             post = folded.post
@@ -466,6 +472,11 @@ class Package:
                             np.copyto(offs[row: row + n], entry.offset, casting="unsafe")
                     at += d * n
                     row += n
+                for entry in gp.s8:  # after the int8 codes; their one row scale after theirs
+                    _widen_codes(entry.values, entry.kind, floats[at: at + d * n].reshape(d, n))
+                    at += d * n
+                if gp.s8:
+                    np.copyto(scl[row: row + n], gp.s8[0].scale, casting="unsafe")
             if batch.f16_values:
                 bits = ints[: batch.f16_values]
                 np.left_shift(bits, _F16_SHIFT, out=bits)
@@ -480,8 +491,8 @@ class Package:
                 n = gp.hi - gp.lo
                 if n == 0:
                     continue
-                k16, k8 = len(gp.f16), len(gp.i8)
-                n_terms = len(gp.f32) + (k16 > 0) + (k8 > 0)
+                k16, k8, ks = len(gp.f16), len(gp.i8), len(gp.s8)
+                n_terms = len(gp.f32) + (k16 > 0) + (k8 > 0) + (ks > 0)
                 out = scores[gp.lo: gp.hi]
                 terms = (out[None, :] if n_terms == 1
                          else scratch.terms[: n_terms * n].reshape(n_terms, n))
@@ -511,6 +522,15 @@ class Package:
                     np.add.reduce(prod, axis=0, out=terms[t])
                     if post != 1:
                         np.multiply(terms[t], post, out=terms[t])
+                    t += 1
+                if ks:  # one product over every shared-scale block, then the row scale once
+                    at = gp.i8_at + k8 * d * n
+                    np.matmul(qs8[gp.s8_q * d: (gp.s8_q + ks) * d],
+                              floats[at: at + ks * d * n].reshape(ks * d, n), out=terms[t])
+                    row = gp.row_at + k8 * n
+                    np.multiply(terms[t], scl[row: row + n].view(np.float32), out=terms[t])
+                    if post != 1:
+                        np.multiply(terms[t], post, out=terms[t])
                 if n_terms > 1:
                     np.add.reduce(terms, axis=0, out=out)
         return scores
@@ -522,7 +542,7 @@ class Package:
         of its float16 / int8 blocks would not fit in cache, and the per-call overhead that
         stacking saves is small against the rows of one block."""
         kept = [*gp.f32, *zip(gp.f16_sel, gp.f16, strict=True),
-                *zip(gp.i8_sel, gp.i8, strict=True)]
+                *zip(gp.i8_sel, gp.i8, strict=True), *zip(gp.s8_sel, gp.s8, strict=True)]
         lo, hi = gp.lo, gp.hi
         for a in range(lo, hi, _TILE):
             b = min(a + _TILE, hi)
@@ -938,6 +958,9 @@ class _GroupPlan(NamedTuple):
     i8_q: int
     f16_sel: list[int]  # selection indices of its float16 / int8 blocks
     i8_sel: list[int]
+    s8: list[_Entry]  # shared-row-scale blocks (after the int8 codes): one product for all
+    s8_q: int
+    s8_sel: list[int]
 
 
 class _Batch(NamedTuple):
@@ -955,6 +978,7 @@ class _Plan(NamedTuple):
     batches: list[_Batch]
     f16_order: np.ndarray  # selection indices of the float16 blocks, in walking order
     i8_order: np.ndarray
+    s8_order: np.ndarray
 
 
 def _check_k(k: int) -> int:
