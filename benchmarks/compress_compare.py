@@ -140,7 +140,8 @@ def write(doc: dict, per_user: dict[str, np.ndarray], out: Path, lightgcn: Path 
 
 
 def merge(folders: list[Path], out: Path, lightgcn: Path | None) -> None:
-    """One seed file from several of the same run and seed (PEEL / pretrained rows agree)."""
+    """One seed file from several of the same run and seed (PEEL / pretrained rows agree); a
+    method's budgets may come from different folders."""
     docs = [json.loads(next(f.glob("seed[0-9]*.json")).read_text()) for f in folders]
     if len({(d["run"], d["seed"], d["split"]) for d in docs}) != 1:
         raise SystemExit("--merge: the folders hold different runs, seeds or splits")
@@ -148,7 +149,8 @@ def merge(folders: list[Path], out: Path, lightgcn: Path | None) -> None:
     seconds: dict[str, float] = {}
     per_user: dict[str, np.ndarray] = {}
     for folder, d in zip(folders, docs, strict=True):
-        doc["methods"].update(d["methods"])
+        for method, rows in d["methods"].items():  # budgets scored in different folders join
+            doc["methods"].setdefault(method, {}).update(rows)
         seconds.update({f"{folder.name}:{k}": v for k, v in d["seconds"].items()})
         with np.load(folder / f"per_user_seed{d['seed']}.npz", allow_pickle=False) as pu:
             per_user.update({k: pu[k] for k in pu.files})
