@@ -247,6 +247,21 @@ def test_v4_files_are_still_written_byte_for_byte_and_open(tmp_path: Path, name:
     assert np.all(np.isfinite(pkg.scores(user)))
 
 
+def test_v5_files_are_still_written_byte_for_byte_and_open(tmp_path: Path) -> None:
+    """tests/fixtures/v5_user.peel, written by peel at commit bad7f2b (the last writer before
+    shared row scales) with ``build_package(.., 1700, user=1, group=0, seen=[3, 5],
+    options=DeployOptions(precision="int4"))`` from :func:`fixture_arrays`."""
+    path = FIXTURES / "v5_user.peel"
+    build_package(tmp_path / "p.peel", fixture_arrays(), 1700, user=1, group=0, seen=[3, 5],
+                  options=DeployOptions(precision="int4"))
+    assert (tmp_path / "p.peel").read_bytes() == path.read_bytes()
+    pkg = open_package(path)
+    assert pkg.spec.version == 5 and pkg.row_scale is None
+    assert pkg.kind_counts() == {"f32": 0, "f16": 0, "i8": 0, "i8o": 0, "i4": pkg.n_selected}
+    assert pkg.shrink(pkg.minimum_budget()).n_selected == 3
+    assert np.all(np.isfinite(pkg.scores()))
+
+
 # ------------------------------------------------------------- precision rules
 
 
