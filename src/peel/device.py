@@ -429,7 +429,9 @@ class Package:
         blocks multiplied by one (blocks x d)-vector: one product per group, not per block.
         The int8 blocks are stacked the same way (codes widened to float32, per-row scales
         widened and shifted once per batch) and multiplied by one batched product per group;
-        the scales then multiply the group's d-dim products, not its d x rows values. Large
+        the scales then multiply the group's d-dim products, not its d x rows values. Blocks
+        whose row scale is shared (``i8s`` / ``i4s``) are stacked after them and need one
+        product for the whole group and one multiply by its rows' scale. Large
         groups go block by block in cache-sized tiles (:meth:`_group_by_block`). Buffers stay
         a few hundred KB (:data:`_STACK`).
         """
