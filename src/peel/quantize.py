@@ -72,12 +72,13 @@ class Encoded:
         return raw + ([np.zeros(pad, dtype=np.uint8)] if pad else [])
 
 
-def _f16_up(values: np.ndarray) -> np.ndarray:
-    """Float16 of non-negative ``values``, one step up wherever rounding went below them."""
-    h = values.astype(np.float16)
+def _round_up(values: np.ndarray, dtype: str = "<f2") -> np.ndarray:
+    """``values`` (non-negative) as ``dtype``, one step up wherever rounding went below them,
+    so a scale never makes a code exceed its range."""
+    h = values.astype(dtype)
     low = h.astype(np.float64) < values
     if low.any():
-        h[low] = np.nextafter(h[low], np.float16(np.inf))
+        h[low] = np.nextafter(h[low], np.array(np.inf, dtype=dtype))
     return h
 
 
@@ -106,7 +107,7 @@ def row_scales(x: np.ndarray, where: str = "item group") -> np.ndarray:
         ratio = np.where(col > 0, np.abs(rows) / np.where(col > 0, col, 1), 0)
     peak = ratio.reshape(rows.shape[0], -1).max(axis=1, initial=0.0)
     _check_range(peak, F16_MAX, "a shared row scale of", where)
-    return _f16_up(peak).astype("<f2")
+    return _round_up(peak)
 
 
 def _encode_shared(rows: np.ndarray, kind: int, row_scale: np.ndarray | None,
@@ -119,10 +120,7 @@ def _encode_shared(rows: np.ndarray, kind: int, row_scale: np.ndarray | None,
     top = CODE_MAX_4 if kind == KIND_I4S else CODE_MAX
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(r > 0, rows / np.where(r > 0, r, 1), 0.0)
-    col64 = np.abs(y).max(axis=0, initial=0.0) / top
-    col = col64.astype("<f4")
-    low = col.astype(np.float64) < col64
-    col[low] = np.nextafter(col[low], np.float32(np.inf))
+    col = _round_up(np.abs(y).max(axis=0, initial=0.0) / top, "<f4")
     c = col.astype(np.float64)[None, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.where(c > 0, np.rint(y / np.where(c > 0, c, 1)), 0)
@@ -161,7 +159,7 @@ def encode(x: np.ndarray, kind: int, where: str = "block",
                          f"[0, {len(BLOCK_KINDS)})")
     top = CODE_MAX_4 if kind == KIND_I4 else CODE_MAX
     _check_range(radius / top, F16_MAX, "a quantisation scale of", where)
-    scale = _f16_up(radius / top).astype("<f2")
+    scale = _round_up(radius / top)
     s = scale.astype(np.float64)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         codes = np.where(s > 0, np.rint((rows - offset[:, None]) / np.where(s > 0, s, 1)), 0)
