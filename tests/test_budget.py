@@ -138,7 +138,8 @@ specs = st.builds(
     user_stored=st.booleans(),
     n_seen=st.integers(0, 5),
     item_ids=st.booleans(),
-    precision=st.sampled_from(["fp32", "fp32", "int8", "value", "int4", "int8s", "int4s"]),
+    precision=st.sampled_from(["fp32", "fp32", "int8", "value", "int4", "int8s", "int4s",
+                               "int4r50"]),
 )
 
 

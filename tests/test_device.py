@@ -51,10 +51,13 @@ def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndar
                        similarity: str, weighting: str = "none",
                        scale: str = "eq10") -> np.ndarray:
     """Eq. 10 item by item, straight from the paper's text, in float64 (``scale="none"``
-    leaves out the factor max_k |S_k| / |S_g|)."""
+    leaves out the factor max_k |S_k| / |S_g|); ``arrays`` hold a refined block's values with
+    its refinement (:func:`stored_arrays`)."""
     n_groups, n_blocks = arrays.alpha.shape
     d = arrays.blocks.shape[2]
-    chosen = {g: [int(n) for gg, n in selection if gg == g] for g in range(n_groups)}
+    # a refined block (listed again with kind "r4s") is still one block of Eq. 10
+    chosen = {g: list(dict.fromkeys(int(n) for gg, n in selection if gg == g))
+              for g in range(n_groups)}
     most = max(len(v) for v in chosen.values())
     u = user.astype(np.float64)
     out = np.zeros(arrays.n_items)
@@ -74,7 +77,8 @@ def brute_force_scores(arrays: GroupArrays, selection: np.ndarray, user: np.ndar
     return out
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s"])
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s",
+                                       "int4r50", "int4r100"])
 @pytest.mark.parametrize("scale", ["eq10", "none"])
 @pytest.mark.parametrize("similarity", ["aligned", "literal"])
 def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: str,
@@ -86,12 +90,15 @@ def test_scores_match_eq10_brute_force(tmp_path: Path, similarity: str, scale: s
     raw = check_group_arrays(np.tanh(rng.standard_normal((n_items, 4, 3))) + 0.3,
                              rng.random((5, 4)), groups, np.arange(3),
                              rng.standard_normal((3, 12)))
-    budget = 0.5 if precision == "int4s" else 0.6  # some item groups keep fewer blocks
+    # some item groups keep fewer blocks (and with int4r*, some blocks their refinement)
+    budget = 0.5 if precision == "int4s" else 0.6
     pkg = _build(tmp_path, raw, budget, similarity=similarity, weighting="none", scale=scale,
                  user=1, precision=precision)
     assert (pkg.similarity, pkg.scale, pkg.precision) == (similarity, scale, precision)
     arrays = stored_arrays(raw, pkg)
     assert len({s.size for s in pkg.block_sets()}) > 1  # the Eq. 10 factor matters here
+    if precision.startswith("int4r"):
+        assert 0 < pkg.refinements().sum() < pkg.n_selected - pkg.spec.n_groups
     for u in range(3):
         expected = brute_force_scores(arrays, pkg.selection, arrays.user_emb[u], similarity,
                                       scale=scale)
@@ -137,18 +144,20 @@ def test_stored_alpha_weighting_is_used(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 1e-5), ("fp16", 2e-3),
                                                      ("int8", 2e-2), ("int8o", 2e-2),
                                                      ("int4", 0.25), ("int8s", 2e-2),
-                                                     ("int4s", 0.35)])
+                                                     ("int4s", 0.35), ("int4r50", 2e-2)])
 def test_full_budget_aligned_equals_plain_dot_product(tmp_path: Path, precision: str,
                                                       tolerance: float) -> None:
     arrays = synthetic_group(n_items=50, n_blocks=4, block_dim=2, n_item_groups=3, n_users=2)
     pkg = _build(tmp_path, arrays, "1MB", weighting="none", precision=precision)
-    assert pkg.n_selected == 12  # every block fits, so every factor is 1
+    assert pkg.n_selected == pkg.spec.n_pairs  # every block fits, so every factor is 1
+    assert sum(s.size for s in pkg.block_sets()) == 12
     full = arrays.blocks.reshape(50, 8) @ arrays.user_emb[0]
     np.testing.assert_allclose(pkg.scores(arrays.user_emb[0]), full, rtol=tolerance,
                                atol=tolerance)
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8", "int8o", "int4", "int8s", "int4s"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "int8o", "int4", "int8s", "int4s",
+                                       "int4r100"])
 def test_quantised_kernels_with_large_tiles_and_extreme_users(tmp_path: Path,
                                                               precision: str) -> None:
     """Blocks longer than one decode tile, and user vectors large enough that the 2^112
@@ -333,7 +342,7 @@ def test_device_never_imports_torch_or_scipy(group: GroupArrays, tmp_path: Path)
     assert "LOADED []" in out.stdout, out.stdout + out.stderr
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8o", "int4", "int4s"])
+@pytest.mark.parametrize("precision", ["fp16", "int8o", "int4", "int4s", "int4r50"])
 def test_many_users_at_once_in_bounded_memory(tmp_path: Path, precision: str) -> None:
     arrays = synthetic_group(n_items=3000, n_blocks=2, block_dim=4, n_item_groups=2,
                              n_users=300, seed=4)
@@ -351,7 +360,7 @@ def reference_rank(pkg: Package, user: np.ndarray, k: int,
     spec = pkg.spec
     u = user.astype(np.float64).reshape(spec.n_blocks, spec.block_dim)
     rows = np.zeros(spec.n_items)
-    for g, n in pkg.selection.tolist():
+    for g, n in dict.fromkeys(map(tuple, pkg.selection.tolist())):  # a refined block once
         lo, hi = int(pkg.group_offsets[g]), int(pkg.group_offsets[g + 1])
         rows[lo:hi] += pkg.item_blocks(g, n).astype(np.float64) @ u[n]
     perm = np.argsort(pkg.item_group, kind="stable")  # stored rows -> item indices
@@ -363,7 +372,7 @@ def reference_rank(pkg: Package, user: np.ndarray, k: int,
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s",
-                                       "value"])
+                                       "value", "int4r25"])
 @pytest.mark.parametrize("path", ["stacked", "by_block"])
 def test_fast_kernel_matches_a_reference_ranking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  precision: str, path: str) -> None:

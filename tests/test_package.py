@@ -57,8 +57,9 @@ def test_file_size_matches_the_accounting(group: GroupArrays, tmp_path: Path) ->
 #: Largest |stored - true| of one value, relative to its row's largest |value|, per kind.
 TOLERANCE = {"f32": 0.0, "f16": 2.0**-11, "i8": 0.5 / 127 * 1.001, "i8o": 1.0 / 127 * 1.001,
              "i4": 0.5 / 7 * 1.001}  # half a code step of the row's peak
-#: The largest code of each shared-scale kind.
-SHARED_TOP = {"i8s": 127, "i4s": 7}
+#: The largest code of each shared-scale kind; "r4s": a 4-bit block with its refinement, whose
+#: error is within half a step of a 15-level code of the block's half step (7 x 14 levels).
+SHARED_TOP = {"i8s": 127, "i4s": 7, "r4s": 98}
 
 
 @pytest.mark.parametrize("precision", PRECISION_CHOICES)
@@ -72,15 +73,17 @@ def test_package_round_trip_and_grouped_layout(group: GroupArrays, tmp_path: Pat
     assert pkg.scale == DEFAULT_SCALE
     rule = DEFAULT_PRECISION if precision == "auto" else precision
     assert pkg.precision == rule
-    assert pkg.spec.version == {"fp32": 3, "int4": 5, "int8s": 6, "int4s": 6}.get(rule, 4)
+    assert pkg.spec.version == {"fp32": 3, "int4": 5, "int8s": 6, "int4s": 6}.get(
+        rule, 7 if rule.startswith("int4r") else 4)
     np.testing.assert_array_equal(pkg.weights, group.alpha[pkg.selection[:, 0],
                                                             pkg.selection[:, 1]].astype(np.float32))
     np.testing.assert_array_equal(pkg.user_emb, group.user_emb[3])
+    refined = {tuple(p) for p in pkg.selection[pkg.refinements()].tolist()}
     for (g, n), kind in zip(pkg.selection.tolist(), pkg.kinds.tolist(), strict=True):
         items = np.flatnonzero(group.item_group == g)  # stored grouped, by item index
         true = group.blocks[items, n, :]
-        stored = pkg.item_blocks(g, n)
-        name = BLOCK_KINDS[kind]
+        stored = pkg.item_blocks(g, n)  # a refined block: with its refinement
+        name = "r4s" if (g, n) in refined else BLOCK_KINDS[kind]
         if name in SHARED_TOP:  # half a code step of row scale x column scale
             r = pkg.row_scale[pkg.group_offsets[g]: pkg.group_offsets[g + 1]]
             r = r.astype(np.float64)[:, None]
@@ -103,7 +106,8 @@ def test_smaller_budget_is_a_byte_prefix(group: GroupArrays, tmp_path: Path,
     options = DeployOptions(precision=precision)
     build_package(tmp_path / "big.peel", group, 0.8, options=options)
     # at 30% every 4-bit block fits, and every int8 one with shared scales
-    smaller = {"int4": 0.15, "int8s": 0.15, "int4s": 0.1}.get(precision, 0.3)
+    smaller = {"int4": 0.15, "int8s": 0.15, "int4s": 0.1}.get(
+        precision, 0.15 if precision.startswith("int4r") else 0.3)
     build_package(tmp_path / "small.peel", group, smaller, options=options)
     big, small = open_package(tmp_path / "big.peel"), open_package(tmp_path / "small.peel")
     assert small.n_selected < big.n_selected
@@ -202,7 +206,7 @@ def test_shared_scale_packages_are_v6_with_one_row_scale_per_item(
     raw = (tmp_path / "p.peel").read_bytes()
     header = json.loads(raw[64: 64 + int.from_bytes(raw[12:16], "little")])
     assert header["version"] == 6 == int.from_bytes(raw[8:12], "little")
-    assert header["block_kinds"] == list(BLOCK_KINDS)
+    assert header["block_kinds"] == list(BLOCK_KINDS[:7])  # v6: without "r4s"
     assert header["arrays"]["row_scale"] == {"dtype": "<f2", "shape": [group.n_items],
                                              "offset": header["arrays"]["row_scale"]["offset"]}
     pkg = open_package(tmp_path / "p.peel")
@@ -262,7 +266,70 @@ def test_v5_files_are_still_written_byte_for_byte_and_open(tmp_path: Path) -> No
     assert np.all(np.isfinite(pkg.scores()))
 
 
+def test_v6_files_are_still_written_byte_for_byte_and_open(tmp_path: Path) -> None:
+    """tests/fixtures/v6_user.peel, written by peel at commit c63aff2 (the last writer before
+    4-bit refinements) with ``build_package(.., 1700, user=1, group=0, seen=[3, 5],
+    options=DeployOptions(precision="int8s"))`` from :func:`fixture_arrays`."""
+    path = FIXTURES / "v6_user.peel"
+    build_package(tmp_path / "p.peel", fixture_arrays(), 1700, user=1, group=0, seen=[3, 5],
+                  options=DeployOptions(precision="int8s"))
+    assert (tmp_path / "p.peel").read_bytes() == path.read_bytes()
+    pkg = open_package(path)
+    assert pkg.spec.version == 6 and pkg.row_scale is not None
+    assert list(pkg.kind_counts()) == list(BLOCK_KINDS[:7])  # no "r4s" in a v6 table
+    assert pkg.kind_counts()["i8s"] == pkg.n_selected
+    assert pkg.shrink(pkg.minimum_budget()).n_selected == 3
+    assert np.all(np.isfinite(pkg.scores()))
+
+
 # ------------------------------------------------------------- precision rules
+
+
+@pytest.mark.parametrize("rule", ["int4r0", "int4r25", "int4r50", "int4r100"])
+def test_refined_order_lists_every_block_then_its_refinement(group: GroupArrays,
+                                                            rule: str) -> None:
+    order, kinds = precision_order(group, rule)
+    n_groups, n_blocks = group.alpha.shape
+    assert len(order) == 2 * n_groups * n_blocks
+    pairs = order[:, 0] * n_blocks + order[:, 1]
+    base, refine = kinds == BLOCK_KINDS.index("i4s"), kinds == BLOCK_KINDS.index("r4s")
+    assert np.all(base | refine)
+    assert sorted(pairs[base].tolist()) == sorted(pairs[refine].tolist()) == list(
+        range(n_groups * n_blocks))
+    assert sorted(order[:n_groups, 0].tolist()) == list(range(n_groups)) and base[:n_groups].all()
+    first = {p: i for i, p in reversed(list(enumerate(pairs.tolist())))}
+    assert all(first[p] < i for i, p in enumerate(pairs.tolist()) if refine[i])
+    weights = group.alpha[order[:, 0], order[:, 1]]
+    tail = np.where(base, weights, float(rule[5:]) / 100 * weights)[n_groups:]
+    assert np.all(np.diff(tail) <= 1e-12)  # by (discounted) weight, descending
+    if rule == "int4r0":  # every block before any refinement
+        assert base[: n_groups * n_blocks].all()
+
+
+def test_refinement_is_a_second_4bit_term_of_the_same_block(group: GroupArrays) -> None:
+    from peel.quantize import encode, row_scales
+
+    items = np.flatnonzero(group.item_group == 1)
+    x = group.blocks[items].astype(np.float64)
+    scale = row_scales(x)
+    base = encode(x[:, 2], BLOCK_KINDS.index("i4s"), row_scale=scale)
+    more = encode(x[:, 2], BLOCK_KINDS.index("r4s"), row_scale=scale)
+    assert more.nbytes == base.nbytes  # the same layout: column scales, then packed codes
+    rest = np.abs(x[:, 2] - base.decoded).max()
+    assert rest > 0
+    assert np.abs(x[:, 2] - base.decoded - more.decoded).max() < rest / 7  # ~8 bits in all
+    errors = quantisation_errors(group)
+    i4s, r4s = BLOCK_KINDS.index("i4s"), BLOCK_KINDS.index("r4s")
+    assert np.all(errors[:, :, r4s] < errors[:, :, i4s] / 5)
+
+
+def test_kept_pairs_lists_a_refined_block_once(group: GroupArrays) -> None:
+    from peel.package import kept_pairs
+
+    d = group.blocks.shape[2]
+    pairs = kept_pairs(group.alpha, group.item_group, d, 1.0, DeployOptions(precision="int4r50"))
+    assert len(pairs) == group.alpha.size
+    assert len({tuple(p) for p in pairs.tolist()}) == group.alpha.size
 
 
 def test_value_rule_measures_errors_and_pays_for_precision_only_where_it_matters() -> None:
@@ -546,6 +613,11 @@ def _resigned(raw: bytes) -> bytes:
     ("fp16", lambda k, b: (b.__setitem__(slice(0, 2), b"\x00\x7e"), None), "float16 block"),
     ("int8s", lambda k, b: (b.__setitem__(slice(0, 4), b"\x00\x00\xc0\x7f"), None),
      "column scales must be finite"),
+    # the synthetic group's int4r100 order: six blocks, three refinements, block (1, 7) at 9
+    # and its refinement at 10
+    ("int4r100", lambda k, b: (k.__setitem__(9, 5), None), "refinement without its 4-bit"),
+    ("int4r100", lambda k, b: (k.__setitem__(9, 7), None), "selected twice"),
+    ("int4r100", lambda k, b: (k.__setitem__(0, 7), None), "first block of each item group"),
 ])
 def test_v4_content_checks(group: GroupArrays, tmp_path: Path, precision: str, edit: object,
                            message: str) -> None:

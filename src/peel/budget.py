@@ -36,15 +36,18 @@ FORMAT_NAME = "peel-package"
 #: v4: kept blocks may be float16 or int8 (a ``kinds`` array says which); v3: the header records
 #: Eq. 10's scale; v2: blocks stored (d, rows). A float32-only package (``precision="fp32"``)
 #: is still written as v3, byte for byte what earlier versions wrote, so older readers open it.
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
 LEGACY_VERSION = 3
 #: v5 adds the 4-bit block kind ("i4", precision "int4"); v6 the kinds whose item-row scale is
 #: shared by all of an item's blocks ("i8s" / "i4s", precisions "int8s" / "int4s") and the
-#: ``row_scale`` array that holds it. Packages of every other precision are still written as
-#: v4 (or v3), byte for byte what earlier versions wrote.
+#: ``row_scale`` array that holds it; v7 the 4-bit refinement kind ("r4s", the ``int4r*``
+#: precisions), a second 4-bit term of a block already kept as "i4s". Packages of every other
+#: precision are still written as v6, v5, v4 (or v3), byte for byte what earlier versions wrote.
 MIXED_VERSION = 4
 INT4_VERSION = 5
-READABLE_VERSIONS = (LEGACY_VERSION, MIXED_VERSION, INT4_VERSION, FORMAT_VERSION)
+SHARED_VERSION = 6
+READABLE_VERSIONS = (LEGACY_VERSION, MIXED_VERSION, INT4_VERSION, SHARED_VERSION,
+                     FORMAT_VERSION)
 MAGIC = b"PEELPKG\x00"
 #: magic, format version, JSON header length, payload length, budget in bytes, sha256 digest.
 PREAMBLE = struct.Struct("<8sIIQQ32s")
@@ -67,30 +70,39 @@ SELECTIONS = ("importance", "random")
 #: row, two codes a byte (byte j holds dims j and j + ceil(d/2)); "i8s" / "i4s" int8 / 4-bit
 #: codes whose item-row scale is the package's ``row_scale`` (one float16 per item, shared by
 #: all of the item's blocks) times a float32 scale per block dimension stored with the block
-#: (x[i, j] ~ row_scale[i] * col_scale[j] * code). Every kind is stored dimension-major,
-#: (d or ceil(d/2) rows, items in group).
-BLOCK_KINDS = ("f32", "f16", "i8", "i8o", "i4", "i8s", "i4s")
-KIND_F32, KIND_F16, KIND_I8, KIND_I8O, KIND_I4, KIND_I8S, KIND_I4S = range(7)
+#: (x[i, j] ~ row_scale[i] * col_scale[j] * code); "r4s" a 4-bit refinement of a block kept
+#: earlier in the selection as "i4s": codes of what the "i4s" codes left over, stored like
+#: "i4s" with their own column scales and the same row scale, and added to the block's values
+#: (so a block with its refinement holds about 8 bits a value). Every kind is stored
+#: dimension-major, (d or ceil(d/2) rows, items in group).
+BLOCK_KINDS = ("f32", "f16", "i8", "i8o", "i4", "i8s", "i4s", "r4s")
+KIND_F32, KIND_F16, KIND_I8, KIND_I8O, KIND_I4, KIND_I8S, KIND_I4S, KIND_R4S = range(8)
 #: The kinds whose row scale is the shared ``row_scale`` array.
-SHARED_KINDS = (KIND_I8S, KIND_I4S)
+SHARED_KINDS = (KIND_I8S, KIND_I4S, KIND_R4S)
 #: The 4-bit kinds (two codes a byte).
-NIBBLE_KINDS = (KIND_I4, KIND_I4S)
+NIBBLE_KINDS = (KIND_I4, KIND_I4S, KIND_R4S)
+#: The kinds that add to a block already selected instead of being a block of their own.
+REFINE_KINDS = (KIND_R4S,)
 
 
 def kind_table(version: int) -> tuple[str, ...]:
     """The block kinds a package of format ``version`` names (v3 / v4: the first four; v5 adds
-    "i4", v6 "i8s" and "i4s"; a v3 package holds float32 blocks only)."""
-    if version >= FORMAT_VERSION:
-        return BLOCK_KINDS
-    return BLOCK_KINDS[: KIND_I8S if version == INT4_VERSION else KIND_I4]
+    "i4", v6 "i8s" and "i4s", v7 "r4s"; a v3 package holds float32 blocks only)."""
+    return BLOCK_KINDS[: {FORMAT_VERSION: KIND_R4S + 1, SHARED_VERSION: KIND_R4S,
+                          INT4_VERSION: KIND_I8S}.get(version, KIND_I4)]
 #: Package precision rules (``peel.package`` resolves "auto" to the validated default):
 #: "fp32" every block float32 (format v3); "fp16" / "int8" / "int8o" / "int4" / "int8s" /
 #: "int4s" every block of that kind ("s": the item-row scale shared across blocks, format v6);
 #: "value" per block the kind of highest importance-per-byte after its measured quantisation
-#: error, blocks ordered by that value per byte.
-PRECISIONS = ("fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s", "value")
+#: error, blocks ordered by that value per byte; "int4rP" (format v7) every block as "i4s"
+#: and, in the same order, a 4-bit refinement ("r4s") of each, a refinement ranked as if its
+#: weight were P% of its block's (:data:`REFINE_DISCOUNTS`): int4r0 puts every refinement
+#: after every block, int4r100 each refinement right after its block.
+REFINE_DISCOUNTS = {"int4r0": 0.0, "int4r25": 0.25, "int4r50": 0.5, "int4r100": 1.0}
+PRECISIONS = ("fp32", "fp16", "int8", "int8o", "int4", "int8s", "int4s", "value",
+              *REFINE_DISCOUNTS)
 #: The precisions whose blocks share one float16 scale per item (a ``row_scale`` array).
-SHARED_PRECISIONS = ("int8s", "int4s")
+SHARED_PRECISIONS = ("int8s", "int4s", *REFINE_DISCOUNTS)
 #: Each stored block starts on this many bytes, so float32 / float16 views stay aligned.
 BLOCK_ALIGN = 4
 MB = 1_000_000
@@ -292,11 +304,13 @@ class PackageSpec:
     def version(self) -> int:
         """The format version this package is written in: v3 when every block is float32, v5
         when blocks are 4-bit (the only kind v4 readers do not know), v6 when item rows share
-        one scale, v4 otherwise."""
+        one scale, v7 when blocks may be refined, v4 otherwise."""
         if self.precision == "fp32":
             return LEGACY_VERSION
-        if self.precision in SHARED_PRECISIONS:
+        if self.refined:
             return FORMAT_VERSION
+        if self.precision in SHARED_PRECISIONS:
+            return SHARED_VERSION
         return INT4_VERSION if self.precision == "int4" else MIXED_VERSION
 
     @property
@@ -308,6 +322,17 @@ class PackageSpec:
     def mixed(self) -> bool:
         """Whether blocks may be stored at other precisions than float32 (format v4)."""
         return self.version >= 4
+
+    @property
+    def refined(self) -> bool:
+        """Whether blocks may be kept a second time as a refinement ("r4s", format v7)."""
+        return self.precision in REFINE_DISCOUNTS
+
+    @property
+    def n_pairs(self) -> int:
+        """Entries of the full selection order: every (item group, block) pair, twice when
+        each may also be refined."""
+        return self.n_groups * self.n_blocks * (2 if self.refined else 1)
 
     @property
     def shared_scale(self) -> bool:
@@ -497,7 +522,7 @@ def layout(spec: PackageSpec, n_selected: int, block_size: int, budget: int) -> 
     report = BudgetReport(
         budget=int(budget),
         n_selected=n_selected,
-        n_candidates=spec.n_groups * spec.n_blocks,
+        n_candidates=spec.n_pairs,
         item_blocks=sizes["blocks"] + sizes.get("row_scale", 0),
         user_embedding=sizes.get("user_emb", reserved_user),
         item_index=sizes["group_offsets"] + sizes["item_group"],
@@ -516,7 +541,8 @@ def row_bytes(kind: int, block_dim: int) -> int:
     """Bytes one item takes in a block of ``kind``: its d values, plus its scale and offset
     (the shared kinds' row scale is the package's ``row_scale``, paid once per item)."""
     return (4 * block_dim, 2 * block_dim, block_dim + 2, block_dim + 4,
-            (block_dim + 1) // 2 + 2, block_dim, (block_dim + 1) // 2)[kind]
+            (block_dim + 1) // 2 + 2, block_dim, (block_dim + 1) // 2,
+            (block_dim + 1) // 2)[kind]
 
 
 def block_extra(kind: int, block_dim: int) -> int:

@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--precision", default=None, metavar="RULES",
                     help="also evaluate PEEL with kept blocks stored by these precision rules "
                          "(comma-separated: auto, fp32, fp16, int8, int8o, int4, int8s, int4s, "
-                         "value; the run's "
+                         "value, int4r0, int4r25, int4r50, int4r100; the run's "
                          "own is [deploy] precision, default auto)")
     ev.add_argument("--split", default="test", choices=["test", "valid"],
                     help="valid: for choosing settings (nothing is saved)")

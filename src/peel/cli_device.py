@@ -67,7 +67,8 @@ def _add_deploy(subparsers: Any) -> None:
                    help="how kept blocks are stored: fp32 (format v3, as before), fp16, int8 / "
                         "int8o (per-row float16 scale / and offset), int4 (4-bit, per-row "
                         "scale; format v5), int8s / int4s (one scale per item shared by its "
-                        "blocks; format v6), value (per block, best "
+                        "blocks; format v6), int4rP (4-bit blocks, then 4-bit refinements "
+                        "ranked at P%% of their block's weight; format v7), value (per block, best "
                         f"value per byte); auto = {DEFAULT_PRECISION}; default: the run's "
                         "[deploy] precision")
     p.add_argument("--partial", action="store_true",

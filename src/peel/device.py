@@ -66,12 +66,14 @@ from peel.budget import (
     HASHED_PREAMBLE,
     KIND_F16,
     KIND_F32,
+    KIND_I4S,
     KIND_I8O,
     MAGIC,
     NIBBLE_KINDS,
     PREAMBLE,
     PREAMBLE_BYTES,
     READABLE_VERSIONS,
+    REFINE_KINDS,
     SCALES,
     SHARED_KINDS,
     SIMILARITIES,
@@ -201,7 +203,8 @@ class Package:
         self._plan: _Plan | None = None
         self._cols: np.ndarray | None = None
         self._rows = prefix_sizes(self.spec, self.selection, self.kinds)
-        counts = np.bincount(self.selection[:, 0].astype(np.int64), minlength=self.spec.n_groups)
+        blocks = self.selection[~self.refinements(), 0].astype(np.int64)
+        counts = np.bincount(blocks, minlength=self.spec.n_groups)
         self.factors: np.ndarray = counts.max() / counts
         """Eq. 10's max_k |S_k| / |S_g| for every item group g (applied when scale="eq10")."""
 
@@ -248,27 +251,38 @@ class Package:
 
         return minimum_budget(self.spec, self.selection, self.kinds)
 
+    def refinements(self) -> np.ndarray:
+        """Which selected entries refine a block kept before them (kind "r4s") rather than
+        being a block of their own."""
+        return np.isin(self.kinds, REFINE_KINDS)
+
     def block_sets(self) -> list[np.ndarray]:
-        """The selected block indices of every item group, in selection order."""
-        sel = self.selection.astype(np.int64)
+        """The selected block indices of every item group, in selection order (a refined
+        block once)."""
+        sel = self.selection[~self.refinements()].astype(np.int64)
         return [sel[sel[:, 0] == g, 1] for g in range(self.spec.n_groups)]
 
     def item_blocks(self, group: int, block: int) -> np.ndarray | None:
         """The (items in group, d) values of one selected block, rows in stored item order:
-        a view for a float32 block, the decoded float32 values (a copy) otherwise."""
+        a view for a float32 block, the decoded float32 values (a copy) otherwise, its
+        refinement added when the package holds one."""
         hits = np.flatnonzero((self.selection[:, 0] == group) & (self.selection[:, 1] == block))
         if hits.size == 0:
             return None
-        entry = self._kernel()[int(hits[0])]
-        if entry.kind == KIND_F32:
-            return entry.values.T
+        entries = [self._kernel()[int(i)] for i in hits]
+        if entries[0].kind == KIND_F32:
+            return entries[0].values.T
         from peel.quantize import decode
 
-        values = entry.values.view(np.float16) if entry.kind == KIND_F16 else entry.values
-        scale = None if entry.scale is None else entry.scale.view(np.float16)
-        offset = None if entry.offset is None else entry.offset.view(np.float16)
-        return decode(entry.kind, values, scale, offset, d=self.spec.block_dim,
-                      col_scale=entry.cols)
+        total = None
+        for entry in entries:
+            values = entry.values.view(np.float16) if entry.kind == KIND_F16 else entry.values
+            scale = None if entry.scale is None else entry.scale.view(np.float16)
+            offset = None if entry.offset is None else entry.offset.view(np.float16)
+            x = decode(entry.kind, values, scale, offset, d=self.spec.block_dim,
+                       col_scale=entry.cols)
+            total = x if total is None else total + x
+        return total
 
     def describe(self) -> dict[str, Any]:
         """Header facts plus the budget report, for ``--json`` output and logs."""
@@ -294,7 +308,7 @@ class Package:
         equals, block for block and byte for byte once saved, a package built at that budget.
         """
         nbytes = parse_budget(budget, full_table_bytes(self.n_items, self.spec.dim))
-        complete = self.n_selected == self.spec.n_groups * self.spec.n_blocks
+        complete = self.n_selected == self.spec.n_pairs
         if nbytes > self.budget and not complete:
             raise PackageError(
                 f"{self.source}: cannot grow from {self.budget:,} B to {nbytes:,} B on the "
@@ -1152,6 +1166,27 @@ def _opt_int(value: Any) -> int | None:
     return None if value is None else _int(value)
 
 
+def _check_pairs(pairs: np.ndarray, kinds: np.ndarray | None, n_groups: int) -> str | None:
+    """What is wrong with the selection's pairs, if anything: each block is selected once, and
+    a refinement ("r4s") only after its own block, which is stored as "i4s"."""
+    refine = (np.zeros(pairs.size, dtype=bool) if kinds is None
+              else np.isin(kinds, REFINE_KINDS))
+    if refine[:n_groups].any():
+        return "a refinement among the first block of each item group"
+    blocks, extra = pairs[~refine], pairs[refine]
+    if np.unique(blocks).size != blocks.size or np.unique(extra).size != extra.size:
+        return "a block is selected twice"
+    if not refine.any():
+        return None
+    assert kinds is not None
+    where = {int(p): i for i, p in enumerate(pairs.tolist()) if not refine[i]}
+    for i in np.flatnonzero(refine).tolist():
+        base = where.get(int(pairs[i]))
+        if base is None or base > i or int(kinds[base]) != KIND_I4S:
+            return "a refinement without its 4-bit block before it"
+    return None
+
+
 def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) -> None:
     """Semantic checks the checksum cannot give: a well-formed file with impossible content."""
     spec = lay.spec
@@ -1162,11 +1197,12 @@ def _check_contents(lay: Layout, arrays: Mapping[str, np.ndarray], name: str) ->
         raise PackageError(bad.format("selection out of range"))
     if np.unique(sel[: spec.n_groups, 0]).size != spec.n_groups:
         raise PackageError(bad.format("some item group has no block"))
-    if np.unique(sel[:, 0] * spec.n_blocks + sel[:, 1]).size != sel.shape[0]:
-        raise PackageError(bad.format("a block is selected twice"))
     kinds = arrays.get("kinds")
     if kinds is not None and np.any(kinds >= len(spec.block_kinds)):
         raise PackageError(bad.format("unknown block kind"))
+    problem = _check_pairs(sel[:, 0] * spec.n_blocks + sel[:, 1], kinds, spec.n_groups)
+    if problem:
+        raise PackageError(bad.format(problem))
     unit = 1 if spec.mixed else spec.block_dim
     if int(prefix_sizes(spec, sel, kinds)[-1]) * unit != arrays["blocks"].size:
         raise PackageError(bad.format("block payload size does not match the selection"))

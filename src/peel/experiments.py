@@ -288,7 +288,7 @@ def _peel_group_steps(arrays: Any, chain: _GroupChain, sized: list[tuple[int, st
     pkg: Package | None = None
     for i, (nbytes, _label) in enumerate(sized):
         path = tmp / f"g{chain.group}_s{i}.peel"
-        complete = pkg is not None and pkg.n_selected == pkg.spec.n_groups * pkg.spec.n_blocks
+        complete = pkg is not None and pkg.n_selected == pkg.spec.n_pairs
         if pkg is not None and (nbytes <= pkg.budget or complete):
             seconds, pkg = _median_seconds(lambda p=pkg, b=nbytes: p.shrink(b), reps)
             yield "shrink on device", seconds, 0, pkg.report.file_bytes, pkg

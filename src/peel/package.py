@@ -45,7 +45,9 @@ from peel.budget import (
     KIND_I8,
     KIND_I8O,
     KIND_I8S,
+    KIND_R4S,
     PRECISIONS,
+    REFINE_DISCOUNTS,
     SHARED_KINDS,
     BudgetReport,
     Layout,
@@ -231,7 +233,8 @@ def kept_pairs(alpha: np.ndarray, item_group: np.ndarray, block_dim: int,
 
     Exactly the device's byte-exact selection (header, index and user vector included), so
     training and early stopping can score the blocks a device would really get. Only the
-    precision rules that do not look at block values work here (not "value").
+    precision rules that do not look at block values work here (not "value"). A block kept
+    with its refinement (``int4r*``) is listed once.
     """
     rule = resolve_precision((options or DeployOptions()).precision)
     if rule == "value":
@@ -242,7 +245,11 @@ def kept_pairs(alpha: np.ndarray, item_group: np.ndarray, block_dim: int,
     arrays = GroupArrays(np.broadcast_to(np.float32(0), shape),
                          np.asarray(alpha, np.float64), np.asarray(item_group, np.int64),
                          np.zeros(0, np.int64), np.zeros((0, alpha.shape[1] * block_dim)))
-    return _plan(arrays, budget, None, group, options or DeployOptions(), None, None).order
+    order = _plan(arrays, budget, None, group, options or DeployOptions(), None, None).order
+    if len(order) == 0:
+        return order
+    _, first = np.unique(order[:, 0] * alpha.shape[1] + order[:, 1], return_index=True)
+    return order[np.sort(first)]  # a refined block is still one block
 
 
 def _plan(arrays: GroupArrays, budget: int | float | str, user: int | None,
@@ -283,8 +290,10 @@ def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SI
     value = alpha * (1 - measured quantisation error) (:func:`quantisation_errors`), and
     orders the pairs by that value per byte (each item group's best pair first, as
     :func:`peel.budget.selection_order` does for alpha); ``selection="random"`` keeps its
-    random order.
+    random order. The refinement rules (:func:`refined_order`) list every pair twice.
     """
+    if rule in REFINE_DISCOUNTS:
+        return refined_order(arrays.alpha, REFINE_DISCOUNTS[rule], selection, seed)
     if rule in _RULE_KIND:
         order = selection_order(arrays.alpha, selection, seed)
         return order, np.full(len(order), _RULE_KIND[rule], dtype=np.int64)
@@ -305,6 +314,35 @@ def precision_order(arrays: GroupArrays, rule: str, similarity: str = DEFAULT_SI
     return order, best[order[:, 0], order[:, 1]].astype(np.int64)
 
 
+def refined_order(alpha: np.ndarray, discount: float, selection: str = "importance",
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The ``int4r*`` order: every pair as an ``i4s`` block and again as its ``r4s`` refinement.
+
+    The blocks keep the order of :func:`peel.budget.selection_order` (each item group's first
+    block in front). A refinement enters the rest of the order as if its weight were
+    ``discount`` times its block's, after every block of equal weight, refinements of equal
+    weight by their block's weight, so with a discount <= 1 it always follows its own block.
+    ``selection="random"``: the blocks in their random order, then the refinements in the same
+    order (the discount needs weights).
+    """
+    blocks = selection_order(alpha, selection, seed)
+    a = np.asarray(alpha, dtype=np.float64)
+    n = len(blocks)
+    weight = a[blocks[:, 0], blocks[:, 1]]
+    if selection != "importance":
+        key = np.concatenate([np.arange(n), n + np.arange(n)])
+        tier = np.zeros(2 * n)
+    else:
+        key = -np.concatenate([weight, discount * weight])
+        key[: a.shape[0]] = -np.inf  # each item group's first block stays in front
+        tier = np.concatenate([np.zeros(n), np.ones(n)])
+    # lexsort: last key primary -> weight key, then block before refinement, then position.
+    position = np.concatenate([np.arange(n), np.arange(n)])
+    order = np.lexsort((position, tier, key))
+    kinds = np.where(order < n, KIND_I4S, KIND_R4S).astype(np.int64)
+    return np.concatenate([blocks, blocks])[order], kinds
+
+
 def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARITY,
                         n_kinds: int = len(BLOCK_KINDS)) -> np.ndarray:
     """(G_v, N, kinds): relative error each storage kind puts on each pair's scores.
@@ -316,6 +354,7 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
     pass over the table per kind. A kind that cannot hold a block (beyond float16's range)
     gets error 1 (no value). Without users the Gram matrix is the identity. ``n_kinds``: only
     the first kinds of :data:`BLOCK_KINDS` (the "value" rule needs no 4-bit encoding pass).
+    A refinement's error is that of its block stored with it (``i4s`` plus ``r4s``).
     """
     n_groups, n_blocks = arrays.alpha.shape
     d = int(arrays.blocks.shape[2])
@@ -346,6 +385,8 @@ def quantisation_errors(arrays: GroupArrays, similarity: str = DEFAULT_SIMILARIT
                     continue
                 try:
                     delta = rows - encode(rows, kind, row_scale=shared).decoded
+                    if kind == KIND_R4S:  # the refinement is added to the i4s values
+                        delta -= encode(rows, KIND_I4S, row_scale=shared).decoded
                 except PrecisionError:
                     errors[g, n, kind] = 1.0
                     continue

@@ -89,7 +89,8 @@ class DeployConfig:
     k: int = 50  # ranked list length; metrics at the cutoffs 20, 50 and k that are <= k
     # how kept blocks are stored: "auto" (peel.package.DEFAULT_PRECISION, chosen on
     # validation), "fp32" (the format-v3 packages of before), "fp16", "int8", "int8o", "int4"
-    # (4-bit, format v5), "int8s" / "int4s" (row scales shared by an item's blocks, v6), "value"
+    # (4-bit, format v5), "int8s" / "int4s" (row scales shared by an item's blocks, v6), "value",
+    # "int4r0" / "int4r25" / "int4r50" / "int4r100" (4-bit blocks and 4-bit refinements, v7)
     precision: str = "auto"
 
 

@@ -17,6 +17,11 @@ float32 block, as one of the kinds of :data:`peel.budget.BLOCK_KINDS`:
   shared by all of the item's blocks: x[i, j] ~ row_scale[i] * col_scale[j] * code. A per-row
   scale per block costs 2 bytes per 8 values at d = 8 (25% of an int8 block, 33% of a 4-bit
   one); a truncated fixed-size table pays it once per row. Sharing it makes PEEL pay the same.
+* ``r4s``: a 4-bit refinement of an ``i4s`` block: the ``i4s`` encoding of what the block's
+  ``i4s`` codes leave over (x - decoded), with the same row scale and its own column scales.
+  The device adds it as one more term of the same block, so block plus refinement hold about
+  8 bits a value (codes of 15 levels within half a step of 15), and a package that drops the
+  refinement still holds the block at 4 bits: precision too is a prefix.
 
 One scale per item row is FBGEMM's fused row-wise layout (Guan et al. 2019 measured it neutral
 for recommendation quality at 8 bits). Codes are rounded to nearest and lie in [-127, 127].
@@ -38,6 +43,8 @@ from peel.budget import (
     KIND_I4S,
     KIND_I8,
     KIND_I8O,
+    KIND_I8S,
+    KIND_R4S,
     NIBBLE_KINDS,
     SHARED_KINDS,
 )
@@ -117,7 +124,7 @@ def _encode_shared(rows: np.ndarray, kind: int, row_scale: np.ndarray | None,
     if row_scale is None or np.shape(row_scale) != (rows.shape[0],):
         raise ValueError(f"{where}: a shared-scale block needs one row scale per row")
     r = np.asarray(row_scale).astype(np.float64)[:, None]
-    top = CODE_MAX_4 if kind == KIND_I4S else CODE_MAX
+    top = CODE_MAX if kind == KIND_I8S else CODE_MAX_4
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.where(r > 0, rows / np.where(r > 0, r, 1), 0.0)
     col = _round_up(np.abs(y).max(axis=0, initial=0.0) / top, "<f4")
@@ -126,17 +133,28 @@ def _encode_shared(rows: np.ndarray, kind: int, row_scale: np.ndarray | None,
         codes = np.where(c > 0, np.rint(y / np.where(c > 0, c, 1)), 0)
     codes = np.clip(codes, -top, top).astype(np.int8)
     decoded = r * c * codes
-    stored = pack_nibbles(codes.T) if kind == KIND_I4S else np.ascontiguousarray(codes.T)
+    stored = np.ascontiguousarray(codes.T) if kind == KIND_I8S else pack_nibbles(codes.T)
     return Encoded(kind, (col, stored), decoded)
+
+
+def _encode_refinement(rows: np.ndarray, row_scale: np.ndarray | None, where: str) -> Encoded:
+    """``r4s``: the ``i4s`` codes of the block's leftover after its own ``i4s`` codes. Its
+    ``decoded`` is that term alone, which the device adds to the block's."""
+    base = _encode_shared(rows, KIND_I4S, row_scale, where)
+    rest = _encode_shared(rows - base.decoded, KIND_I4S, row_scale, where)
+    return Encoded(KIND_R4S, rest.parts, rest.decoded)
 
 
 def encode(x: np.ndarray, kind: int, where: str = "block",
            row_scale: np.ndarray | None = None) -> Encoded:
     """Encode one (rows, d) block at ``kind`` (a :data:`BLOCK_KINDS` code); the shared kinds
-    need the rows' ``row_scale`` (:func:`row_scales`)."""
+    need the rows' ``row_scale`` (:func:`row_scales`). A refinement (``r4s``) is encoded from
+    the block's values, not from what is left over: it encodes the ``i4s`` codes first."""
     rows = np.asarray(x, dtype=np.float64)
     if rows.ndim != 2:
         raise ValueError(f"{where}: expected a (rows, d) block, got shape {rows.shape}")
+    if kind == KIND_R4S:
+        return _encode_refinement(rows, row_scale, where)
     if kind in SHARED_KINDS:
         return _encode_shared(rows, kind, row_scale, where)
     if kind == KIND_F32:
