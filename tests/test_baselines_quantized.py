@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from peel.baselines import REGISTRY, LightGCNFP16, LightGCNInt8, make_baseline
+from peel.baselines import REGISTRY, LightGCNFP16, LightGCNInt4, LightGCNInt8, make_baseline
 from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
-from peel.budget import KIND_F16, KIND_I8, full_table_bytes
+from peel.budget import KIND_F16, KIND_I4, KIND_I8, full_table_bytes
 from peel.data import DataConfig, InteractionData, from_interactions
 from peel.pretrain import PretrainConfig
 from peel.quantize import encode
@@ -30,7 +30,7 @@ def planted(n_users: int = 120, n_items: int = 60) -> InteractionData:
 
 @settings(max_examples=200, deadline=None)
 @given(n_items=st.integers(1, 5000), budget=st.integers(1, 10**7),
-       kind=st.sampled_from([KIND_F16, KIND_I8]), cap=st.integers(1, 256))
+       kind=st.sampled_from([KIND_F16, KIND_I8, KIND_I4]), cap=st.integers(1, 256))
 def test_the_largest_fitting_dimension_to_the_byte(n_items: int, budget: int, kind: int,
                                                    cap: int) -> None:
     if quantized_bytes(1, n_items, kind) > budget:
@@ -45,6 +45,7 @@ def test_the_largest_fitting_dimension_to_the_byte(n_items: int, budget: int, ki
 def test_byte_formulas_and_ml1m_dimensions() -> None:
     assert quantized_bytes(10, 100, KIND_F16) == 100 * 10 * 2 + 10 * 4
     assert quantized_bytes(10, 100, KIND_I8) == 100 * (10 + 2) + 10 * 4
+    assert quantized_bytes(11, 100, KIND_I4) == 100 * (6 + 2) + 11 * 4  # two codes a byte
     full = full_table_bytes(3628, 128)  # ml-1m's 3,628 items at the paper's budgets
     dims = {frac: (quantized_dim(int(frac * full), 3628, KIND_F16, 128),
                    quantized_dim(int(frac * full), 3628, KIND_I8, 128))
@@ -52,11 +53,12 @@ def test_byte_formulas_and_ml1m_dimensions() -> None:
     assert dims == {0.107: (27, 52), 0.213: (54, 106), 0.533: (128, 128)}
 
 
-@pytest.mark.parametrize("cls", [LightGCNFP16, LightGCNInt8])
+@pytest.mark.parametrize("cls", [LightGCNFP16, LightGCNInt8, LightGCNInt4])
 def test_fit_stores_what_it_counts(cls: type) -> None:
     data = planted()
     cfg = SMALL
-    budget = full_table_bytes(data.n_items, 64) // 5  # D' below the cap
+    # D' below the cap (4-bit rows cost about an eighth of float32 ones)
+    budget = full_table_bytes(data.n_items, 64) // (12 if cls is LightGCNInt4 else 5)
     model = cls(cfg).fit(data, budget)
     dim = model.params["dim"]
     assert model.bytes_used == quantized_bytes(dim, data.n_items, cls.kind) <= budget
@@ -65,7 +67,7 @@ def test_fit_stores_what_it_counts(cls: type) -> None:
     # the table is exactly what the stored form decodes to: re-encoding changes nothing
     again = encode(model.item_emb, cls.kind).decoded
     np.testing.assert_array_equal(again.astype(np.float32), model.item_emb)
-    assert 0 < model.params["table_error"] < 0.05
+    assert 0 < model.params["table_error"] < (0.2 if cls is LightGCNInt4 else 0.05)
     capped = cls(cfg).fit(data, 10 * full_table_bytes(data.n_items, 64))
     assert capped.params["dim"] == 64  # never wider than the full model
 
@@ -82,7 +84,7 @@ def test_quantised_variants_share_one_training_per_dimension() -> None:
     assert fp16.label == "LightGCN-fp16" and int8.label == "LightGCN-int8"
 
 
-@pytest.mark.parametrize("name", ["lightgcn-fp16", "lightgcn-int8"])
+@pytest.mark.parametrize("name", ["lightgcn-fp16", "lightgcn-int8", "lightgcn-int4"])
 def test_full_size_from_a_run_is_its_stage1_quantised(name: str, tmp_path) -> None:
     """At D' = dim a model made from a run stores that run's stage 1 (no training); below it,
     it trains as before."""
@@ -100,7 +102,7 @@ def test_full_size_from_a_run_is_its_stage1_quantised(name: str, tmp_path) -> No
     np.testing.assert_array_equal(full.item_emb,
                                   encode(stage1.item_emb, cls.kind).decoded.astype(np.float32))
     small = make_baseline(name, cfg, run=tmp_path).fit(data, full_table_bytes(data.n_items, 16)
-                                                       // 5)
+                                                       // (12 if cls.kind == KIND_I4 else 5))
     assert small.params["dim"] < 16 and "same_model_as" not in small.params
 
 

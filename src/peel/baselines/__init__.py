@@ -27,8 +27,18 @@ from peel.baselines.bpr_mf import BPRMF
 from peel.baselines.dlrm_ce import DLRMCE, QROptions
 from peel.baselines.esapn import ESAPN, ESAPNOptions
 from peel.baselines.lightgcn import LightGCN, TrainedCache
-from peel.baselines.lightgcn_quantized import LightGCNFP16, LightGCNInt8, QuantizedLightGCN
-from peel.baselines.lightgcn_svd import LightGCNSVD, LightGCNSVDFP16, LightGCNSVDInt8
+from peel.baselines.lightgcn_quantized import (
+    LightGCNFP16,
+    LightGCNInt4,
+    LightGCNInt8,
+    QuantizedLightGCN,
+)
+from peel.baselines.lightgcn_svd import (
+    LightGCNSVD,
+    LightGCNSVDFP16,
+    LightGCNSVDInt4,
+    LightGCNSVDInt8,
+)
 from peel.baselines.lightrec import LightRec, LightRecOptions
 from peel.baselines.pmf import PMF
 from peel.baselines.rule import Rule, RuleConfig
@@ -37,7 +47,7 @@ from peel.pretrain import PretrainConfig
 #: Registry name -> class; the names ``[deploy] baselines`` accepts.
 REGISTRY: dict[str, type[EmbeddingRecommender]] = {
     cls.name: cls for cls in (PMF, BPRMF, LightGCN, LightGCNSVD, LightGCNSVDFP16, LightGCNSVDInt8,
-                              LightGCNFP16, LightGCNInt8,
+                              LightGCNSVDInt4, LightGCNFP16, LightGCNInt8, LightGCNInt4,
                               DLRMCE, LightRec, ESAPN, AutoEmb, Rule)
 }
 
@@ -54,7 +64,7 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
                   trained: TrainedCache | None = None) -> EmbeddingRecommender:
     """A fresh instance of baseline ``name``; ``run`` lets the methods built on the run's
     stage 1 (lightgcn-svd, lightrec's teacher, rule) reuse it; ``trained`` (a dict shared by
-    the caller) lets lightgcn, lightgcn-fp16 and lightgcn-int8 share a training at the same
+    the caller) lets lightgcn and its quantised variants share a training at the same
     dimension."""
     check_names([name])
     if (issubclass(REGISTRY[name], LightGCNSVD) or name in (LightRec.name, Rule.name)) \
@@ -70,8 +80,8 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
 
 __all__ = ["BPRMF", "DLRMCE", "ESAPN", "FLOAT_BYTES", "PMF", "REGISTRY", "AutoEmb",
            "AutoEmbOptions", "BudgetedRecommender", "ESAPNOptions", "EmbeddingRecommender",
-           "LightGCN", "LightGCNFP16", "LightGCNInt8", "LightGCNSVD", "LightGCNSVDFP16",
-           "LightGCNSVDInt8",
+           "LightGCN", "LightGCNFP16", "LightGCNInt4", "LightGCNInt8", "LightGCNSVD",
+           "LightGCNSVDFP16", "LightGCNSVDInt4", "LightGCNSVDInt8",
            "LightRec", "LightRecOptions", "QROptions", "Rule", "RuleConfig", "baseline_config",
            "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
            "make_baseline"]

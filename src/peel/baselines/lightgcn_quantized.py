@@ -1,4 +1,5 @@
-"""LightGCN stored at float16 or int8: the fixed-size baseline at the precisions packages use.
+"""LightGCN stored at float16, int8 or 4 bits: the fixed-size baseline at the precisions
+packages use.
 
 Mixed-precision packages buy PEEL more blocks per byte; for a fair comparison the fixed-size
 LightGCN gets the same storage. For a budget of M bytes a device holds the quantised item
@@ -6,7 +7,9 @@ table, its per-row scales (int8) and one float32 user vector:
 
 * ``lightgcn-fp16``: |V| * D' * 2 + D' * 4 <= M;
 * ``lightgcn-int8``: |V| * (D' + 2) + D' * 4 <= M (one float16 scale per item row, the
-  ``i8`` rows of :mod:`peel.quantize`).
+  ``i8`` rows of :mod:`peel.quantize`);
+* ``lightgcn-int4``: |V| * (ceil(D'/2) + 2) + D' * 4 <= M (4-bit codes, one float16 scale per
+  item row, the ``i4`` rows), the counterpart of packages whose blocks are 4-bit.
 
 D' is the largest such dimension, capped at the configured full dimension (``dim``, 128 by
 default). LightGCN is trained at D' with the recipe of ``lightgcn`` and its item table is then
@@ -29,7 +32,7 @@ import numpy as np
 
 from peel.baselines.base import FLOAT_BYTES, baseline_config, stage1_tables
 from peel.baselines.lightgcn import LightGCN, TrainedCache
-from peel.budget import KIND_F16, KIND_I8, row_bytes
+from peel.budget import KIND_F16, KIND_I4, KIND_I8, row_bytes
 from peel.data import InteractionData
 from peel.pretrain import PretrainConfig, load_embeddings
 from peel.quantize import encode
@@ -115,3 +118,13 @@ class LightGCNInt8(QuantizedLightGCN):
     label: ClassVar[str] = "LightGCN-int8"
     kind: ClassVar[int] = KIND_I8
     precision: ClassVar[str] = "int8"
+
+
+class LightGCNInt4(QuantizedLightGCN):
+    """LightGCN with a 4-bit item table, one float16 scale per item row:
+    D' = largest with |V| (ceil(D'/2) + 2) + 4 D' <= M."""
+
+    name: ClassVar[str] = "lightgcn-int4"
+    label: ClassVar[str] = "LightGCN-int4"
+    kind: ClassVar[int] = KIND_I4
+    precision: ClassVar[str] = "int4"

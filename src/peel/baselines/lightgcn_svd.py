@@ -21,7 +21,7 @@ from peel.baselines.base import (
     stage1_tables,
 )
 from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
-from peel.budget import KIND_F16, KIND_I8
+from peel.budget import KIND_F16, KIND_I4, KIND_I8
 from peel.data import InteractionData
 from peel.pretrain import PretrainConfig, load_embeddings
 from peel.quantize import encode
@@ -112,3 +112,13 @@ class LightGCNSVDInt8(QuantizedLightGCNSVD):
     label: ClassVar[str] = "lightgcn-svd-int8"
     kind: ClassVar[int] = KIND_I8
     precision: ClassVar[str] = "int8"
+
+
+class LightGCNSVDInt4(QuantizedLightGCNSVD):
+    """lightgcn-svd with a 4-bit item table, one float16 scale per row:
+    D' = largest with |V| (ceil(D'/2) + 2) + 4 D' <= M."""
+
+    name: ClassVar[str] = "lightgcn-svd-int4"
+    label: ClassVar[str] = "lightgcn-svd-int4"
+    kind: ClassVar[int] = KIND_I4
+    precision: ClassVar[str] = "int4"
