@@ -177,7 +177,7 @@ def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, caps
 
 def test_precision_flags_of_deploy_and_evaluate(run_dir, capsys):
     root, out = run_dir
-    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 6), ("int4", 5),
+    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 7), ("int4", 5),
                                ("int4s", 6), ("int4r50", 7)):
         pkg = root / f"g0_{precision}.peel"
         assert main(["deploy", str(out), "--budget", "0.6", "--group", "0", "--out", str(pkg),

@@ -77,11 +77,11 @@ DEFAULT_WEIGHTING = "none"
 #: "Eq. 10's factor").
 DEFAULT_SCALE = "none"
 #: The precision rule ``precision="auto"`` (the default) stands for; see :data:`PRECISIONS` and
-#: docs/paper-notes.md, "Mixed precision" and "Shared row scales": chosen on validation
-#: Recall@20 of two datasets, three seeds each, every dataset counting equally
-#: (docs/results/precision/auto_valid.md: int8s 0.2212, int4 0.2206, int8 0.2199, int4s 0.2196;
-#: before shared scales existed it was int8, and fp16 before that).
-DEFAULT_PRECISION = "int8s"
+#: docs/paper-notes.md, "Mixed precision", "Shared row scales" and "4-bit refinements": chosen
+#: on validation Recall@20 of two datasets, three seeds each, every dataset counting equally
+#: (docs/results/precision/auto_valid_refine.md: int4r25 0.2227, int4r0 and int4r50 0.2222,
+#: int8s 0.2212; int8s was the default before, int8 before shared scales, fp16 before that).
+DEFAULT_PRECISION = "int4r25"
 #: What ``--precision`` / ``precision=`` accept: "auto" or one of the rules.
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 _RULE_KIND = {"fp32": KIND_F32, "fp16": KIND_F16, "int8": KIND_I8, "int8o": KIND_I8O,
