@@ -363,6 +363,9 @@ class Package:
         cols = self._col_scales()
         if cols is not None:  # a shared-scale block's scale per dimension joins the query
             scale = scale * cols[:, None, :]
+        nibbles = np.isin(self.kinds, NIBBLE_KINDS)
+        if nibbles.any():  # 4-bit codes are widened as 16 x code (_widen_codes)
+            scale = scale * np.where(nibbles, _NIBBLE_STEP, 1).astype(np.float32)[:, None, None]
         if mode.similarity == "aligned":
             q = chunks[:, sel[:, 1], :].transpose(1, 0, 2) * scale
         else:
@@ -911,18 +914,39 @@ def _f16_bits_as_f32(bits: np.ndarray, out: np.ndarray, signed: bool) -> np.ndar
     return out.view(np.float32)
 
 
-def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
-    """int8 codes (d, m), or 4-bit ones packed (ceil(d/2), m), as float32 into ``out`` (d, m).
+#: A 4-bit code comes out of :func:`_widen_codes` as 16 x code; its query carries the 1/16.
+_NIBBLE_STEP = np.float32(1 / 16)
+_HIGH_NIBBLES = np.int32(-0x0F0F0F10)  # 0xF0F0F0F0: the high nibble of every byte of a word
 
-    A packed byte holds dim j low and dim j + ceil(d/2) high: an arithmetic right shift
-    sign-extends the high nibble, a left shift first does the same for the low one.
+
+def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
+    """int8 codes (d, m) as float32 into ``out`` (d, m); 4-bit ones packed (ceil(d/2), m) as
+    16 x code (the query of a 4-bit block is divided by 16 instead, exactly).
+
+    A packed byte holds dim j low and dim j + ceil(d/2) high. Masking a byte's high nibble
+    gives 16 x the high code, and shifting the byte left by 4 gives 16 x the low one, both
+    with their signs, so no per-value sign extension is needed; done on 32-bit words, four
+    bytes per operation, then one widening copy like an int8 block's. (numpy's int8 shifts
+    into float32 cost about four times that copy.)
     """
     if kind not in NIBBLE_KINDS:
         np.copyto(out, codes, casting="unsafe")
         return
-    h = codes.shape[0]
-    np.right_shift(np.left_shift(codes, 4), 4, out=out[:h], casting="unsafe")
-    np.right_shift(codes[: out.shape[0] - h], 4, out=out[h:], casting="unsafe")
+    h, m = codes.shape
+    flat = np.ascontiguousarray(codes).reshape(-1)
+    parts = np.empty((2, h * m), dtype=np.int8)
+    words = flat.size // 4 * 4
+    if words:
+        w = flat[:words].view(np.int32)
+        low, high = parts[0, :words].view(np.int32), parts[1, :words].view(np.int32)
+        np.left_shift(w, 4, out=low)
+        np.bitwise_and(low, _HIGH_NIBBLES, out=low)
+        np.bitwise_and(w, _HIGH_NIBBLES, out=high)
+    if words < flat.size:
+        np.left_shift(flat[words:], 4, out=parts[0, words:])
+        np.bitwise_and(flat[words:], np.int8(-16), out=parts[1, words:])
+    np.copyto(out[:h], parts[0].reshape(h, m), casting="unsafe")
+    np.copyto(out[h:], parts[1].reshape(h, m)[: out.shape[0] - h], casting="unsafe")
 
 
 def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
