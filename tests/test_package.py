@@ -251,33 +251,25 @@ def test_v4_files_are_still_written_byte_for_byte_and_open(tmp_path: Path, name:
     assert np.all(np.isfinite(pkg.scores(user)))
 
 
-def test_v5_files_are_still_written_byte_for_byte_and_open(tmp_path: Path) -> None:
-    """tests/fixtures/v5_user.peel, written by peel at commit bad7f2b (the last writer before
-    shared row scales) with ``build_package(.., 1700, user=1, group=0, seen=[3, 5],
-    options=DeployOptions(precision="int4"))`` from :func:`fixture_arrays`."""
-    path = FIXTURES / "v5_user.peel"
-    build_package(tmp_path / "p.peel", fixture_arrays(), 1700, user=1, group=0, seen=[3, 5],
-                  options=DeployOptions(precision="int4"))
-    assert (tmp_path / "p.peel").read_bytes() == path.read_bytes()
-    pkg = open_package(path)
-    assert pkg.spec.version == 5 and pkg.row_scale is None
-    assert pkg.kind_counts() == {"f32": 0, "f16": 0, "i8": 0, "i8o": 0, "i4": pkg.n_selected}
-    assert pkg.shrink(pkg.minimum_budget()).n_selected == 3
-    assert np.all(np.isfinite(pkg.scores()))
+#: tests/fixtures/vN_user.peel: written by peel at the commit named (the last writer before the
+#: next format) with ``build_package(.., 1700, user=1, group=0, seen=[3, 5],
+#: options=DeployOptions(precision=...))`` from :func:`fixture_arrays`; the kind it holds.
+USER_FIXTURES = {5: ("bad7f2b", "int4", "i4"), 6: ("c63aff2", "int8s", "i8s")}
 
 
-def test_v6_files_are_still_written_byte_for_byte_and_open(tmp_path: Path) -> None:
-    """tests/fixtures/v6_user.peel, written by peel at commit c63aff2 (the last writer before
-    4-bit refinements) with ``build_package(.., 1700, user=1, group=0, seen=[3, 5],
-    options=DeployOptions(precision="int8s"))`` from :func:`fixture_arrays`."""
-    path = FIXTURES / "v6_user.peel"
+@pytest.mark.parametrize("version", sorted(USER_FIXTURES))
+def test_v5_v6_files_are_still_written_byte_for_byte_and_open(tmp_path: Path,
+                                                              version: int) -> None:
+    _, precision, kind = USER_FIXTURES[version]
+    path = FIXTURES / f"v{version}_user.peel"
     build_package(tmp_path / "p.peel", fixture_arrays(), 1700, user=1, group=0, seen=[3, 5],
-                  options=DeployOptions(precision="int8s"))
+                  options=DeployOptions(precision=precision))
     assert (tmp_path / "p.peel").read_bytes() == path.read_bytes()
     pkg = open_package(path)
-    assert pkg.spec.version == 6 and pkg.row_scale is not None
-    assert list(pkg.kind_counts()) == list(BLOCK_KINDS[:7])  # no "r4s" in a v6 table
-    assert pkg.kind_counts()["i8s"] == pkg.n_selected
+    assert pkg.spec.version == version and (pkg.row_scale is not None) == (version == 6)
+    # a v5 table names the kinds up to "i4", a v6 one up to "i4s" (no "r4s")
+    assert list(pkg.kind_counts()) == list(BLOCK_KINDS[: {5: 5, 6: 7}[version]])
+    assert pkg.kind_counts()[kind] == pkg.n_selected
     assert pkg.shrink(pkg.minimum_budget()).n_selected == 3
     assert np.all(np.isfinite(pkg.scores()))
 
