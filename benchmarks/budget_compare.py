@@ -107,7 +107,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
     from peel.budget import full_table_bytes
     from peel.eval import dot_scorer, evaluate
     from peel.overrides import override_fields
-    from peel.pipeline import evaluate_peel, load_run_config, run_data
+    from peel.pipeline import evaluate_peel, load_run_config, run_data, run_precision
     from peel.pretrain import load_embeddings
     from peel.tuning import tune
 
@@ -140,7 +140,7 @@ def score_run(run: Path, split: str, budgets: list[str], methods: list[str],
                                precision=precision):
             pu = peel_pu[r.budget]
             keep(name, labels[r.budget], r.metrics, pu, pu["users"], bytes_used=r.bytes_used,
-                 precision=precision or cfg.deploy.precision)
+                 precision=run_precision(precision or cfg.deploy.precision, run))
         out["seconds"][f"peel_evaluate {name}"] = time.perf_counter() - t0
     if peel:
         res = evaluate(dot_scorer(*load_embeddings(run / "pretrain")), data, split)

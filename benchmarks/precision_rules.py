@@ -29,19 +29,19 @@ from pathlib import Path
 import numpy as np
 
 from peel import runfolder
+from peel.autoprecision import TIE, decide
 from peel.budget import BLOCK_KINDS, PRECISIONS, full_table_bytes, parse_budget
 from peel.device import open_package
 from peel.package import build_package, quantisation_errors
 from peel.pipeline import deploy_options, evaluate_peel, load_run_config, run_data, with_overrides
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
-TIE = 5e-4
 
 
 def kept_blocks(run: Path, cfg: object, budgets: list[str], full: int, rule: str,
                 tmp: Path) -> dict[str, dict[str, float]]:
     """Mean blocks kept per user group and the share of each kind, per budget."""
-    options = with_overrides(deploy_options(cfg), precision=rule)  # type: ignore[arg-type]
+    options = with_overrides(deploy_options(cfg, run), precision=rule)  # type: ignore[arg-type]
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     kept: dict[str, list[int]] = {b: [] for b in budgets}
     kinds: dict[str, np.ndarray] = {b: np.zeros(len(BLOCK_KINDS)) for b in budgets}
@@ -68,13 +68,6 @@ def error_summary(run: Path, similarity: str) -> dict[str, dict[str, float]]:
                    "p90": float(np.percentile(errors[:, i], 90)),
                    "max": float(errors[:, i].max())}
             for i, kind in enumerate(BLOCK_KINDS)}
-
-
-def choose(results: dict[str, dict[str, dict]], rules: list[str]) -> tuple[str, dict[str, float]]:
-    means = {r: float(np.mean([row["recall@20"] for row in results[r].values()]))
-             for r in rules}
-    best = max(means.values())
-    return next(r for r in rules if means[r] >= best - TIE), means
 
 
 def markdown(doc: dict) -> str:
@@ -129,7 +122,7 @@ def main() -> None:
         seconds[rule] = time.perf_counter() - t0
         print(rule, {b: round(results[rule][b]["recall@20"], 4) for b in budgets}, flush=True)
     tmp.cleanup()
-    auto, means = choose(results, rules)
+    auto, means = decide(results, rules)  # the rule a run's own choice uses, too
     n_blocks = cfg.finetune.n_blocks * cfg.groups.n_item_groups
     doc = {"run": str(args.run), "dataset": data.name, "seed": cfg.run.seed, "split": "valid",
            "budgets": budgets, "rules": rules, "candidates": n_blocks, "results": results,

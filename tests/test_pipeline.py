@@ -161,6 +161,11 @@ def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, caps
     stages = list(csv.DictReader((report / "stages.csv").open()))
     assert float(stages[0]["pretrain_s"]) == pytest.approx(summary["seconds"]["pretrain"],
                                                            abs=1e-6)  # CSV: 6 places
+    from peel.runfolder import chosen_precision
+
+    assert stages[0]["precision_rule"] == (chosen_precision(out) or "")  # the run's "auto"
+    assert float(stages[0]["precision_s"]) == pytest.approx(summary["seconds"]["precision"],
+                                                            abs=1e-6)
     hyper = {(r["method"], r["budget"]): r
              for r in csv.DictReader((report / "hyperparameters.csv").open())}
     assert hyper[("PMF", "0.4")]["tuned"] == "yes"
@@ -177,14 +182,19 @@ def test_tuned_baselines_reference_rows_and_what_the_report_writes(run_dir, caps
 
 def test_precision_flags_of_deploy_and_evaluate(run_dir, capsys):
     root, out = run_dir
-    for precision, version in (("fp32", 3), ("int8", 4), ("auto", 7), ("int4", 5),
+    from peel.runfolder import chosen_precision
+
+    auto = chosen_precision(out) or DEFAULT_PRECISION  # the run's choice on validation
+    versions = {"fp32": 3, "int8": 4, "int4": 5, "int4s": 6, "int8s": 6, "int4r0": 7,
+                "int4r25": 7, "int4r50": 7, "int4r100": 7}
+    for precision, version in (("fp32", 3), ("int8", 4), ("auto", versions[auto]), ("int4", 5),
                                ("int4s", 6), ("int4r50", 7)):
         pkg = root / f"g0_{precision}.peel"
         assert main(["deploy", str(out), "--budget", "0.6", "--group", "0", "--out", str(pkg),
                      "--precision", precision, "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["format_version"] == version
-        assert info["precision"] == (DEFAULT_PRECISION if precision == "auto" else precision)
+        assert info["precision"] == (auto if precision == "auto" else precision)
     assert main(["evaluate", str(out), "--precision", "fp32,int2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "'int2'" in err and "Traceback" not in err

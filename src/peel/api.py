@@ -103,7 +103,7 @@ class Run:
     @property
     def deploy_options(self) -> DeployOptions:
         """How this run builds packages (``[deploy]`` settings, then training's)."""
-        return pipeline.deploy_options(self.config)
+        return pipeline.deploy_options(self.config, self.path)
 
     def missing_groups(self) -> list[int]:
         """User groups whose fine-tuning never finished (empty for a complete run)."""
@@ -145,8 +145,9 @@ class Run:
         selection, seed, precision), so it ranks as :meth:`evaluate` measured. Written to
         ``out`` when given, else kept in memory. ``budget``: bytes, "5MB", or a fraction of the
         table. ``precision="fp32"`` gives the float32 (format v3) package of earlier versions;
-        the default, the run's ``[deploy] precision`` ("auto"), stores blocks as
-        :data:`peel.package.DEFAULT_PRECISION` says.
+        the default, the run's ``[deploy] precision`` ("auto"), stores blocks by the rule the
+        run chose on its validation split (RUN/precision.json), else by
+        :data:`peel.package.DEFAULT_PRECISION`.
         """
         if out is not None:
             pipeline.deploy_package(self.path, budget, out, user=user, group=group,

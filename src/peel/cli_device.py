@@ -69,7 +69,8 @@ def _add_deploy(subparsers: Any) -> None:
                         "scale; format v5), int8s / int4s (one scale per item shared by its "
                         "blocks; format v6), int4rP (4-bit blocks, then 4-bit refinements "
                         "ranked at P%% of their block's weight; format v7), value (per block, best "
-                        f"value per byte); auto = {DEFAULT_PRECISION}; default: the run's "
+                        "value per byte); auto = the rule the run chose on its validation split "
+                        f"(RUN/precision.json), else {DEFAULT_PRECISION}; default: the run's "
                         "[deploy] precision")
     p.add_argument("--partial", action="store_true",
                    help="allow a run whose fine-tuning did not finish")

@@ -318,7 +318,7 @@ def peel_dynamic(run: str | Path, data: InteractionData, cfg: Any, budgets: Sequ
 
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     sized = _sized(budgets, full)
-    options = pipeline.deploy_options(cfg)
+    options = pipeline.deploy_options(cfg, run)
     k = pipeline.ranking_k(cfg, data)
     ks = metric_cutoffs(k)
     truth, seen = data.split_matrix(split), data.seen_matrix(split)
@@ -625,7 +625,7 @@ def peel_device_model(run: Path, cfg: Any, group: int, users: np.ndarray, exclud
     path = tmp / f"peel_{budget}.peel"
     full = full_table_bytes(arrays.n_items, cfg.pretrain.dim)
     report = build_package(path, arrays, parse_budget(budget, full), group=group,
-                           options=pipeline.deploy_options(cfg))
+                           options=pipeline.deploy_options(cfg, run))
     rows = np.array([arrays.user_row(int(u)) for u in users], dtype=np.int64)
     upath = _save_users(tmp / f"peel_{budget}_users.npz", arrays.user_emb[rows], exclude)
     return DeviceModel(cfg.run.label, budget, "package", path, upath, report.item_blocks,

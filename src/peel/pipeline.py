@@ -33,7 +33,14 @@ from typing import Any
 import numpy as np
 
 from peel import __version__, runfolder
-from peel.budget import SCALES, SELECTIONS, SIMILARITIES, WEIGHTINGS, full_table_bytes
+from peel.budget import (
+    PRECISIONS,
+    SCALES,
+    SELECTIONS,
+    SIMILARITIES,
+    WEIGHTINGS,
+    full_table_bytes,
+)
 from peel.config import check_sections, read_toml, section, to_toml
 from peel.data import DataConfig, InteractionData, detect_format, load_dataset
 from peel.elastic import FinetuneConfig, finetune_groups
@@ -64,6 +71,10 @@ log = logging.getLogger(__name__)
 
 # The paper's 5/10/25 MB on Amazon-Book, as fractions of its full 128-d float32 item table.
 PAPER_BUDGETS = ("0.107", "0.213", "0.533")
+#: The rules a run's "auto" chooses among (peel.autoprecision), the fixed default first:
+#: 4-bit blocks with refinements at a quarter / none / half / all of their block's weight, and
+#: int8 blocks (docs/paper-notes.md, "A precision rule chosen by each run").
+DEFAULT_CANDIDATES = ("int4r25", "int4r0", "int4r50", "int4r100", "int8s")
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,9 @@ class DeployConfig:
     # (4-bit, format v5), "int8s" / "int4s" (row scales shared by an item's blocks, v6), "value",
     # "int4r0" / "int4r25" / "int4r50" / "int4r100" (4-bit blocks and 4-bit refinements, v7)
     precision: str = "auto"
+    # the rules "auto" chooses among on the run's validation split at the end of `peel train`
+    # (peel.autoprecision; the first wins ties); empty = "auto" is always DEFAULT_PRECISION
+    precision_candidates: tuple[str, ...] = DEFAULT_CANDIDATES
 
 
 @dataclass(frozen=True)
@@ -123,6 +137,12 @@ class RunConfig:
             raise ValueError(f"deploy.weighting must be one of {WEIGHTINGS} (or left out)")
         if self.deploy.precision not in PRECISION_CHOICES:
             raise ValueError(f"deploy.precision must be one of {PRECISION_CHOICES}")
+        bad = [r for r in self.deploy.precision_candidates if r not in PRECISIONS]
+        if bad or len(set(self.deploy.precision_candidates)) \
+                != len(self.deploy.precision_candidates):
+            raise ValueError(f"deploy.precision_candidates {list(self.deploy.precision_candidates)}"
+                             f": each once, each one of {', '.join(PRECISIONS)} (or [] to "
+                             "keep auto fixed)")
         if isinstance(self.deploy.k, bool) or not isinstance(self.deploy.k, int) \
                 or self.deploy.k < 1:
             raise ValueError(f"deploy.k must be a positive integer, got {self.deploy.k!r}")
@@ -319,6 +339,10 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
                                     cfg.finetune, out,
                                     executor or make_executor(cfg.run.workers, progress),
                                     seed=cfg.run.seed)
+    with _timed(timings, "precision", progress):
+        from peel.autoprecision import precision_stage
+
+        precision = precision_stage(out, data, cfg, progress)
     summary = {
         "peel_version": __version__,
         "dataset": data.stats(),
@@ -327,6 +351,7 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
         "user_group_sizes": np.bincount(user_groups).tolist(),
         "item_group_sizes": np.bincount(item_groups).tolist(),
         "groups": [_jsonable(s) for s in summaries],
+        "precision": precision,
     }
     write_json(out / "train_summary.json", summary)
     return summary
@@ -450,20 +475,31 @@ class EvalRow:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def deploy_options(cfg: RunConfig) -> DeployOptions:
+def deploy_options(cfg: RunConfig, run: str | Path | None = None) -> DeployOptions:
     """The run's own way of building packages: [deploy] settings, falling back to what its
     groups were fine-tuned with (similarity, Eq. 10 scale), then to the package defaults.
+    A precision of "auto" is the rule the run chose on its validation split (RUN/precision.json,
+    :mod:`peel.autoprecision`) when ``run`` is given and has chosen one.
 
     The one place that resolves them: ``peel deploy``, ``peel evaluate``, the Python API and
     the benchmarks all build packages with these options, so what is deployed is what was
     measured.
     """
     dcfg = cfg.deploy
+    precision = run_precision(dcfg.precision, run)
     return DeployOptions(similarity=dcfg.similarity or cfg.finetune.similarity,
                          weighting=dcfg.weighting or DEFAULT_WEIGHTING,
                          scale=dcfg.scale or cfg.finetune.scale,
                          selection=dcfg.selection, seed=cfg.run.seed,
-                         precision=dcfg.precision)
+                         precision=precision)
+
+
+def run_precision(precision: str | None, run: str | Path | None) -> str | None:
+    """``precision`` with "auto" read as the rule ``run`` chose on its validation split (kept
+    as "auto", i.e. :data:`peel.package.DEFAULT_PRECISION`, when the run chose none)."""
+    if precision == "auto" and run is not None:
+        return runfolder.chosen_precision(run) or precision
+    return precision
 
 
 def with_overrides(options: DeployOptions, **changes: Any) -> DeployOptions:
@@ -507,7 +543,7 @@ def peel_rankings(run: str | Path, data: InteractionData, cfg: RunConfig,
     full = full_table_bytes(data.n_items, cfg.pretrain.dim)
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     truth, seen = data.split_matrix(split), data.seen_matrix(split)
-    options = options or deploy_options(cfg)
+    options = options or deploy_options(cfg, run)
     k = ranking_k(cfg, data)
     with tempfile.TemporaryDirectory() as tmp:
         for g, _ in runfolder.group_files(run):
@@ -544,7 +580,8 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     from peel.budget import parse_budget
     from peel.eval import metric_cutoffs, metrics_from_topk
 
-    own = deploy_options(cfg)
+    own = deploy_options(cfg, run)
+    precision = run_precision(precision, run)
     options = with_overrides(own, selection=selection, scale=scale, precision=precision)
     ks = metric_cutoffs(ranking_k(cfg, data))
     truth = data.split_matrix(split)
@@ -802,7 +839,9 @@ def deploy_package(run: str | Path, budget: int | float | str, out: str | Path, 
     arrays = runfolder.load_group(run, int(group))
     is_run = runfolder.config_path(run).exists()
     cfg = load_run_config(run) if is_run else None
-    options = with_overrides(deploy_options(cfg) if cfg else DeployOptions(), **overrides)
+    if "precision" in overrides:
+        overrides["precision"] = run_precision(overrides["precision"], run)
+    options = with_overrides(deploy_options(cfg, run) if cfg else DeployOptions(), **overrides)
     seen = item_ids = None
     if cfg is not None and user is not None:
         data = run_data(run, cfg)

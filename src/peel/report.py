@@ -7,7 +7,8 @@ method). Plots are optional: without matplotlib the tables are still written.
 
 Every figure a results README quotes comes from these files, so the report also writes what
 the runs and their evaluations know beyond Table III: `stages.csv` (each run's seconds per
-stage from `train_summary.json`, and its stage-1 best epoch and validation Recall@20),
+stage from `train_summary.json`, the precision rule its "auto" chose on validation, and its
+stage-1 best epoch and validation Recall@20),
 `blocks.csv` (blocks each user group's package keeps for each item group at each budget),
 `hyperparameters.csv` (each baseline's size and the setting chosen on validation, with every
 trial, when `peel evaluate --tune-trials` tuned it), and the same as Markdown sections at the
@@ -27,7 +28,7 @@ from typing import Any
 
 from peel.errors import PeelError
 from peel.io import check_output_dir, read_json, write_json, write_text
-from peel.runfolder import check_complete
+from peel.runfolder import check_complete, chosen_precision
 
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
 METHOD_ORDER = ("PMF", "BPR-MF", "LightGCN", "lightgcn-svd", "PEEL", "pretrained")
@@ -180,7 +181,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 # Beyond Table III: stage timings, blocks kept, chosen hyper-parameters
 # ---------------------------------------------------------------------------------------------
 
-STAGES = ("data", "pretrain", "groups", "finetune")
+STAGES = ("data", "pretrain", "groups", "finetune", "precision")
 
 
 def stage_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
@@ -199,6 +200,7 @@ def stage_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
                                **{f"{k}_s": seconds.get(k) for k in STAGES},
                                "pretrain_all_sessions_s":
                                    summary.get("pretrain_seconds_all_sessions")}
+        row["precision_rule"] = chosen_precision(run)  # "auto" of this run (None: default)
         log = Path(run) / "pretrain" / "pretrain_log.json"
         if log.exists():
             doc = read_json(log)
@@ -307,7 +309,8 @@ def details_markdown(stages: list[dict[str, Any]], blocks: list[dict[str, Any]],
         out += ["### Stage timings (seconds, wall-clock on the machine that trained each run)",
                 ""]
         out += _md_table(stages, ["run", "seed", *[f"{k}_s" for k in STAGES],
-                                  "pretrain_all_sessions_s", "pretrain_best_epoch",
+                                  "pretrain_all_sessions_s", "precision_rule",
+                                  "pretrain_best_epoch",
                                   "pretrain_epochs", "pretrain_valid_recall@20"])
         out.append("")
     if blocks:

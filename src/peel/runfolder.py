@@ -8,6 +8,8 @@ benchmarks cannot disagree about it:
     RUN/data.npz               the dataset itself, when it was given in memory
     RUN/partition.npz          user group of every user, item group of every item
     RUN/groups/group_NNN.npz   stage 2 arrays of user group NNN (+ group_NNN.json)
+    RUN/precision.json         the precision rule "auto" stands for in this run, chosen on its
+                               validation split (peel.autoprecision)
 
 Later commands verify ``data.json`` before they use the data: a data file that changed after
 training (even with its rows only reordered) would silently give another split, so evaluation
@@ -37,6 +39,7 @@ DATA_RECORD = "data.json"
 STORED_DATA_FILE = "data.npz"
 PARTITION_FILE = "partition.npz"
 GROUP_FILE = "group_{:03d}.npz"
+PRECISION_FILE = "precision.json"
 #: ``run.data`` of a run whose dataset was given in memory and lives in RUN/data.npz.
 STORED = "stored"
 _GROUP_RE = re.compile(r"group_(\d+)\.npz")
@@ -166,6 +169,26 @@ def check_complete(run: PathLike, partial: bool = False) -> list[int]:
             f"(missing groups: {shown}); finish training (re-run the same train call to "
             f"resume) or pass partial=True (--partial) to use only the groups present")
     return missing
+
+
+def chosen_precision(run: PathLike) -> str | None:
+    """The precision rule the run chose on its validation split, or None when it has none.
+
+    The file comes from :mod:`peel.autoprecision`; a rule this version does not know (a file
+    edited by hand, or written by a newer peel) is refused, naming the file and the fix.
+    """
+    from peel.budget import PRECISIONS
+
+    path = Path(run) / PRECISION_FILE
+    if not path.exists():
+        return None
+    doc = read_json(path)
+    rule = doc.get("rule") if isinstance(doc, dict) else None
+    if rule not in PRECISIONS:
+        raise RunFolderError(f"{path}: 'rule' is {rule!r}, not one of {', '.join(PRECISIONS)}; "
+                             "delete the file and re-run the same `peel train` call to choose "
+                             "again")
+    return str(rule)
 
 
 # --------------------------------------------------------------------------- data pinning
