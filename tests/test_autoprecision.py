@@ -176,6 +176,7 @@ def test_auto_asked_explicitly_means_the_runs_choice(auto_run, tmp_path):
     asked, own = (evaluate_peel(auto_run, data, cfg, ["0.3"], "valid", precision=p)[0]
                   for p in ("auto", None))
     assert asked.method == own.method == cfg.run.label and asked.metrics == own.metrics
+    assert asked.detail["precision"] == own.detail["precision"] == rule  # recorded per row
 
 
 def test_budgets_below_a_packages_minimum_are_left_out_of_the_choice(auto_run, tmp_path):

@@ -76,7 +76,9 @@ DEFAULT_WEIGHTING = "none"
 #: 0.174/0.193/0.199 vs 0.133/0.157/0.194 on ml-1m (docs/paper-notes.md, Stage 2,
 #: "Eq. 10's factor").
 DEFAULT_SCALE = "none"
-#: The precision rule ``precision="auto"`` (the default) stands for; see :data:`PRECISIONS` and
+#: The precision rule ``precision="auto"`` (the default) stands for where a run has not chosen
+#: its own on validation (``peel.autoprecision``; it is also the first candidate there); see
+#: :data:`PRECISIONS` and
 #: docs/paper-notes.md, "Mixed precision", "Shared row scales" and "4-bit refinements": chosen
 #: on validation Recall@20 of two datasets, three seeds each, every dataset counting equally
 #: (docs/results/precision/auto_valid_refine.md: int4r25 0.2227, int4r0 and int4r50 0.2222,

@@ -58,7 +58,12 @@ from peel.io import (
     write_run_metadata,
     write_text,
 )
-from peel.package import DEFAULT_WEIGHTING, PRECISION_CHOICES, DeployOptions
+from peel.package import (
+    DEFAULT_WEIGHTING,
+    PRECISION_CHOICES,
+    DeployOptions,
+    resolve_precision,
+)
 from peel.pretrain import (
     RESUMABLE_FIELDS,
     PretrainConfig,
@@ -611,7 +616,8 @@ def evaluate_peel(run: str | Path, data: InteractionData, cfg: RunConfig,
     sized = sorted(((parse_budget(b, full), b) for b in budgets), reverse=True)
     return [EvalRow(method, label, nbytes, used[label],
                     {k: float(np.concatenate(v).mean()) for k, v in per_user[label].items()},
-                    {"users": n_users[label], "blocks_per_item_group": blocks[label]})
+                    {"users": n_users[label], "blocks_per_item_group": blocks[label],
+                     "precision": resolve_precision(options.precision)})
             for nbytes, label in sized]
 
 
