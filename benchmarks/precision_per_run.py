@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from peel import runfolder
 from peel.autoprecision import METRIC, TIE, choice_document, decide, score_candidates
 from peel.io import write_json
 from peel.pipeline import load_run_config, run_data
@@ -71,7 +72,7 @@ def score_run(run: Path, write_choice: bool) -> dict:
                                         per_user_out=per_user, progress=True)
     doc = choice_document(run, cfg, candidates, budgets, results, seconds)
     if write_choice:
-        write_json(run / "precision.json", doc)
+        write_json(run / runfolder.PRECISION_FILE, doc)
     fixed = {rule: {b: results[rule][b][METRIC] for b in budgets} for rule in candidates}
     return {"run": str(run), "dataset": data.name, "seed": cfg.run.seed, "split": "valid",
             "candidates": candidates, "budgets": budgets, "chosen_on_all": doc["rule"],

@@ -91,15 +91,17 @@ def decide(results: Mapping[str, Mapping[str, Mapping[str, float]]],
 
 
 def choice_document(run: str | Path, cfg: Any, candidates: Sequence[str],
-                    budgets: Sequence[str], results: dict, seconds: dict) -> dict[str, Any]:
-    """What RUN/precision.json holds."""
+                    budgets: Sequence[str], results: dict, seconds: dict,
+                    digest: dict[str, str] | None = None) -> dict[str, Any]:
+    """What RUN/precision.json holds (``digest``: :func:`groups_digest`, when known)."""
     from peel import __version__
 
     rule, means = decide(results, candidates)
     return {"rule": rule, "split": "valid", "metric": METRIC, "tie": TIE,
             "candidates": list(candidates), "budgets": list(budgets),
             f"mean_{METRIC}": means, "results": results, "seconds": seconds,
-            "seed": cfg.run.seed, "groups": groups_digest(run), "peel_version": __version__}
+            "seed": cfg.run.seed, "groups": digest or groups_digest(run),
+            "peel_version": __version__}
 
 
 def fitting_budgets(run: str | Path, cfg: Any, candidates: Sequence[str],
@@ -127,15 +129,17 @@ def fitting_budgets(run: str | Path, cfg: Any, candidates: Sequence[str],
     return fits
 
 
-def is_current(run: str | Path, candidates: Sequence[str], budgets: Sequence[str]) -> bool:
+def is_current(run: str | Path, candidates: Sequence[str], budgets: Sequence[str],
+               digest: dict[str, str] | None = None) -> bool:
     """Whether RUN/precision.json was chosen among these candidates at these budgets, on the
-    group files the run holds now."""
+    group files the run holds now (``digest``: their :func:`groups_digest`, when known)."""
     path = Path(run) / runfolder.PRECISION_FILE
     if not path.exists():
         return False
     doc = read_json(path)
     return (isinstance(doc, dict) and doc.get("candidates") == list(candidates)
-            and doc.get("budgets") == list(budgets) and doc.get("groups") == groups_digest(run))
+            and doc.get("budgets") == list(budgets)
+            and doc.get("groups") == (digest or groups_digest(run)))
 
 
 def precision_stage(run: str | Path, data: Any, cfg: Any, progress: bool = False) -> str | None:
@@ -151,14 +155,15 @@ def precision_stage(run: str | Path, data: Any, cfg: Any, progress: bool = False
     if cfg.deploy.precision != "auto" or not candidates:
         path.unlink(missing_ok=True)
         return None
-    if is_current(run, candidates, budgets):
+    digest = groups_digest(run)  # hashed once: the check and the new document share it
+    if is_current(run, candidates, budgets, digest):
         return runfolder.chosen_precision(run)
     path.unlink(missing_ok=True)  # stale: never read while the new choice is being made
     scored = fitting_budgets(run, cfg, candidates, budgets)
     if not scored:
         return None
     results, seconds = score_candidates(run, data, cfg, candidates, scored, progress=progress)
-    doc = choice_document(run, cfg, candidates, budgets, results, seconds)
+    doc = choice_document(run, cfg, candidates, budgets, results, seconds, digest)
     doc["scored_budgets"] = scored
     write_json(path, doc)
     return str(doc["rule"])
