@@ -10,6 +10,8 @@
 # w/o Importance Weight ablation (random block selection) and PEEL with
 # the paper's literal Eq. 10 factor (--scale eq10), trains the three training-time
 # ablations (cheapest first), and writes the report (Markdown, CSV, JSON, PNG) to REPORT.
+# PEEL's stage 1 gets the same budget as the baselines: TRIALS trials of its recipe (the
+# configured one and the LightGCN baseline's draws, `--set pretrain.trials`), in every run.
 # Every stage's wall-clock goes to REPORT/timings.txt. Re-running resumes finished stages.
 set -euo pipefail
 DATA=${1:?usage: table3.sh DATA RUNS_DIR REPORT_DIR [SEED]}
@@ -30,13 +32,14 @@ timed() {  # timed LABEL CMD...: run, append "LABEL seconds" to the timings file
   echo "$label: $((SECONDS - t0)) s" >> "$TIMES"
 }
 
-timed "train PEEL" "$PEEL" train "$DATA" --out "$RUNS/peel" --seed "$SEED" --quiet
+timed "train PEEL" "$PEEL" train "$DATA" --out "$RUNS/peel" --seed "$SEED" \
+  --set "pretrain.trials=$TRIALS" --quiet
 # Cheapest first: w/o PopSeg and w/o User Clustering change only later stages, so they reuse
 # PEEL's stage 1; the baselines (six full trainings) next; w/o Regularizer (its own stage 1) last.
 ablation() {  # ablation NAME SECTION.KEY=VALUE [train options...]
   local name=$1 setting=$2; shift 2
   timed "train w/o $name" "$PEEL" train "$DATA" --out "$RUNS/wo_$name" --set "$setting" "$@" \
-    --label "w/o $name" --seed "$SEED" --quiet
+    --set "pretrain.trials=$TRIALS" --label "w/o $name" --seed "$SEED" --quiet
   timed "evaluate w/o $name" "$PEEL" evaluate "$RUNS/wo_$name" --quiet
 }
 ablation popseg groups.item_grouping=random --reuse-pretrain "$RUNS/peel"

@@ -345,3 +345,38 @@ def test_evaluate_baselines_rule_reuses_the_runs_stage1(run_dir, capsys, monkeyp
         assert r["detail"]["n_item_groups"] == load_run_config(out).groups.n_item_groups
         assert r["detail"]["stage1_seconds"] > 0  # the run's stage 1, not a retraining
         assert r["detail"]["configs_labelled"] == 100
+
+
+def test_baselines_tuned_on_a_copy_without_groups_merge_back(run_dir, tmp_path, capsys):
+    """--baselines-only needs the run's data and config alone (the copy a GPU machine gets);
+    --merge adds that copy's rows to the run, and refuses rows from another split."""
+    import shutil
+
+    _, out = run_dir
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("config.toml", "run.json", "data.json", "partition.npz"):
+        shutil.copy(out / name, copy / name)
+    assert main(["evaluate", str(copy), "--baselines", "bpr-mf", "--budgets", "0.4",
+                 "--tune-trials", "2", "--baselines-only", "--workers", "2", "--json",
+                 "--quiet"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["method"] for r in rows] == ["BPR-MF"]  # no PEEL row: there are no groups
+    assert rows[0]["detail"]["tuning"]["trials"] == 2
+    assert main(["evaluate", str(copy), "--reference", "--baselines-only", "--quiet"]) == 2
+    capsys.readouterr()
+
+    before = json.loads((out / "eval.json").read_text())["rows"]
+    assert main(["evaluate", str(out), "--merge", str(copy / "eval.json")]) == 0
+    capsys.readouterr()
+    after = json.loads((out / "eval.json").read_text())["rows"]
+    merged = [r for r in after if (r["method"], r["budget"]) == ("BPR-MF", "0.4")]
+    assert merged == rows
+    assert {(r["method"], r["budget"]) for r in before} <= {(r["method"], r["budget"])
+                                                           for r in after}
+
+    other = json.loads((copy / "eval.json").read_text())
+    other["split_digest"] = "0" * 64
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["evaluate", str(out), "--merge", str(tmp_path / "other.json")]) == 2
+    assert "split_digest" in capsys.readouterr().err

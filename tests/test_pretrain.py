@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from peel.eval import dot_scorer, evaluate
 from peel.pretrain import (
@@ -107,6 +109,47 @@ def test_negative_sampler_avoids_positives():
     neg = sampler.sample(np.array([0] * 50 + [1] * 50), 3, rng)
     assert (neg[:50] == 3).all()
     assert not (neg[50:] == 1).any()
+
+
+def _reference_sample(sampler: NegativeSampler, users: np.ndarray, k: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The sampler as first written: every entry re-tested by binary search each round."""
+    u = np.repeat(users[:, None], k, axis=1)
+    items = rng.integers(0, sampler.n_items, size=u.shape)
+    for _ in range(5):
+        q = u.astype(np.int64) * sampler.n_items + items
+        pos = np.minimum(np.searchsorted(sampler.keys, q), len(sampler.keys) - 1)
+        bad = sampler.keys[pos] == q
+        if not bad.any():
+            return items
+        items[bad] = rng.integers(0, sampler.n_items, size=int(bad.sum()))
+    sampler._fix_dense_users(u, items, rng)
+    return items
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 12), st.integers(2, 40), st.floats(0.0, 0.95), st.integers(0, 2**31))
+def test_negative_sampler_membership_and_draws_match_binary_search(n_users, n_items, density,
+                                                                  seed):
+    """Bit matrix and binary search answer alike, and both draw the reference's negatives."""
+    rng = np.random.default_rng(seed)
+    dense = rng.random((n_users, n_items)) < density
+    dense[:, 0] = False  # every user keeps at least one negative
+    dense[0, 1] = True  # and there is a positive to avoid
+    r = sp.csr_matrix(dense.astype(np.float32))
+    bitset, search = NegativeSampler(r), NegativeSampler(r, bitset_limit=0)
+    assert bitset.bits is not None and search.bits is None
+    users = rng.integers(0, n_users, size=200)
+    items = rng.integers(0, n_items, size=200)
+    expect = dense[users, items]
+    np.testing.assert_array_equal(bitset.is_positive(users, items), expect)
+    np.testing.assert_array_equal(search.is_positive(users, items), expect)
+    batch = rng.integers(0, n_users, size=64)
+    ref = _reference_sample(search, batch, 5, np.random.default_rng(seed))
+    for sampler in (bitset, search):
+        got = sampler.sample(batch, 5, np.random.default_rng(seed))
+        np.testing.assert_array_equal(got, ref)
+        assert not dense[np.repeat(batch[:, None], 5, axis=1), got].any()
 
 
 def test_training_is_deterministic_and_learns(small):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from typing import Any, ClassVar
 
@@ -158,3 +159,130 @@ def test_a_catalogue_under_20_items_is_tuned_on_its_whole_length() -> None:
     tiny = from_interactions(users, items, name="tiny")
     model, log = tune("pmf", tiny, full_table_bytes(tiny.n_items, 8), CFG, n_trials=2, seed=0)
     assert 0 < log[f"valid_{METRIC}"] <= 1 and model.bytes_used <= full_table_bytes(12, 8)
+
+
+def test_trials_run_by_an_executor_give_the_serial_rows(data: InteractionData) -> None:
+    """Trials of every method and budget spread over an executor: same choice, same rows."""
+    from dataclasses import replace
+
+    from peel.executor import SerialExecutor
+    from peel.pipeline import RunConfig, TrialTask, evaluate_baselines
+
+    cfg = replace(RunConfig(), pretrain=CFG)
+    budgets = ["0.2", "0.5"]
+    methods = ["bpr-mf", "pmf"]
+    serial = evaluate_baselines(data, cfg, budgets, progress=False, methods=methods,
+                                tune_trials=3)
+
+    class Recorder(SerialExecutor):
+        tasks: ClassVar[list] = []
+
+        def map(self, fn, tasks, labels=None, shared=None):
+            Recorder.tasks = list(tasks)
+            return super().map(fn, tasks, labels, shared)
+
+    spread = evaluate_baselines(data, cfg, budgets, progress=False, methods=methods,
+                                tune_trials=3, executor=Recorder(progress=False))
+    assert len(Recorder.tasks) == 3 * len(budgets) * len(methods)  # one task per trial
+    assert all(isinstance(t, TrialTask) for t in Recorder.tasks)
+    assert [(r.method, r.budget) for r in spread] == [(r.method, r.budget) for r in serial]
+    for a, b in zip(serial, spread, strict=True):
+        assert a.metrics == b.metrics
+        assert a.detail["tuning"]["chosen_trial"] == b.detail["tuning"]["chosen_trial"]
+        assert ([t["valid_recall@20"] for t in a.detail["tuning"]["log"]]
+                == [t["valid_recall@20"] for t in b.detail["tuning"]["log"]])
+
+
+def test_executor_workers_build_stage1_methods_from_the_sent_tables(data: InteractionData
+                                                                    ) -> None:
+    """The truncations and LightRec's teacher come from the run's tables sent to the workers,
+    not from a stage 1 retrained in every worker."""
+    from peel.pipeline import BaselineShared, _builder, _from_stage1
+
+    rng = np.random.default_rng(0)
+    tables = (rng.standard_normal((data.n_users, 16)).astype(np.float32),
+              rng.standard_normal((data.n_items, 16)).astype(np.float32))
+    shared = BaselineShared(data, CFG, "test", (20,), tables)
+    assert _from_stage1("lightrec") and _from_stage1("lightgcn-svd-int4")
+    assert not _from_stage1("lightgcn") and not _from_stage1("pmf")
+    teacher = _builder("lightrec", shared)(CFG).teacher
+    np.testing.assert_array_equal(teacher[1], tables[1])
+    assert _builder("lightgcn-svd", shared)(CFG).rotated is not None
+    assert type(_builder("pmf", shared)(CFG)).__name__ == "PMF"
+
+
+def test_stage1_tuned_with_the_lightgcn_baselines_trials(data: InteractionData, tmp_path
+                                                         ) -> None:
+    """[pretrain] trials: stage 1 tries the LightGCN baseline's own draws, keeps the best on
+    validation, records every trial, and a finished trial is not trained again."""
+    from dataclasses import replace
+
+    from peel.pretrain import load_embeddings
+    from peel.tuning import STAGE1_SPACE, chosen_stage1_config, stage1_trials, tune_stage1
+
+    cfg = replace(CFG, trials=3, epochs=2)
+    trials = stage1_trials(cfg)
+    assert trials == draw_trials(STAGE1_SPACE, REGISTRY["lightgcn"].search_space, cfg, 3,
+                                 cfg.seed)  # the baseline's candidates, trial 0 = cfg
+    assert trials[0] == {} and len(trials) == 3
+    stage = tmp_path / "pretrain"
+    chosen = tune_stage1(NoTestData(data), cfg, stage, progress=False)
+    record = json.loads((stage / "tuning.json").read_text())
+    recalls = [t["valid_recall@20"] for t in record["log"]]
+    assert record["chosen_trial"] == recalls.index(max(recalls))
+    assert chosen == chosen_stage1_config(cfg, stage)
+    assert chosen.trials == 1 and {k: getattr(chosen, k) for k in record["chosen"]} == record[
+        "chosen"]
+    best = stage / "trials" / f"trial{record['chosen_trial']}"
+    for a, b in zip(load_embeddings(stage), load_embeddings(best), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not any((stage / "trials").glob("*/checkpoint"))  # removed once saved
+    stamps = {p: p.stat().st_mtime_ns for p in stage.glob("trials/*/embeddings.safetensors")}
+    tune_stage1(NoTestData(data), cfg, stage, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # nothing retrained
+    from peel.executor import ProcessExecutor
+
+    side = tmp_path / "side_by_side"
+    tune_stage1(data, cfg, side, progress=False, executor=ProcessExecutor(2, progress=False))
+    assert json.loads((side / "tuning.json").read_text())["log"] == [
+        {**t, "seconds": json.loads((side / "tuning.json").read_text())["log"][i]["seconds"]}
+        for i, t in enumerate(record["log"])]  # the same trials, scores and choice
+    for a, b in zip(load_embeddings(stage), load_embeddings(side), strict=True):
+        np.testing.assert_array_equal(a, b)
+    saved = stage / "trials" / "trial1" / "pretrain_config.json"
+    doc = json.loads(saved.read_text())
+    saved.write_text(json.dumps({**doc, "lr": doc["lr"] * 2}))  # a stale trial of another lr
+    with pytest.raises(ValueError, match="lr"):
+        tune_stage1(NoTestData(data), cfg, stage, progress=False)
+    with pytest.raises(ValueError, match="trials"):
+        replace(CFG, trials=0).validate()
+
+
+def test_train_with_stage1_trials_resumes_and_checks_the_chosen_config(tmp_path) -> None:
+    from dataclasses import replace
+
+    from peel.pipeline import _check_pretrain_config, demo_config, train
+
+    data_ = make_demo(SyntheticConfig(n_users=150, n_items=90, n_communities=3, n_topics=6,
+                                      mean_interactions=15, seed=5))
+    cfg = demo_config(1)
+    cfg = replace(cfg, pretrain=replace(CFG, trials=2, epochs=2),
+                  finetune=replace(cfg.finetune, max_epochs=1, n_blocks=2, block_dim=8),
+                  deploy=replace(cfg.deploy, precision_candidates=()))
+    cfg = replace(cfg, groups=replace(cfg.groups, n_user_groups=2, n_item_groups=2))
+    out = tmp_path / "run"
+    train(cfg, out, progress=False, data=data_)
+    stage = out / "pretrain"
+    assert (stage / "tuning.json").exists()
+    _check_pretrain_config(stage, cfg.pretrain)  # passes: the chosen trial's config
+    from peel.report import stage_rows
+
+    row = stage_rows([out])[0]
+    chosen = json.loads((stage / "tuning.json").read_text())["chosen"]
+    assert row["pretrain_trials"] == 2 and json.loads(row["pretrain_chosen"]) == chosen
+    before = (stage / "embeddings.safetensors").stat().st_mtime_ns
+    train(cfg, out, progress=False, data=data_)
+    assert (stage / "embeddings.safetensors").stat().st_mtime_ns == before
+    (stage / "tuning.json").unlink()
+    with pytest.raises(ValueError, match=r"tuning\.json"):
+        _check_pretrain_config(stage, cfg.pretrain)

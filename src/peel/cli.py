@@ -243,6 +243,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from peel.pipeline import evaluate
 
+    if args.merge is not None:
+        from peel.pipeline import merge_eval_rows
+
+        rows = merge_eval_rows(args.run, args.merge)
+        print(rows_table(rows))
+        return 0
     budgets = args.budgets.split(",") if args.budgets else None
     if args.tune_trials and args.baselines is None:
         raise UsageError("--tune-trials tunes the baselines: add --baselines (e.g. "
@@ -256,7 +262,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         selections=selections, scales=[args.scale] if args.scale else [],
                         progress=not args.quiet, split=args.split, partial=args.partial,
                         tune_trials=args.tune_trials, reference=args.reference,
-                        executor=executor, precisions=precisions)
+                        executor=executor, precisions=precisions,
+                        peel=not args.baselines_only)
     if args.json:
         print(to_json([dataclasses.asdict(r) for r in rows]))
     else:
@@ -396,6 +403,13 @@ def build_parser() -> argparse.ArgumentParser:
                          "(comma-separated: auto, fp32, fp16, int8, int8o, int4, int8s, int4s, "
                          "value, int4r0, int4r25, int4r50, int4r100; the run's "
                          "own is [deploy] precision, default auto)")
+    ev.add_argument("--baselines-only", action="store_true",
+                    help="evaluate the baselines alone: needs only the run's data and config, "
+                         "not its group files (e.g. tune them on another machine, then merge "
+                         "that run's eval.json rows with `peel evaluate --merge`)")
+    ev.add_argument("--merge", default=None, metavar="EVAL_JSON",
+                    help="evaluate nothing; add the rows of EVAL_JSON (the eval.json of a copy "
+                         "of this run, e.g. from --baselines-only elsewhere) to this run's")
     ev.add_argument("--split", default="test", choices=["test", "valid"],
                     help="valid: for choosing settings (nothing is saved)")
     ev.add_argument("--partial", action="store_true",
@@ -403,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--quiet", action="store_true")
     ev.add_argument("--workers", type=int, default=None,
-                    help="baseline tasks (method x budget) at a time (default: one after "
-                         "another here; with --executor ray: the cluster's CPUs)")
+                    help="baseline tasks at a time: one per method x budget, or with "
+                         "--tune-trials one per trial (default: one after another here; with "
+                         "--executor ray: the cluster's CPUs)")
     add_executor_options(ev, "the baselines' tasks (one per method x budget)")
     ev.set_defaults(func=cmd_evaluate)
 

@@ -124,11 +124,11 @@ def _check_ks(ks: Sequence[int], available: int | None = None) -> list[int]:
 def topk_excluding(scores: torch.Tensor, seen: sp.csr_matrix, k: int) -> np.ndarray:
     """Top-k item indices per row after masking each row's seen items to -inf."""
     if seen.nnz:
-        rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
-        scores[torch.from_numpy(rows), torch.from_numpy(seen.indices.astype(np.int64))] = (
-            -torch.inf)
+        rows = torch.from_numpy(np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr)))
+        cols = torch.from_numpy(seen.indices.astype(np.int64))
+        scores[rows.to(scores.device), cols.to(scores.device)] = -torch.inf
     k = min(k, scores.shape[1])
-    return torch.topk(scores, k, dim=1, sorted=True).indices.numpy()
+    return torch.topk(scores, k, dim=1, sorted=True).indices.cpu().numpy()
 
 
 def evaluate(scorer: Scorer, data: InteractionData, split: str = "test",
@@ -172,6 +172,8 @@ def dot_scorer(user_emb: np.ndarray | torch.Tensor,
                item_emb: np.ndarray | torch.Tensor) -> Scorer:
     """Scorer for embedding models ranked by inner product (LightGCN, MF).
 
+    Tables given as tensors on a GPU are scored (and then ranked by :func:`evaluate`) there.
+
     The score matrix is written into one reused buffer: with small embedding sizes the product
     is bound by writing its output, and fresh 100 MB allocations per batch (page faults) cost
     more than the arithmetic. The returned tensor is only valid until the next call.
@@ -184,8 +186,8 @@ def dot_scorer(user_emb: np.ndarray | torch.Tensor,
         n = len(users)
         if n not in buffer:
             buffer.clear()
-            buffer[n] = torch.empty(n, it.shape[1])
-        rows = u[torch.from_numpy(np.asarray(users, dtype=np.int64))]
+            buffer[n] = torch.empty(n, it.shape[1], device=it.device)
+        rows = u[torch.from_numpy(np.asarray(users, dtype=np.int64)).to(u.device)]
         return torch.matmul(rows, it, out=buffer[n])
 
     return score

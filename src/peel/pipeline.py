@@ -24,9 +24,9 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -333,13 +333,17 @@ def train(cfg: RunConfig, out: str | Path, progress: bool = True,
     timings: dict[str, float] = {}
     with _timed(timings, "data", progress):
         data = _training_data(out, cfg, data)
+    from peel.executor import make_executor
+
     with _timed(timings, "pretrain", progress):
-        user_emb, item_emb = pretrain_stage(data, cfg, out, progress)
+        # stage-1 trials ([pretrain] trials > 1) run side by side on the run's workers
+        user_emb, item_emb = pretrain_stage(
+            data, cfg, out, progress,
+            (executor or make_executor(cfg.run.workers, progress, desc="stage-1 trials"))
+            if cfg.pretrain.trials > 1 else None)
     with _timed(timings, "groups", progress):
         user_groups, item_groups = partition_stage(data, cfg, out, user_emb)
     with _timed(timings, "finetune", progress):
-        from peel.executor import make_executor
-
         summaries = finetune_groups(data, user_emb, item_emb, user_groups, item_groups,
                                     cfg.finetune, out,
                                     executor or make_executor(cfg.run.workers, progress),
@@ -379,20 +383,25 @@ def _check_same_config(out: Path, cfg: RunConfig) -> None:
     a = {k: v for k, v in asdict(old).items() if k != "deploy"}
     b = {k: v for k, v in asdict(cfg).items() if k != "deploy"}
     for d in (a, b):
-        for part, fields in ignore.items():
-            d[part] = {k: v for k, v in d[part].items() if k not in fields}
+        for part, names in ignore.items():
+            d[part] = {k: v for k, v in d[part].items() if k not in names}
     if json.loads(json.dumps(a, default=str)) != json.loads(json.dumps(b, default=str)):
         raise ValueError(f"{out}: this run folder was made with a different configuration;"
                          " train into a new folder, or use the same configuration and seed to"
                          " resume")
 
 
-def pretrain_stage(data: InteractionData, cfg: RunConfig, out: Path,
-                   progress: bool) -> tuple[np.ndarray, np.ndarray]:
+def pretrain_stage(data: InteractionData, cfg: RunConfig, out: Path, progress: bool,
+                   executor: Executor | None = None) -> tuple[np.ndarray, np.ndarray]:
+    from peel.tuning import tune_stage1
+
     stage = out / "pretrain"
     if (stage / "embeddings.safetensors").exists():
         _check_pretrain_config(stage, cfg.pretrain)
         log.info("pretrain: reusing %s", stage)
+        return load_embeddings(stage)
+    if cfg.pretrain.trials > 1:
+        tune_stage1(data, cfg.pretrain, stage, progress, executor)
         return load_embeddings(stage)
     result = pretrain(data, cfg.pretrain, out_dir=stage / "checkpoint", progress=progress)
     save_result(result, stage)
@@ -408,25 +417,13 @@ def _pretrain_seconds_all_sessions(stage: Path) -> float | None:
 
 
 def _check_pretrain_config(stage: Path, pcfg: PretrainConfig) -> None:
-    """Stage-1 outputs are only reused when they were made with this configuration; finished
-    embeddings are reused as they are whatever epoch or wall-clock cap is asked now."""
-    path = stage / "pretrain_config.json"
-    if not path.exists():
-        raise ValueError(f"{path}: missing; these embeddings cannot be checked against the "
-                         "configuration; delete the pretrain folder to retrain")
-    saved = read_json(path)
-    wanted = json.loads(json.dumps(asdict(pcfg), default=str))
-    # a setting added after these embeddings were made is absent from the file; its default
-    # is the behaviour they were made with (new settings default to what came before)
-    defaults = json.loads(json.dumps(asdict(PretrainConfig()), default=str))
-    saved = {**{k: defaults[k] for k in defaults.keys() - saved.keys()}, **saved}
-    # how long stage 1 was allowed to run does not change what finished embeddings are
-    saved, wanted = ({k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
-                     for d in (saved, wanted))
-    if saved != wanted:
-        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
-        raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "
-                         "train into a new folder or use the same [pretrain] settings")
+    """Stage-1 outputs are only reused when they were made with this configuration (with
+    ``[pretrain] trials`` > 1: the chosen trial's); finished embeddings are reused as they are
+    whatever epoch or wall-clock cap is asked now."""
+    from peel.pretrain import check_saved_config
+    from peel.tuning import chosen_stage1_config
+
+    check_saved_config(stage, chosen_stage1_config(pcfg, stage))
 
 
 def reuse_pretrain(source_run: str | Path, out: str | Path, cfg: RunConfig) -> None:
@@ -445,7 +442,10 @@ def reuse_pretrain(source_run: str | Path, out: str | Path, cfg: RunConfig) -> N
     stage = src / "pretrain"
     _check_pretrain_config(stage, cfg.pretrain)
     dest = Path(out) / "pretrain"
-    for name in ("embeddings.safetensors", "pretrain_log.json", "pretrain_config.json"):
+    names = ["embeddings.safetensors", "pretrain_log.json", "pretrain_config.json"]
+    if cfg.pretrain.trials > 1:
+        names.append("tuning.json")
+    for name in names:
         with atomic_path(dest / name) as tmp:
             shutil.copyfile(stage / name, tmp)
 
@@ -686,7 +686,9 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
         tasks = [BaselineTask(m, label, parse_budget(label, full), tune_trials, cfg.run.seed)
                  for m in names for label in budgets]
         shared = BaselineShared(data, cfg.pretrain, split, ks,
-                                _pretrained(run) if "lightgcn-svd" in names else None)
+                                _pretrained(run) if any(map(_from_stage1, names)) else None)
+        if tune_trials:
+            return _tuned_rows(executor, tasks, shared)
         return executor.map(baseline_row, tasks, labels=[f"{t.method}@{t.budget}"
                                                          for t in tasks], shared=shared)
     rows = []
@@ -727,19 +729,81 @@ class BaselineShared:
     pretrained: tuple[np.ndarray, np.ndarray] | None  # the run's stage 1 (lightgcn-svd)
 
 
+@dataclass(frozen=True)
+class TrialTask:
+    """One tuning trial of one baseline at one budget: with an executor, the trials of every
+    method and budget run side by side instead of one cell's trials after another."""
+
+    cell: BaselineTask
+    index: int
+    setting: tuple[tuple[str, Any], ...]
+
+
+def _tuned_rows(executor: Executor, cells: list[BaselineTask],
+                shared: BaselineShared) -> list[EvalRow]:
+    """Every cell's trials through ``executor``; per cell the validation choice
+    (:func:`peel.tuning.choose`, as :func:`peel.tuning.tune`), then that model on the split."""
+    from peel.baselines import REGISTRY
+    from peel.eval import evaluate as evaluate_scorer
+    from peel.tuning import choose, draw_trials
+
+    if shared.data.valid.nnz == 0:
+        raise ValueError("tuning baselines: the data has no validation split to choose on")
+    tasks = [TrialTask(cell, index, tuple(sorted(setting.items())))
+             for cell in cells
+             for index, setting in enumerate(draw_trials(
+                 cell.method, REGISTRY[cell.method].search_space, shared.config,
+                 cell.tune_trials, cell.seed))]
+    fitted = executor.map(trial_fit, tasks, shared=shared, labels=[
+        f"{t.cell.method}@{t.cell.budget}#{t.index}" for t in tasks])
+    rows = []
+    for cell in cells:
+        mine = [pair for task, pair in zip(tasks, fitted, strict=True) if task.cell == cell]
+        model, _ = choose(cell.method, mine, cell.tune_trials, cell.seed)
+        metrics = evaluate_scorer(model.scorer(), shared.data, shared.split,
+                                  ks=shared.ks).metrics
+        rows.append(EvalRow(model.label, cell.budget, cell.budget_bytes, model.bytes_used,
+                            metrics, dict(model.params)))
+    return rows
+
+
+def trial_fit(task: TrialTask, shared: BaselineShared) -> tuple[Any, dict[str, Any]]:
+    """Fit one tuning trial and score it on validation (an executor's task)."""
+    from peel.tuning import fit_trial
+
+    return fit_trial(task.cell.method, shared.data, task.cell.budget_bytes, shared.config,
+                     task.index, dict(task.setting), _builder(task.cell.method, shared))
+
+
 def _pretrained(run: str | Path | None) -> tuple[np.ndarray, np.ndarray] | None:
     return load_embeddings(Path(run) / "pretrain") if run is not None else None
 
 
-def baseline_row(task: BaselineTask, shared: BaselineShared) -> EvalRow:
-    """Fit (or tune) one baseline at one budget and score it (an executor's task)."""
-    from peel.baselines import REGISTRY, LightGCNSVD, make_baseline
+def _from_stage1(method: str) -> bool:
+    """Built on the run's stage-1 tables (the truncations; LightRec's teacher): an executor
+    sends those tables to its workers once instead of each worker retraining them."""
+    from peel.baselines import REGISTRY, LightGCNSVD, LightRec
+
+    return issubclass(REGISTRY[method], LightGCNSVD | LightRec)
+
+
+def _builder(method: str, shared: BaselineShared) -> Callable[[Any], Any]:
+    """``cfg -> fresh model`` of ``method`` in an executor's worker."""
+    from peel.baselines import REGISTRY, make_baseline
 
     def build(cfg: Any) -> Any:
-        if task.method == LightGCNSVD.name and shared.pretrained is not None:
-            return LightGCNSVD.from_embeddings(*shared.pretrained, cfg)
-        return make_baseline(task.method, cfg)
+        if _from_stage1(method) and shared.pretrained is not None:
+            return REGISTRY[method].from_embeddings(*shared.pretrained, cfg)
+        return make_baseline(method, cfg)
 
+    return build
+
+
+def baseline_row(task: BaselineTask, shared: BaselineShared) -> EvalRow:
+    """Fit (or tune) one baseline at one budget and score it (an executor's task)."""
+    from peel.baselines import REGISTRY
+
+    build = _builder(task.method, shared)
     model = build(shared.config)
     same = None if REGISTRY[task.method].search_space else (lambda _cfg: model)
     return _fit_row(model, shared.data, task.budget, task.budget_bytes, shared.split,
@@ -769,8 +833,8 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
              baselines: bool | Sequence[str] = False, selections: Sequence[str] = (),
              scales: Sequence[str] = (), progress: bool = True, split: str = "test",
              partial: bool = False, tune_trials: int = 0, reference: bool = False,
-             executor: Executor | None = None, precisions: Sequence[str] = ()
-             ) -> list[EvalRow]:
+             executor: Executor | None = None, precisions: Sequence[str] = (),
+             peel: bool = True) -> list[EvalRow]:
     """`peel evaluate`: PEEL through the device runtime (+ optional baselines).
 
     ``baselines``: True for the run's ``[deploy] baselines``, or a list of method names;
@@ -778,17 +842,22 @@ def evaluate(run: str | Path, budgets: Sequence[str] | None = None,
     ``tune_trials``: validation trials per baseline and budget (0: no tuning);
     ``reference``: also the every-block and pretrained-model rows (:func:`reference_rows`);
     ``executor`` runs the baselines as one task per method x budget
-    (see :func:`evaluate_baselines`).
+    (see :func:`evaluate_baselines`);
+    ``peel=False``: the baselines alone, which need only the run's data and config (not its
+    group files), e.g. to tune them on another machine and merge the rows afterwards.
     Test-split rows are saved to RUN/eval.json merged with earlier rows for other
     methods/budgets; validation rows (``split="valid"``, for choosing settings) are only
     returned. An incomplete run is refused unless ``partial``, whose rows are marked partial.
     """
-    missing = runfolder.check_complete(run, partial)
+    if not peel and (selections or scales or precisions or reference or not baselines):
+        raise ValueError("baselines only: leave out selections, scales, precisions and "
+                         "reference (they are PEEL rows) and name the baselines")
+    missing = runfolder.check_complete(run, partial) if peel else []
     cfg = load_run_config(run)
     check_output_dir(run, "run folder")  # eval.json is written last: fail before the work
     budgets = list(budgets or cfg.deploy.budgets)
     data = run_data(run, cfg)
-    rows = evaluate_peel(run, data, cfg, budgets, split)
+    rows = evaluate_peel(run, data, cfg, budgets, split) if peel else []
     for sel in selections:
         rows += evaluate_peel(run, data, cfg, budgets, split, selection=sel)
     for scale in scales:
@@ -817,7 +886,30 @@ def _save_rows(path: Path, rows: list[EvalRow], data: InteractionData, cfg: RunC
     write_json(path, {"peel_version": __version__, "dataset": data.name,
                       "n_items": data.n_items, "full_dim": cfg.pretrain.dim,
                       "full_table_bytes": full_table_bytes(data.n_items, cfg.pretrain.dim),
-                      "rows": merged})
+                      "split_digest": runfolder.split_digest(data), "rows": merged})
+
+
+def merge_eval_rows(run: str | Path, source: str | Path) -> list[EvalRow]:
+    """`peel evaluate RUN --merge FILE`: add the rows of another copy's eval.json to RUN's.
+
+    Why: baselines can be tuned elsewhere (``--baselines-only`` on a machine with a GPU, given
+    only the run's data and config). Rows are merged by method and budget, like
+    :func:`evaluate`'s own. A file made on another dataset, catalogue, full size or split is
+    refused, naming the field that differs.
+    """
+    cfg = load_run_config(run)
+    data = run_data(run, cfg)
+    doc = read_json(source)
+    ours = {"dataset": data.name, "n_items": data.n_items, "full_dim": cfg.pretrain.dim,
+            "split_digest": runfolder.split_digest(data)}
+    for key, value in ours.items():
+        if doc.get(key) != value:
+            raise ValueError(f"{source}: {key} is {doc.get(key)!r}, but {run} has {value!r}; "
+                             "merge only rows evaluated on a copy of this run")
+    known = {f.name for f in fields(EvalRow)}
+    rows = [EvalRow(**{k: v for k, v in r.items() if k in known}) for r in doc["rows"]]
+    _save_rows(Path(run) / "eval.json", rows, data, cfg)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -874,6 +966,10 @@ def pretrain_only(spec: str, data_cfg: DataConfig, pretrain_cfg: PretrainConfig,
     from peel.eval import evaluate as evaluate_scorer
 
     pretrain_cfg.validate()
+    if pretrain_cfg.trials > 1:
+        raise ValueError(f"pretrain.trials = {pretrain_cfg.trials}: `peel pretrain` trains one "
+                         "setting; stage 1 is tuned inside `peel train` (--set "
+                         "pretrain.trials=N)")
     out = Path(out)
     data = resolve_data(spec, data_cfg, cache_dir)
     write_run_metadata(out, "pretrain", {"data": data_cfg, "pretrain": pretrain_cfg,

@@ -62,6 +62,9 @@ class PretrainConfig:
     nested_dims: tuple[int, ...] = ()
     eval_every: int = 1
     patience: int = 5  # evaluations without a new best val. Recall@20 (paper-notes)
+    # `peel train`'s stage 1 tuned on validation like the baselines (peel.tuning.tune_stage1):
+    # trial 0 is this config, trials 1.. the LightGCN baseline's own draws. 1 = no tuning.
+    trials: int = 1
     eval_batch_size: int = 1024
     max_minutes: float | None = None  # wall-clock cap, for benchmarks
     device: str = "auto"  # auto | cpu | cuda
@@ -88,6 +91,9 @@ class PretrainConfig:
         if not all(0 < k < self.dim for k in self.nested_dims):
             raise ValueError(f"nested_dims {self.nested_dims}: every prefix must lie in "
                              f"(0, dim={self.dim})")
+        if isinstance(self.trials, bool) or not isinstance(self.trials, int) or self.trials < 1:
+            raise ValueError(f"trials {self.trials!r}: expected an integer >= 1 (1 = stage 1 "
+                             "not tuned), e.g. --set pretrain.trials=4")
         if self.batch_size < 1 or self.negatives < 1 or self.epochs < 0:
             raise ValueError("batch_size, negatives must be >= 1 and epochs >= 0")
         if isinstance(self.seed, bool) or not 0 <= self.seed < 2**63:
@@ -226,27 +232,56 @@ def bpr_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 class NegativeSampler:
-    """Uniform negatives, vectorised; hits on the user's positives are redrawn a few times."""
+    """Uniform negatives, vectorised; hits on the user's positives are redrawn a few times.
 
-    def __init__(self, train: sp.csr_matrix) -> None:
+    Membership ("is this (user, item) a training positive?") is the sampler's hot path: DNS
+    asks it for 32 candidates per positive, and a binary search over the sorted pair keys took
+    a third of a gowalla epoch. When the users x items bit matrix fits in ``bitset_limit``
+    bytes (gowalla: 153 MB) it is one memory read per query instead; both answer identically,
+    so the negatives drawn for a seed do not depend on which one is used.
+    """
+
+    #: Largest users x items bit matrix (bytes) kept for membership tests.
+    bitset_limit: int = 256 * 2**20
+
+    def __init__(self, train: sp.csr_matrix, bitset_limit: int | None = None) -> None:
         coo = train.tocoo()
         self.n_items = train.shape[1]
         self.keys = np.sort(coo.row.astype(np.int64) * self.n_items + coo.col)
+        limit = self.bitset_limit if bitset_limit is None else bitset_limit
+        self.row_bytes = -(-self.n_items // 8)
+        self.bits: np.ndarray | None = None
+        if train.shape[0] * self.row_bytes <= limit:
+            bits = np.zeros(train.shape[0] * self.row_bytes, dtype=np.uint8)
+            flat = coo.row.astype(np.int64) * self.row_bytes + (coo.col >> 3)
+            np.bitwise_or.at(bits, flat, (1 << (coo.col & 7)).astype(np.uint8))
+            self.bits = bits
 
     def is_positive(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        if self.bits is not None:
+            items = np.asarray(items, dtype=np.int64)
+            byte = self.bits[users.astype(np.int64) * self.row_bytes + (items >> 3)]
+            return ((byte >> (items & 7).astype(np.uint8)) & 1).astype(bool)
         q = users.astype(np.int64) * self.n_items + items
+        if not len(self.keys):
+            return np.zeros(q.shape, dtype=bool)
         pos = np.minimum(np.searchsorted(self.keys, q), len(self.keys) - 1)
         return self.keys[pos] == q
 
     def sample(self, users: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         u = np.repeat(users[:, None], k, axis=1)
         items = rng.integers(0, self.n_items, size=u.shape)
+        # Only redrawn entries can change, so each round re-tests those alone; the draws (and
+        # so the negatives) are the same as re-testing every entry each round.
+        bad = np.flatnonzero(self.is_positive(u, items))
         for _ in range(5):
-            bad = self.is_positive(u, items)
-            if not bad.any():
+            if not len(bad):
                 return items
-            items[bad] = rng.integers(0, self.n_items, size=int(bad.sum()))
-        self._fix_dense_users(u, items, rng)
+            flat = items.reshape(-1)
+            flat[bad] = rng.integers(0, self.n_items, size=len(bad))
+            bad = bad[self.is_positive(u.reshape(-1)[bad], flat[bad])]
+        if len(bad):
+            self._fix_dense_users(u, items, rng)
         return items
 
     def _fix_dense_users(self, u: np.ndarray, items: np.ndarray,
@@ -350,7 +385,7 @@ def _pretrain(data: InteractionData, cfg: PretrainConfig, out_dir: str | Path | 
         evaluated = None
         if has_valid and (state.epoch % cfg.eval_every == 0 or state.epoch == cfg.epochs):
             u_emb, i_emb = _final_embeddings(model, prop)
-            metrics = evaluate(dot_scorer(u_emb, i_emb), data, "valid",
+            metrics = evaluate(device_scorer(u_emb, i_emb, device), data, "valid",
                                batch_size=cfg.eval_batch_size).metrics
             record["valid"] = metrics
             evaluated = (u_emb, i_emb)
@@ -455,6 +490,14 @@ def _hardest(eu: torch.Tensor, items: torch.Tensor, cand: torch.Tensor, k: int) 
     scores = torch.einsum("bd,bmd->bm", eu, items[cand])
     top = torch.topk(scores, k, dim=1).indices
     return torch.gather(cand, 1, top)
+
+
+def device_scorer(u_emb: np.ndarray, i_emb: np.ndarray, device: torch.device) -> Any:
+    """Score on the training device: on a GPU the per-epoch validation ranking (a full
+    users x items product and top-K) would otherwise run on the CPU and dominate the epoch."""
+    if device.type == "cpu":
+        return dot_scorer(u_emb, i_emb)
+    return dot_scorer(torch.from_numpy(u_emb).to(device), torch.from_numpy(i_emb).to(device))
 
 
 def _final_embeddings(model: Model, prop: Propagator) -> tuple[np.ndarray, np.ndarray]:
@@ -563,6 +606,30 @@ def save_result(result: PretrainResult, out_dir: str | Path,
         "history": result.history,
     })
     write_json(out / "pretrain_config.json", asdict(result.config))
+
+
+def check_saved_config(stage: str | Path, cfg: PretrainConfig) -> None:
+    """Refuse stage-1 outputs in ``stage`` that were not made with ``cfg``, naming the fields.
+
+    Fields that only say how long training may run (RESUMABLE_FIELDS) are not compared: they
+    do not change what finished embeddings are. A setting added after the files were written is
+    absent from them; its default is the behaviour they were made with (new settings default
+    to what came before).
+    """
+    path = Path(stage) / "pretrain_config.json"
+    if not path.exists():
+        raise ValueError(f"{path}: missing; these embeddings cannot be checked against the "
+                         "configuration; delete the pretrain folder to retrain")
+    saved = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(asdict(cfg), default=str))
+    defaults = json.loads(json.dumps(asdict(PretrainConfig()), default=str))
+    saved = {**{k: defaults[k] for k in defaults.keys() - saved.keys()}, **saved}
+    saved, wanted = ({k: v for k, v in d.items() if k not in RESUMABLE_FIELDS}
+                     for d in (saved, wanted))
+    if saved != wanted:
+        diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+        raise ValueError(f"{path}: pretrained with different settings ({', '.join(diff)}); "
+                         "train into a new folder or use the same [pretrain] settings")
 
 
 def _header(cfg: PretrainConfig) -> dict[str, str]:

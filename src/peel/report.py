@@ -8,7 +8,7 @@ method). Plots are optional: without matplotlib the tables are still written.
 Every figure a results README quotes comes from these files, so the report also writes what
 the runs and their evaluations know beyond Table III: `stages.csv` (each run's seconds per
 stage from `train_summary.json`, the precision rule its "auto" chose on validation, and its
-stage-1 best epoch and validation Recall@20),
+stage-1 best epoch and validation Recall@20, and with `[pretrain] trials` the setting chosen),
 `blocks.csv` (blocks each user group's package keeps for each item group at each budget),
 `hyperparameters.csv` (each baseline's size and the setting chosen on validation, with every
 trial, when `peel evaluate --tune-trials` tuned it), and the same as Markdown sections at the
@@ -207,6 +207,12 @@ def stage_rows(runs: Sequence[str | Path]) -> list[dict[str, Any]]:
             row["pretrain_best_epoch"] = doc.get("best_epoch")
             row["pretrain_epochs"] = len(doc.get("history") or [])
             row["pretrain_valid_recall@20"] = (doc.get("valid") or {}).get("recall@20")
+        tuning = Path(run) / "pretrain" / "tuning.json"  # [pretrain] trials > 1
+        row["pretrain_trials"], row["pretrain_chosen"] = 1, None
+        if tuning.exists():
+            doc = read_json(tuning)
+            row["pretrain_trials"] = doc.get("trials")
+            row["pretrain_chosen"] = json.dumps(doc.get("chosen"), sort_keys=True)
         out.append(row)
     return out
 
@@ -311,7 +317,8 @@ def details_markdown(stages: list[dict[str, Any]], blocks: list[dict[str, Any]],
         out += _md_table(stages, ["run", "seed", *[f"{k}_s" for k in STAGES],
                                   "pretrain_all_sessions_s", "precision_rule",
                                   "pretrain_best_epoch",
-                                  "pretrain_epochs", "pretrain_valid_recall@20"])
+                                  "pretrain_epochs", "pretrain_valid_recall@20",
+                                  "pretrain_trials", "pretrain_chosen"])
         out.append("")
     if blocks:
         out += ["### Blocks kept per item group (over user groups: item groups keeping one "

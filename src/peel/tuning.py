@@ -13,6 +13,7 @@ no training) has nothing to tune and is fitted once, and its log says so.
 
 from __future__ import annotations
 
+import shutil
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -25,13 +26,14 @@ import numpy as np
 from peel.baselines import REGISTRY, EmbeddingRecommender, check_names, make_baseline
 from peel.data import InteractionData
 from peel.eval import evaluate, selection_recall
-from peel.pretrain import PretrainConfig
+from peel.io import atomic_path, read_json, write_json
+from peel.pretrain import PretrainConfig, check_saved_config, pretrain, save_result
 
 #: Trials per method and size used for the committed results (trial 0 = the configured one).
 DEFAULT_TRIALS = 4
 METRIC = "recall@20"
 #: Fields that are not hyper-parameters to tune: the budget sets the size, the seed is the seed.
-NOT_TUNABLE = frozenset({"dim", "block_dim", "seed", "device", "eval_batch_size"})
+NOT_TUNABLE = frozenset({"dim", "block_dim", "seed", "device", "eval_batch_size", "trials"})
 
 Factory = Callable[[PretrainConfig], EmbeddingRecommender]
 
@@ -85,6 +87,49 @@ def validation_recall(model: EmbeddingRecommender, data: InteractionData) -> flo
     return float(selection_recall(evaluate(model.scorer(), data, "valid", ks=(20,)).metrics))
 
 
+def fit_trial(name: str, data: InteractionData, budget_bytes: int, base_cfg: PretrainConfig,
+              index: int, setting: Mapping[str, Any], build: Factory
+              ) -> tuple[EmbeddingRecommender, dict[str, Any]]:
+    """Fit one trial (``setting`` over ``base_cfg``) at the budget; score it on validation.
+
+    Returns the model and its log entry. Trials are independent, so an executor may run the
+    trials of many methods and sizes at once (:func:`peel.pipeline.evaluate_baselines`).
+    """
+    space = REGISTRY[name].search_space
+    cfg = replace(base_cfg, **setting)
+    cfg.validate()
+    t0 = time.perf_counter()
+    model = build(cfg).fit(data, budget_bytes)
+    score = validation_recall(model, data)
+    return model, {"trial": index, "params": {k: getattr(cfg, k) for k in sorted(space)},
+                   f"valid_{METRIC}": score, "seconds": time.perf_counter() - t0,
+                   "best_epoch": model.params.get("best_epoch")}
+
+
+def choose(name: str, fitted: list[tuple[EmbeddingRecommender, dict[str, Any]]],
+           n_trials: int, seed: int) -> tuple[EmbeddingRecommender, dict[str, Any]]:
+    """The trial with the highest validation Recall@20 (the earliest on a tie, so the
+    configured setting wins ties), with the log of every trial in ``params["tuning"]``."""
+    if not fitted:
+        raise ValueError(f"tuning {name}: no trial was fitted")
+    fitted = sorted(fitted, key=lambda pair: pair[1]["trial"])
+    scores = [entry[f"valid_{METRIC}"] for _, entry in fitted]
+    chosen = int(np.argmax(scores))  # first maximum: the earliest trial wins a tie
+    space = REGISTRY[name].search_space
+    log = [entry for _, entry in fitted]
+    best = fitted[chosen][0]
+    record: dict[str, Any] = {
+        "metric": f"valid {METRIC}", "trials_asked": n_trials, "trials": len(fitted),
+        "seed": seed, "space": {k: list(v) for k, v in sorted(space.items())},
+        "chosen_trial": chosen, "chosen": log[chosen]["params"],
+        f"valid_{METRIC}": scores[chosen], "log": log,
+    }
+    if not space:
+        record["note"] = "nothing to tune: the configured setting is the only trial"
+    best.params["tuning"] = record
+    return best, record
+
+
 def tune(name: str, data: InteractionData, budget_bytes: int, base_cfg: PretrainConfig,
          n_trials: int = DEFAULT_TRIALS, seed: int = 0, run: str | Path | None = None,
          make: Factory | None = None) -> tuple[EmbeddingRecommender, dict[str, Any]]:
@@ -99,31 +144,103 @@ def tune(name: str, data: InteractionData, budget_bytes: int, base_cfg: Pretrain
     check_names([name])
     if data.valid.nnz == 0:
         raise ValueError(f"tuning {name}: the data has no validation split to choose on")
-    space = REGISTRY[name].search_space
     build = make or (lambda cfg: make_baseline(name, cfg, run=run))
-    trials = draw_trials(name, space, base_cfg, n_trials, seed)
+    trials = draw_trials(name, REGISTRY[name].search_space, base_cfg, n_trials, seed)
+    fitted = [fit_trial(name, data, budget_bytes, base_cfg, index, setting, build)
+              for index, setting in enumerate(trials)]
+    return choose(name, fitted, n_trials, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage 1 of PEEL, tuned with the same budget (`[pretrain] trials`)
+# ---------------------------------------------------------------------------------------------
+
+#: PEEL's stage 1 is a LightGCN: it draws its trials from the LightGCN baseline's space with
+#: the baseline's generator, so both get the same candidate settings at the same seed.
+STAGE1_SPACE = "lightgcn"
+TUNING_FILE = "tuning.json"
+
+
+def stage1_trials(cfg: PretrainConfig) -> list[dict[str, Any]]:
+    """Settings of stage 1's ``cfg.trials`` trials: ``{}`` (cfg itself), then the draws
+    that the LightGCN baseline gets with seed ``cfg.seed``."""
+    return draw_trials(STAGE1_SPACE, REGISTRY[STAGE1_SPACE].search_space, cfg, cfg.trials,
+                       cfg.seed)
+
+
+def chosen_stage1_config(cfg: PretrainConfig, stage: str | Path) -> PretrainConfig:
+    """The config stage 1's embeddings in ``stage`` were made with: ``cfg`` itself, or with
+    ``cfg.trials`` > 1 the chosen trial's (from ``stage``/tuning.json)."""
+    if cfg.trials == 1:
+        return cfg
+    path = Path(stage) / TUNING_FILE
+    if not path.exists():
+        raise ValueError(f"{path}: missing; stage 1 was tuned ([pretrain] trials = "
+                         f"{cfg.trials}) but its choice is not recorded; delete {stage} to "
+                         "retrain it")
+    return replace(cfg, **read_json(path)["chosen"], trials=1)
+
+
+def _train_stage1_trial(task: tuple[PretrainConfig, str], data: InteractionData) -> None:
+    """One stage-1 trial into its folder (an executor's task; module level so it pickles)."""
+    trial_cfg, folder_name = task
+    folder = Path(folder_name)
+    t0 = time.perf_counter()
+    result = pretrain(data, trial_cfg, out_dir=folder / "checkpoint", progress=False)
+    save_result(result, folder)
+    write_json(folder / "seconds.json", {"seconds": time.perf_counter() - t0})
+    shutil.rmtree(folder / "checkpoint", ignore_errors=True)
+
+
+def tune_stage1(data: InteractionData, cfg: PretrainConfig, stage: str | Path,
+                progress: bool = True, executor: Any = None) -> PretrainConfig:
+    """Train stage 1 once per trial; keep the one with the best validation Recall@20.
+
+    Why: the baselines are tuned on validation with ``trials`` settings per size; PEEL's
+    stage 1, the model everything after it starts from, gets the same number and the same
+    candidates. Each trial trains into ``stage/trials/trialK`` (its own checkpoint, so an
+    interrupted trial resumes and a finished one, checked against its setting, is not redone;
+    the checkpoint is removed once the trial is saved). ``executor`` (a
+    :mod:`peel.executor` one) trains the unfinished trials side by side; each trial's result
+    does not depend on it. The chosen trial's embeddings, log and config are copied to
+    ``stage``, and ``stage/tuning.json`` records every trial. Returns the chosen config.
+    """
+    stage = Path(stage)
+    space = REGISTRY[STAGE1_SPACE].search_space
+    configs = [replace(cfg, **setting, trials=1) for setting in stage1_trials(cfg)]
+    folders = [stage / "trials" / f"trial{index}" for index in range(len(configs))]
+    todo = []
+    for trial_cfg, folder in zip(configs, folders, strict=True):
+        if (folder / "embeddings.safetensors").exists():
+            check_saved_config(folder, trial_cfg)  # a finished trial of this very setting
+        else:
+            todo.append((trial_cfg, str(folder)))
+    if executor is not None and len(todo) > 1:
+        executor.map(_train_stage1_trial, todo, shared=data,
+                     labels=[Path(f).name for _, f in todo])
+    else:
+        for task in todo:
+            if progress:
+                print(f"[peel] stage-1 {Path(task[1]).name} of {len(configs)}", flush=True)
+            _train_stage1_trial(task, data)
     log: list[dict[str, Any]] = []
-    best: EmbeddingRecommender | None = None
-    best_score, chosen = -1.0, 0
-    for index, setting in enumerate(trials):
-        cfg = replace(base_cfg, **setting)
-        cfg.validate()
-        t0 = time.perf_counter()
-        model = build(cfg).fit(data, budget_bytes)
-        score = validation_recall(model, data)
-        log.append({"trial": index, "params": {k: getattr(cfg, k) for k in sorted(space)},
-                    f"valid_{METRIC}": score, "seconds": time.perf_counter() - t0,
-                    "best_epoch": model.params.get("best_epoch")})
-        if score > best_score:
-            best, best_score, chosen = model, score, index
-    assert best is not None  # trials always holds trial 0
-    record: dict[str, Any] = {
-        "metric": f"valid {METRIC}", "trials_asked": n_trials, "trials": len(trials),
-        "seed": seed, "space": {k: list(v) for k, v in sorted(space.items())},
+    for index, (trial_cfg, folder) in enumerate(zip(configs, folders, strict=True)):
+        saved = read_json(folder / "pretrain_log.json")
+        seconds = read_json(folder / "seconds.json")["seconds"] if (
+            folder / "seconds.json").exists() else None
+        log.append({"trial": index, "params": {k: getattr(trial_cfg, k) for k in sorted(space)},
+                    f"valid_{METRIC}": selection_recall(saved["valid"]) if saved["valid"]
+                    else -1.0, "best_epoch": saved["best_epoch"], "seconds": seconds})
+    scores = [entry[f"valid_{METRIC}"] for entry in log]
+    chosen = int(np.argmax(scores))  # first maximum: the configured setting wins a tie
+    write_json(stage / TUNING_FILE, {
+        "metric": f"valid {METRIC}", "trials": cfg.trials, "seed": cfg.seed,
+        "space_of": STAGE1_SPACE, "space": {k: list(v) for k, v in sorted(space.items())},
         "chosen_trial": chosen, "chosen": log[chosen]["params"],
-        f"valid_{METRIC}": best_score, "log": log,
-    }
-    if not space:
-        record["note"] = "nothing to tune: the configured setting is the only trial"
-    best.params["tuning"] = record
-    return best, record
+        f"valid_{METRIC}": scores[chosen], "log": log})
+    # the embeddings last: their presence is what marks stage 1 as done
+    source = stage / "trials" / f"trial{chosen}"
+    for name in ("pretrain_log.json", "pretrain_config.json", "embeddings.safetensors"):
+        with atomic_path(stage / name) as tmp:
+            shutil.copyfile(source / name, tmp)
+    return replace(cfg, **log[chosen]["params"], trials=1)

@@ -130,8 +130,9 @@ def _train_bpr(data: InteractionData, cfg: PretrainConfig, items: ItemModel,
         if data.valid.nnz and (epoch % cfg.eval_every == 0 or epoch == cfg.epochs):
             u_np = user.detach().cpu().numpy().astype(np.float32, copy=True)
             with torch.no_grad():
-                table = items.table().cpu()
-            metrics = evaluate(dot_scorer(u_np, table), data, "valid",
+                table = items.table().detach()
+            # scored where it was trained (a GPU ranks the validation users there)
+            metrics = evaluate(dot_scorer(user.detach(), table), data, "valid",
                                batch_size=cfg.eval_batch_size).metrics
             record["valid"] = metrics
             if best is None or selection_recall(metrics) > best[0]:

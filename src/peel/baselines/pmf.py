@@ -32,12 +32,13 @@ from peel.baselines.base import (
     fixed_size_dim,
 )
 from peel.data import InteractionData
-from peel.eval import dot_scorer, evaluate, selection_recall
+from peel.eval import evaluate, selection_recall
 from peel.executor import deterministic_torch
 from peel.pretrain import (
     Model,
     NegativeSampler,
     PretrainConfig,
+    device_scorer,
     learning_rate,
     resolve_device,
 )
@@ -95,7 +96,7 @@ def _train(data: InteractionData, cfg: PretrainConfig) -> PMFResult:
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss}
         if has_valid and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
             emb = _numpy(model)
-            metrics = evaluate(dot_scorer(*emb), data, "valid",
+            metrics = evaluate(device_scorer(*emb, device), data, "valid",
                                batch_size=cfg.eval_batch_size).metrics
             record["valid"] = metrics
             if selection_recall(metrics) > best_recall:
