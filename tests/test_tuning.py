@@ -197,7 +197,8 @@ def test_executor_workers_build_stage1_methods_from_the_sent_tables(data: Intera
                                                                     ) -> None:
     """The truncations and LightRec's teacher come from the run's tables sent to the workers,
     not from a stage 1 retrained in every worker."""
-    from peel.pipeline import BaselineShared, _builder, _from_stage1
+    from peel.baselines import from_stage1_tables as _from_stage1
+    from peel.pipeline import BaselineShared, _builder
 
     rng = np.random.default_rng(0)
     tables = (rng.standard_normal((data.n_users, 16)).astype(np.float32),

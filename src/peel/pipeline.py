@@ -673,7 +673,7 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
     one, every method x budget is a task (e.g. a Ray task) and the data and the run's
     pretrained tables are sent once. Rows are the same either way, in the same order.
     """
-    from peel.baselines import REGISTRY, make_baseline
+    from peel.baselines import REGISTRY, from_stage1_tables, make_baseline
     from peel.budget import parse_budget
     from peel.eval import metric_cutoffs
 
@@ -686,7 +686,7 @@ def evaluate_baselines(data: InteractionData, cfg: RunConfig, budgets: Sequence[
         tasks = [BaselineTask(m, label, parse_budget(label, full), tune_trials, cfg.run.seed)
                  for m in names for label in budgets]
         shared = BaselineShared(data, cfg.pretrain, split, ks,
-                                _pretrained(run) if any(map(_from_stage1, names)) else None)
+                                _pretrained(run) if any(map(from_stage1_tables, names)) else None)
         if tune_trials:
             return _tuned_rows(executor, tasks, shared)
         return executor.map(baseline_row, tasks, labels=[f"{t.method}@{t.budget}"
@@ -779,20 +779,12 @@ def _pretrained(run: str | Path | None) -> tuple[np.ndarray, np.ndarray] | None:
     return load_embeddings(Path(run) / "pretrain") if run is not None else None
 
 
-def _from_stage1(method: str) -> bool:
-    """Built on the run's stage-1 tables (the truncations; LightRec's teacher): an executor
-    sends those tables to its workers once instead of each worker retraining them."""
-    from peel.baselines import REGISTRY, LightGCNSVD, LightRec
-
-    return issubclass(REGISTRY[method], LightGCNSVD | LightRec)
-
-
 def _builder(method: str, shared: BaselineShared) -> Callable[[Any], Any]:
     """``cfg -> fresh model`` of ``method`` in an executor's worker."""
-    from peel.baselines import REGISTRY, make_baseline
+    from peel.baselines import REGISTRY, from_stage1_tables, make_baseline
 
     def build(cfg: Any) -> Any:
-        if _from_stage1(method) and shared.pretrained is not None:
+        if from_stage1_tables(method) and shared.pretrained is not None:
             return REGISTRY[method].from_embeddings(*shared.pretrained, cfg)
         return make_baseline(method, cfg)
 

@@ -106,6 +106,12 @@ def fit_trial(name: str, data: InteractionData, budget_bytes: int, base_cfg: Pre
                    "best_epoch": model.params.get("best_epoch")}
 
 
+def first_best(scores: list[float]) -> int:
+    """The index of the highest score, the earliest on a tie (so trial 0, the configured
+    setting, wins ties): the one choice rule of every tuning here."""
+    return int(np.argmax(scores))
+
+
 def choose(name: str, fitted: list[tuple[EmbeddingRecommender, dict[str, Any]]],
            n_trials: int, seed: int) -> tuple[EmbeddingRecommender, dict[str, Any]]:
     """The trial with the highest validation Recall@20 (the earliest on a tie, so the
@@ -114,7 +120,7 @@ def choose(name: str, fitted: list[tuple[EmbeddingRecommender, dict[str, Any]]],
         raise ValueError(f"tuning {name}: no trial was fitted")
     fitted = sorted(fitted, key=lambda pair: pair[1]["trial"])
     scores = [entry[f"valid_{METRIC}"] for _, entry in fitted]
-    chosen = int(np.argmax(scores))  # first maximum: the earliest trial wins a tie
+    chosen = first_best(scores)
     space = REGISTRY[name].search_space
     log = [entry for _, entry in fitted]
     best = fitted[chosen][0]
@@ -232,7 +238,7 @@ def tune_stage1(data: InteractionData, cfg: PretrainConfig, stage: str | Path,
                     f"valid_{METRIC}": selection_recall(saved["valid"]) if saved["valid"]
                     else -1.0, "best_epoch": saved["best_epoch"], "seconds": seconds})
     scores = [entry[f"valid_{METRIC}"] for entry in log]
-    chosen = int(np.argmax(scores))  # first maximum: the configured setting wins a tie
+    chosen = first_best(scores)
     write_json(stage / TUNING_FILE, {
         "metric": f"valid {METRIC}", "trials": cfg.trials, "seed": cfg.seed,
         "space_of": STAGE1_SPACE, "space": {k: list(v) for k, v in sorted(space.items())},

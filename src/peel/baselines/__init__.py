@@ -60,6 +60,13 @@ def check_names(names: Iterable[str], where: str = "baselines") -> None:
                          f"expected any of {', '.join(REGISTRY)}")
 
 
+def from_stage1_tables(name: str) -> bool:
+    """Built from the run's stage-1 tables alone (the truncations; LightRec's teacher):
+    ``from_embeddings(user, item, config)`` makes it, so an executor can send those tables to
+    its workers once instead of each worker reading or retraining them."""
+    return issubclass(REGISTRY[name], LightGCNSVD | LightRec)
+
+
 def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = None,
                   trained: TrainedCache | None = None) -> EmbeddingRecommender:
     """A fresh instance of baseline ``name``; ``run`` lets the methods built on the run's
@@ -67,8 +74,7 @@ def make_baseline(name: str, config: PretrainConfig, run: str | Path | None = No
     the caller) lets lightgcn and its quantised variants share a training at the same
     dimension."""
     check_names([name])
-    if (issubclass(REGISTRY[name], LightGCNSVD) or name in (LightRec.name, Rule.name)) \
-            and run is not None:
+    if (from_stage1_tables(name) or name == Rule.name) and run is not None:
         return REGISTRY[name].from_run(run, config)  # type: ignore[attr-defined]
     cls = REGISTRY[name]
     if issubclass(cls, QuantizedLightGCN) and run is not None:  # its full size: stage 1
@@ -84,4 +90,4 @@ __all__ = ["BPRMF", "DLRMCE", "ESAPN", "FLOAT_BYTES", "PMF", "REGISTRY", "AutoEm
            "LightGCNSVDFP16", "LightGCNSVDInt4", "LightGCNSVDInt8",
            "LightRec", "LightRecOptions", "QROptions", "Rule", "RuleConfig", "baseline_config",
            "check_names", "dims_for_budgets", "fixed_size_bytes", "fixed_size_dim",
-           "make_baseline"]
+           "from_stage1_tables", "make_baseline"]
