@@ -158,6 +158,42 @@ def test_lightrec_lookup_scores_equal_the_composed_table(n_items: int, books: in
                                rtol=1e-4, atol=1e-4)
 
 
+@settings(max_examples=40, deadline=None)
+@given(n_items=st.integers(1, 9000), dim=st.integers(1, 20),
+       kind=st.sampled_from(["fp16", "int8", "int4"]), seed=st.integers(0, 10**6))
+def test_quantized_scores_equal_the_decoded_table(n_items: int, dim: int, kind: str,
+                                                  seed: int) -> None:
+    """A row-wise quantised fixed-size table ranks as its decoded values (what the
+    lightgcn-fp16 / -int8 / -int4 models score with), chunk borders included."""
+    from peel.baselines.lightgcn_quantized import device_table
+    from peel.budget import KIND_F16, KIND_I4, KIND_I8
+    from peel.quantize import encode
+
+    code = {"fp16": KIND_F16, "int8": KIND_I8, "int4": KIND_I4}[kind]
+    rng = np.random.default_rng(seed)
+    table = rng.normal(size=(n_items, dim)) * rng.uniform(0.01, 3, size=(n_items, 1))
+    encoded = encode(table, code)
+    stored = device_table(encoded)
+    assert sum(a.nbytes for a in stored.values()) == encoded.nbytes
+    users = rng.normal(size=(3, dim)).astype(np.float32)
+    got = dc.quantized_scores(users, code, stored["values"], stored.get("scale"), dim)
+    np.testing.assert_allclose(got, users @ encoded.decoded.T.astype(np.float32),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_quantized_scores_refuse_a_missing_or_stray_scale() -> None:
+    from peel.budget import KIND_F16, KIND_F32, KIND_I8
+
+    codes = np.zeros((4, 10), dtype=np.int8)
+    with pytest.raises(ValueError, match="scale"):
+        dc.quantized_scores(np.ones(4), KIND_I8, codes, None, 4)
+    with pytest.raises(ValueError, match="scale"):
+        dc.quantized_scores(np.ones(4), KIND_F16, codes.astype(np.float16),
+                            np.ones(10, np.float16), 4)
+    with pytest.raises(ValueError, match="kind"):
+        dc.quantized_scores(np.ones(4), KIND_F32, codes, None, 4)
+
+
 @settings(max_examples=60, deadline=None)
 @given(n_items=st.integers(1, 80), k=st.integers(1, 90), seed=st.integers(0, 10**6),
        ties=st.booleans())
@@ -188,6 +224,8 @@ def test_device_ranking_imports_numpy_only(tmp_path: Path) -> None:
         "dc.top_k(dc.qr_scores(u, q, r, 20), 5)\n"
         "cb = np.ones((2, 16, 8), dtype=np.float32)\n"
         "dc.top_k(dc.lightrec_scores(u, cb, np.zeros((20, 2), dtype=np.uint8)), 5)\n"
+        "s = np.ones(20, dtype=np.float16)\n"
+        "dc.top_k(dc.quantized_scores(u, 4, np.ones((4, 20), dtype=np.int8), s, 8), 5)\n"
         "bad = sorted(m for m in ('torch', 'scipy', 'sklearn', 'pandas') if m in sys.modules)\n"
         "print('LOADED', bad)\n"
     )

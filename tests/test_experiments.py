@@ -166,6 +166,40 @@ def test_cli_dynamic_writes_the_report(tiny_run, capsys):
     assert (out / "dynamic.png").stat().st_size > 1000
 
 
+def test_dynamic_from_eval_reuses_evaluates_fits(tiny_run, tmp_path, capsys):
+    """--from-eval takes a baseline's steps from RUN/eval.json: the same metrics a refit
+    gives (fits are deterministic for the seed), evaluate's seconds; a budget eval.json
+    lacks means fitting here."""
+    import shutil
+
+    from peel.experiments import baseline_dynamic, dynamic
+
+    _, base = tiny_run
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    assert main(["evaluate", str(run), "--baselines", "bpr-mf", "--budgets", "0.8,0.4",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    saved = {r["budget"]: r for r in json.loads((run / "eval.json").read_text())["rows"]
+             if r["method"] == "BPR-MF"}
+    info = dynamic(run, tmp_path / "dyn", DynamicConfig(
+        budgets=("0.8", "0.4", "0.8"), baselines=("bpr-mf",), shrink_reps=1, from_eval=True))
+    steps = [r for r in info["rows"] if r["method"] == "BPR-MF"]
+    assert [r["detail"]["timed_by"] for r in steps] == ["peel evaluate (eval.json)"] * 3
+    assert [r["seconds"] for r in steps] == [saved[b]["detail"]["seconds"]
+                                             for b in ("0.8", "0.4", "0.8")]
+    cfg, data = _loaded(run)
+    refit = baseline_dynamic("bpr-mf", run, data, cfg, ["0.8", "0.4"], "test")
+    for step, fresh in zip(steps[:2], refit, strict=True):
+        assert step["recall@20"] == pytest.approx(fresh.metrics["recall@20"])
+        assert step["bytes_used"] == fresh.bytes_used
+    assert "--from-eval" in (tmp_path / "dyn" / "report.md").read_text()
+    again = dynamic(run, tmp_path / "dyn2", DynamicConfig(
+        budgets=("0.8", "0.3"), baselines=("bpr-mf",), shrink_reps=1, from_eval=True))
+    assert all("timed_by" not in r["detail"] for r in again["rows"]
+               if r["method"] == "BPR-MF")
+
+
 def test_cli_dynamic_bad_baseline_is_one_line(tiny_run, capsys):
     root, run = tiny_run
     code = main(["experiment", "dynamic", str(run), "--baselines", "nope",
@@ -215,6 +249,31 @@ def test_the_memory_cap_is_enforced(tmp_path):
     assert iot["status"].startswith("failed under the 64 MB cap"), iot
     phone = run_worker({**base, "device": asdict(DEVICES["cellphone"])}, tmp_path, "phone")
     assert phone["status"] == "ok" and phone["peak_rss_mb"] > 100
+
+
+def test_latency_fit_epochs_caps_the_baselines_training(tiny_run, monkeypatch):
+    """--fit-epochs reaches every baseline's config, and the report says so."""
+    import peel.baselines as baselines
+    from peel.experiments import latency
+
+    root, run = tiny_run
+    seen = []
+    real = baselines.make_baseline
+
+    def spy(name, config, **kw):
+        seen.append((name, config.epochs))
+        return real(name, config, **kw)
+
+    monkeypatch.setattr(baselines, "make_baseline", spy)
+    info = latency(run, root / "lat_capped", LatencyConfig(
+        budgets=("0.8",), baselines=("bpr-mf", "esapn"), users=5, devices=("iot",),
+        warmup=0, fit_epochs=1))
+    assert seen == [("bpr-mf", 1), ("esapn", 1)]
+    assert {r["method"] for r in info["rows"] if r["status"] == "ok"} == {
+        "PEEL", "BPR-MF", "ESAPN"}
+    assert "at most 1 epoch(s)" in (root / "lat_capped" / "report.md").read_text()
+    with pytest.raises(ValueError, match="--fit-epochs"):
+        LatencyConfig(fit_epochs=0).validate()
 
 
 def test_latency_config_refuses_unknown_devices():
@@ -288,7 +347,9 @@ def test_sweep_refuses_bad_parameters(tiny_run, capsys):
     assert "nope" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name", ["lightgcn-svd", "dlrm-ce", "lightrec"])
+@pytest.mark.parametrize("name", ["lightgcn-svd", "dlrm-ce", "lightrec", "esapn", "autoemb",
+                                  "lightgcn-int8", "lightgcn-svd-fp16",
+                                  "lightgcn-svd-int4"])
 def test_worker_ranks_as_the_method_does(tiny_run, tmp_path, name):
     """What the device process times is the method's own ranking (same top-k)."""
     from dataclasses import asdict

@@ -53,6 +53,9 @@ def _add_dynamic(sub: Any) -> None:
                    choices=["recall@20", "ndcg@20", "recall@50", "ndcg@50"],
                    help="the accuracy panel of the plot")
     p.add_argument("--shrink-reps", type=int, default=5)
+    p.add_argument("--from-eval", action="store_true",
+                   help="take a baseline's fits from RUN/eval.json when it holds every budget "
+                        "(measured fit seconds and test metrics) instead of fitting again")
     p.set_defaults(func=cmd_dynamic)
 
 
@@ -60,7 +63,8 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
     from peel.experiments import DynamicConfig, dynamic
 
     cfg = DynamicConfig(budgets=_names(args.budgets), baselines=_names(args.baselines),
-                        split=args.split, shrink_reps=args.shrink_reps, metric=args.metric)
+                        split=args.split, shrink_reps=args.shrink_reps, metric=args.metric,
+                        from_eval=args.from_eval)
     info = dynamic(args.run, _out(args, "experiments/dynamic"), cfg,
                    progress=not args.quiet, command=_command(args))
     _print(args, info, "report.md")
@@ -79,6 +83,9 @@ def _add_latency(sub: Any) -> None:
                    help="simulated devices (iot: 1 thread, 64 MB; cellphone: 2 threads, "
                         "512 MB)")
     p.add_argument("--k", type=int, default=50)
+    p.add_argument("--fit-epochs", type=int, default=None,
+                   help="fit the baselines for at most this many epochs (their ranking time "
+                        "depends on the budget, not on the training; default: full fits)")
     p.set_defaults(func=cmd_latency)
 
 
@@ -87,7 +94,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     budgets = _names(args.budgets) if args.budgets else ()
     cfg = LatencyConfig(budgets=budgets, baselines=_names(args.baselines), users=args.users,
-                        devices=_names(args.devices), k=args.k)
+                        devices=_names(args.devices), k=args.k, fit_epochs=args.fit_epochs)
     info = latency(args.run, _out(args, "experiments/latency"), cfg, progress=not args.quiet,
                    command=_command(args))
     _print(args, info, "report.md")

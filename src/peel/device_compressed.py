@@ -29,7 +29,8 @@ import math
 
 import numpy as np
 
-from peel.budget import BudgetError
+from peel.budget import KIND_F16, KIND_I4, KIND_I8, BudgetError
+from peel.quantize import unpack_nibbles
 
 FLOAT_BYTES = 4
 #: Ways to compose the two partial embeddings (the DLRM reference's names).
@@ -108,6 +109,10 @@ def lightrec_plan(budget_bytes: int, n_items: int, dim: int,
 # --------------------------------------------------------------------------- scoring
 
 
+#: Items widened at once by :func:`quantized_scores` (a cache-sized float32 tile).
+QUANT_CHUNK = 4096
+
+
 def as_users(users: np.ndarray, dim: int) -> np.ndarray:
     """User vectors as a float32 (n, dim) array (one vector is one row); shape checked."""
     u = np.asarray(users, dtype=np.float32)
@@ -172,6 +177,34 @@ def lightrec_compose(codebooks: np.ndarray, codes: np.ndarray) -> np.ndarray:
     out = np.zeros((codes.shape[0], codebooks.shape[2]), dtype=np.float32)
     for b in range(codebooks.shape[0]):
         out += codebooks[b][codes[:, b].astype(np.intp)]
+    return out
+
+
+def quantized_scores(users: np.ndarray, kind: int, values: np.ndarray,
+                     scale: np.ndarray | None, dim: int) -> np.ndarray:
+    """(n, |V|) scores of a fixed-size item table stored row-wise quantised, as
+    ``lightgcn-fp16`` / ``-int8`` / ``-int4`` (and their ``lightgcn-svd`` twins) store it:
+    ``values`` is the (dim, |V|) float16 table or the int8 codes ((ceil(dim/2), |V|) packed
+    nibbles at 4 bits) and ``scale`` the float16 scale of each item row (None for float16).
+    Why chunks: the codes are widened :data:`QUANT_CHUNK` items at a time and each row's
+    scale multiplies its score, not its values, so the float32 table is never built (it
+    would cost 2-8x the bytes the budget allows)."""
+    if kind not in (KIND_F16, KIND_I8, KIND_I4):
+        raise ValueError(f"kind {kind!r}: expected float16, int8 or 4-bit rows")
+    u = as_users(users, dim)
+    n_items = values.shape[1]
+    if (scale is None) != (kind == KIND_F16) or (scale is not None and len(scale) != n_items):
+        raise ValueError("scale: one float16 per item row for int8 / 4-bit tables, "
+                         "none for float16")
+    out = np.empty((len(u), n_items), dtype=np.float32)
+    for a in range(0, n_items, QUANT_CHUNK):
+        chunk = values[:, a: a + QUANT_CHUNK]
+        if kind == KIND_I4:
+            chunk = unpack_nibbles(chunk, dim)
+        part = u @ chunk.astype(np.float32)
+        if scale is not None:
+            part *= scale[a: a + QUANT_CHUNK].astype(np.float32)
+        out[:, a: a + QUANT_CHUNK] = part
     return out
 
 

@@ -177,6 +177,10 @@ class DynamicConfig:
     split: str = "test"  # reporting only: nothing here chooses a setting
     shrink_reps: int = 5  # an on-device shrink takes microseconds: median of this many
     metric: str = "recall@20"  # the accuracy panel of the plot
+    #: take a baseline's fits from RUN/eval.json when it holds the method at every budget of
+    #: the sequence (test split only): the fit time `peel evaluate` measured and its test
+    #: metrics, instead of fitting again (a fit is deterministic for the run's seed)
+    from_eval: bool = False
 
     def validate(self) -> None:
         from peel.baselines import check_names
@@ -398,6 +402,38 @@ def baseline_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any
     return steps
 
 
+def eval_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any,
+                 budgets: Sequence[str]) -> list[Step] | None:
+    """:func:`baseline_dynamic`'s steps from the fits ``peel evaluate`` already made and
+    saved in RUN/eval.json (its measured fit seconds: for a tuned row, the chosen setting's
+    fit; its test metrics), or None when a budget of the sequence, or a row's fit time, is
+    missing there. Why: a fit at a budget is the same for the run's seed whether evaluate
+    or this experiment runs it, and on gowalla each costs up to an hour."""
+    from peel.baselines import REGISTRY
+
+    path = Path(run) / "eval.json"
+    if name in BASELINE_ACTIONS or not path.exists():  # re-truncation / search: refit here
+        return None
+    label = REGISTRY[name].label
+    rows = {r["budget"]: r for r in read_json(path)["rows"] if r["method"] == label}
+    if any(b not in rows or "seconds" not in rows[b]["detail"] for b in budgets):
+        return None
+    full = full_table_bytes(data.n_items, cfg.pretrain.dim)
+    steps = []
+    for i, (nbytes, b) in enumerate(_sized(budgets, full)):
+        r = rows[b]
+        if r["budget_bytes"] != nbytes:
+            return None
+        steps.append(Step(label, i, b, nbytes, "train (server)" if i == 0 else "retrain",
+                          float(r["detail"]["seconds"]), download_bytes=r["bytes_used"],
+                          full_download_bytes=r["bytes_used"], bytes_used=r["bytes_used"],
+                          metrics=dict(r["metrics"]),
+                          detail={**r["detail"], "timed_by": "peel evaluate (eval.json)"}))
+    if name in STAGE1_METHODS:
+        steps[0].recorded_seconds = run_training_seconds(run).get("pretrain", 0.0)
+    return steps
+
+
 def _jsonable_params(params: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(params, default=str))
 
@@ -439,8 +475,10 @@ def dynamic(run: str | Path, out: str | Path, config: DynamicConfig | None = Non
             run, data, cfg, config.budgets, config.split, config.shrink_reps))}
     for name in config.baselines:
         with stages(name, progress):
-            by_method[name] = accumulate(baseline_dynamic(name, run, data, cfg,
-                                                          config.budgets, config.split))
+            steps = (eval_dynamic(name, run, data, cfg, config.budgets)
+                     if config.from_eval and config.split == "test" else None)
+            by_method[name] = accumulate(steps or baseline_dynamic(
+                name, run, data, cfg, config.budgets, config.split))
     rows = [r for method_rows in by_method.values() for r in method_rows]
     meta = {"command": command or command_line(), "machine": machine_info(),
             "stages": stages.seconds, "run": str(run), "dataset": data.name,
@@ -485,6 +523,15 @@ def dynamic_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
             "(`recorded_seconds`: PEEL's stage 1 + groups + stage 2; stage 1 for the methods "
             "built on it); `accumulated_seconds` adds both, "
             "`accumulated_after_first_seconds` only the measured changes after step 0.", ""]
+    reused = sorted({r["method"] for r in rows
+                     if r.get("detail", {}).get("timed_by") == "peel evaluate (eval.json)"})
+    if reused:
+        out += ["Taken from the run's `eval.json` (`--from-eval`), not fitted again here: "
+                f"{', '.join(reused)}. Their `seconds` are the fit times `peel evaluate` "
+                "measured for each budget (for a tuned row, the chosen setting's fit; "
+                "rows merged from another machine were timed there) and their metrics "
+                "its test figures; a repeated budget repeats its fit, as a deterministic "
+                "retraining would.", ""]
     out += ["Per method, after the first deployment (every change together; "
             "`full_download_bytes`: a whole new table at every change):", ""]
     out += md_table(dynamic_summary(rows, cfg["metric"]), ["method", "changes", "measured_seconds",
@@ -567,6 +614,11 @@ class LatencyConfig:
     k: int = 50
     warmup: int = 10
     seed: int = 0
+    #: cap on the baselines' training epochs (None: their configured fits). Why: ranking time
+    #: depends on what a model stores, which the budget fixes (DLRM-CE's m, LightRec's B, a
+    #: table's width), not on how well it was trained; ESAPN's / AutoEmb's searched sizes are
+    #: the exception, so their rows are then the sizes a short search found (the report says).
+    fit_epochs: int | None = None
 
     def validate(self) -> None:
         from peel.baselines import check_names
@@ -579,6 +631,8 @@ class LatencyConfig:
                              f"{', '.join(DEVICES)}")
         if self.users < 1 or self.k < 1:
             raise ValueError("--users and --k must be positive")
+        if self.fit_epochs is not None and self.fit_epochs < 1:
+            raise ValueError(f"--fit-epochs {self.fit_epochs}: expected a positive number")
 
 
 @dataclass(frozen=True)
@@ -587,7 +641,7 @@ class DeviceModel:
 
     method: str
     budget: str
-    kind: str  # package | dot | qr | lightrec
+    kind: str  # package | dot | qr | lightrec | multidim | quantized
     model: Path
     users: Path
     item_bytes: int
@@ -636,6 +690,7 @@ def baseline_device_model(model: Any, budget: str, users: np.ndarray, exclude: A
                           tmp: Path) -> DeviceModel | str:
     """A fitted baseline's device arrays, or why it has no device ranking here."""
     from peel.baselines import DLRMCE, EmbeddingRecommender, LightRec, Rule
+    from peel.baselines.multidim import MultiDimRecommender
     from peel.io import save_npz
 
     name = model.name
@@ -656,8 +711,17 @@ def baseline_device_model(model: Any, budget: str, users: np.ndarray, exclude: A
         return DeviceModel(model.label, budget, "lightrec", mpath, upath,
                            model.arrays["codebooks"].nbytes + model.arrays["codes"].nbytes,
                            model.bytes_used)
-    if getattr(type(model), "precision", "fp32") != "fp32":  # lightgcn-fp16/-int8, svd-fp16
-        return "no numpy device ranking of a quantised dot-product table in peel yet"
+    if isinstance(model, MultiDimRecommender):  # ESAPN, AutoEmb: tables per size + lifts
+        save_npz(mpath, model.arrays)
+        return DeviceModel(model.label, budget, "multidim", mpath, upath,
+                           sum(a.nbytes for a in model.arrays.values()), model.bytes_used,
+                           {"sizes": list(model.sizes), "method": model.method})
+    table = getattr(model, "stored_table", None)
+    if table is not None:  # lightgcn-fp16 / -int8 / -int4 and their lightgcn-svd twins
+        save_npz(mpath, table)
+        return DeviceModel(model.label, budget, "quantized", mpath, upath,
+                           sum(a.nbytes for a in table.values()), model.bytes_used,
+                           {"quant_kind": int(model.kind), "dim": int(model.params["dim"])})
     if type(model).scorer is EmbeddingRecommender.scorer and model.item_emb is not None:
         item = np.ascontiguousarray(model.item_emb, dtype=np.float32)
         save_npz(mpath, {"item_emb": item})
@@ -727,9 +791,11 @@ def _latency_models(run: Path, cfg: Any, data: InteractionData, config: LatencyC
     models, skipped = [], {}
     with stages("PEEL packages", progress):
         models += [peel_device_model(run, cfg, group, users, exclude, b, tmp) for b in budgets]
+    pretrain = cfg.pretrain if config.fit_epochs is None else replace(
+        cfg.pretrain, epochs=min(cfg.pretrain.epochs, config.fit_epochs))
     for name in config.baselines:
         with stages(f"fit {name}", progress):
-            model = make_baseline(name, cfg.pretrain, run=run)
+            model = make_baseline(name, pretrain, run=run)
             for b in budgets:
                 dm = baseline_device_model(model.fit(data, parse_budget(b, full)), b, users,
                                            exclude, tmp)
@@ -806,6 +872,11 @@ def latency_markdown(rows: list[dict[str, Any]], meta: dict[str, Any], plotted: 
             "array of the same bytes plus `np.argpartition` of one score per item, timed in "
             "the same process (same threads and cap) once the model is freed; `ratio` = "
             "p50 / floor.", ""]
+    if cfg.get("fit_epochs") is not None:
+        out += [f"The baselines were fitted for at most {cfg['fit_epochs']} epoch(s) "
+                "(`--fit-epochs`): their ranking time depends on what they store, which the "
+                "budget fixes, not on how well they were trained; ESAPN's and AutoEmb's "
+                "item sizes are those a search of that length found.", ""]
     if meta["skipped"]:
         out += ["Not timed: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()),
                 ""]

@@ -112,9 +112,11 @@ def _scores_ranker(score: Callable[[np.ndarray], np.ndarray], arrays: dict[str, 
 
 
 def _model_ranker(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Callable[[int], Any]:
-    """A dot-product table, DLRM-CE's two tables or LightRec's codebooks, ranked with
-    :mod:`peel.device_compressed`."""
+    """A dot-product table (float32 or row-wise quantised), DLRM-CE's two tables or
+    LightRec's codebooks, ranked with :mod:`peel.device_compressed`; ESAPN's / AutoEmb's
+    per-size tables with :mod:`peel.device_multidim`."""
     from peel import device_compressed as dc
+    from peel import device_multidim as dm
 
     with np.load(spec["model"], allow_pickle=False) as z:
         model = {name: z[name] for name in z.files}
@@ -128,6 +130,15 @@ def _model_ranker(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> Callab
     if kind == "lightrec":
         books, codes = model["codebooks"], model["codes"]
         return _scores_ranker(lambda u: dc.lightrec_scores(u[None], books, codes)[0], arrays, k)
+    if kind == "multidim":
+        sizes, method = tuple(int(s) for s in spec["sizes"]), str(spec["method"])
+        return _scores_ranker(lambda u: dm.lifted_scores(u[None], model, sizes, method)[0],
+                              arrays, k)
+    if kind == "quantized":
+        values, scale = model["values"], model.get("scale")
+        qk, dim = int(spec["quant_kind"]), int(spec["dim"])
+        return _scores_ranker(lambda u: dc.quantized_scores(u[None], qk, values, scale, dim)[0],
+                              arrays, k)
     raise ValueError(f"unknown model kind {kind!r}")
 
 

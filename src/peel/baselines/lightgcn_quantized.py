@@ -35,7 +35,7 @@ from peel.baselines.lightgcn import LightGCN, TrainedCache
 from peel.budget import KIND_F16, KIND_I4, KIND_I8, row_bytes
 from peel.data import InteractionData
 from peel.pretrain import PretrainConfig, load_embeddings
-from peel.quantize import encode
+from peel.quantize import Encoded, encode
 
 
 def quantized_bytes(dim: int, n_items: int, kind: int) -> int:
@@ -58,6 +58,15 @@ def quantized_dim(budget_bytes: int, n_items: int, kind: int, cap: int) -> int:
     return lo
 
 
+def device_table(encoded: Encoded) -> dict[str, np.ndarray]:
+    """What a device stores of a quantised table (:func:`peel.device_compressed.
+    quantized_scores` ranks it): the (D', |V|) values or codes, and the per-row scales."""
+    if encoded.kind == KIND_F16:
+        return {"values": encoded.parts[0]}
+    scale, values = encoded.parts
+    return {"values": values, "scale": scale}
+
+
 class QuantizedLightGCN(LightGCN):
     """LightGCN trained at the largest D' whose quantised table fits, then quantised."""
 
@@ -72,6 +81,8 @@ class QuantizedLightGCN(LightGCN):
 
     #: the run whose stage 1 is the full-size model (:meth:`from_run`), or None
     run: Path | None = None
+    #: what the device stores after :meth:`fit` (:func:`device_table`)
+    stored_table: dict[str, np.ndarray] | None = None
 
     @classmethod
     def from_run(cls, run: str | Path, config: PretrainConfig | None = None,
@@ -91,9 +102,11 @@ class QuantizedLightGCN(LightGCN):
             best_epoch, seconds, same = 0, 0.0, {"same_model_as": "pretrained"}
         else:
             user_emb, item_emb, best_epoch, seconds = self._train(data, cfg)
-        stored = encode(item_emb, self.kind, f"{self.name}: item table").decoded
+        encoded = encode(item_emb, self.kind, f"{self.name}: item table")
+        stored = encoded.decoded
         error = float(np.linalg.norm(stored - item_emb) / max(np.linalg.norm(item_emb), 1e-30))
         self.user_emb, self.item_emb, self.data = user_emb, stored.astype(np.float32), data
+        self.stored_table = device_table(encoded)
         self.bytes_used = quantized_bytes(dim, data.n_items, self.kind)
         self.params = {"dim": dim, "full_dim": self.config.dim, "precision": self.precision,
                        "layers": cfg.layers, "best_epoch": best_epoch,

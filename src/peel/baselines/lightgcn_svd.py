@@ -20,7 +20,7 @@ from peel.baselines.base import (
     fixed_size_dim,
     stage1_tables,
 )
-from peel.baselines.lightgcn_quantized import quantized_bytes, quantized_dim
+from peel.baselines.lightgcn_quantized import device_table, quantized_bytes, quantized_dim
 from peel.budget import KIND_F16, KIND_I4, KIND_I8
 from peel.data import InteractionData
 from peel.pretrain import PretrainConfig, load_embeddings
@@ -83,13 +83,16 @@ class QuantizedLightGCNSVD(LightGCNSVD):
 
     kind: ClassVar[int]
     precision: ClassVar[str]
+    #: what the device stores after :meth:`fit` (:func:`device_table`)
+    stored_table: dict[str, np.ndarray] | None = None
 
     def fit(self, data: InteractionData, budget_bytes: int) -> QuantizedLightGCNSVD:
         cap = self.rotated.item_emb.shape[1] if self.rotated is not None else self.config.dim
         dim = quantized_dim(budget_bytes, data.n_items, self.kind, cap)
         super().fit(data, fixed_size_bytes(dim, data.n_items))  # the float D'-d truncation
-        stored = encode(self.item_emb, self.kind, f"{self.name}: item table").decoded
-        self.item_emb = stored.astype(np.float32)
+        encoded = encode(self.item_emb, self.kind, f"{self.name}: item table")
+        self.item_emb = encoded.decoded.astype(np.float32)
+        self.stored_table = device_table(encoded)
         self.bytes_used = quantized_bytes(dim, data.n_items, self.kind)
         self.params["precision"] = self.precision
         return self
