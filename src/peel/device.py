@@ -410,17 +410,19 @@ class Package:
             n = hi - lo
             f32 = [(i, entries[i]) for i in kept if entries[i].kind == KIND_F32]
             f16 = [i for i in kept if entries[i].kind == KIND_F16]
-            s8 = [i for i in kept if entries[i].kind in SHARED_KINDS]
-            i8 = [i for i in kept
-                  if entries[i].kind not in (KIND_F32, KIND_F16, *SHARED_KINDS)]
+            s8 = _nibbles_first(entries, [i for i in kept if entries[i].kind in SHARED_KINDS])
+            i8 = _nibbles_first(entries, [
+                i for i in kept if entries[i].kind not in (KIND_F32, KIND_F16, *SHARED_KINDS)])
             need16, need8 = n * d * len(f16), n * d * (len(i8) + len(s8))
             large = max(need16, need8) > _STACK or n > _TILE
             if large or used[0] + need16 > _STACK or used[1] + need8 > _STACK:
                 flush()
-            gp = _GroupPlan(lo, hi, f32, [entries[i] for i in f16], [entries[i] for i in i8],
+            i8_entries, s8_entries = [entries[i] for i in i8], [entries[i] for i in s8]
+            gp = _GroupPlan(lo, hi, f32, [entries[i] for i in f16], i8_entries,
                             any(entries[i].offset is not None for i in i8),
                             used[0], used[1], used[2], len(f16_order), len(i8_order),
-                            f16, i8, [entries[i] for i in s8], len(s8_order), s8)
+                            f16, i8, s8_entries, len(s8_order), s8,
+                            _stack(i8_entries), _stack(s8_entries))
             f16_order += f16
             i8_order += i8
             s8_order += s8
@@ -480,21 +482,21 @@ class Package:
                     np.copyto(ints[at: at + d * n].reshape(d, n), entry.values,
                               casting="unsafe")
                     at += d * n
-                at, row = gp.i8_at, gp.row_at
-                for entry in gp.i8:
-                    _widen_codes(entry.values, entry.kind, floats[at: at + d * n].reshape(d, n))
-                    np.copyto(scl[row: row + n], entry.scale, casting="unsafe")
-                    if gp.has_offset:
+                at, row, k8 = gp.i8_at, gp.row_at, len(gp.i8)
+                if k8:
+                    _widen_stack(gp.i8_stack, floats[at: at + k8 * d * n], d, n)
+                    np.concatenate(gp.i8_stack.scales, out=scl[row: row + k8 * n],
+                                   casting="unsafe")
+                    for j, entry in enumerate(gp.i8 if gp.has_offset else ()):
+                        r = row + j * n
                         if entry.offset is None:
-                            offs[row: row + n] = 0
+                            offs[r: r + n] = 0
                         else:
-                            np.copyto(offs[row: row + n], entry.offset, casting="unsafe")
-                    at += d * n
-                    row += n
-                for entry in gp.s8:  # after the int8 codes; their one row scale after theirs
-                    _widen_codes(entry.values, entry.kind, floats[at: at + d * n].reshape(d, n))
-                    at += d * n
-                if gp.s8:
+                            np.copyto(offs[r: r + n], entry.offset, casting="unsafe")
+                    at += k8 * d * n
+                    row += k8 * n
+                if gp.s8:  # after the int8 codes; their one row scale after theirs
+                    _widen_stack(gp.s8_stack, floats[at: at + len(gp.s8) * d * n], d, n)
                     np.copyto(scl[row: row + n], gp.s8[0].scale, casting="unsafe")
             if batch.f16_values:
                 bits = ints[: batch.f16_values]
@@ -921,7 +923,8 @@ _HIGH_NIBBLES = np.int32(-0x0F0F0F10)  # 0xF0F0F0F0: the high nibble of every by
 
 def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
     """int8 codes (d, m) as float32 into ``out`` (d, m); 4-bit ones packed (ceil(d/2), m) as
-    16 x code (the query of a 4-bit block is divided by 16 instead, exactly).
+    16 x code (the query of a 4-bit block is divided by 16 instead, exactly). Leading
+    dimensions are blocks: (k, h, m) codes into (k, d, m), each block's rows in place.
 
     A packed byte holds dim j low and dim j + ceil(d/2) high. Masking a byte's high nibble
     gives 16 x the high code, and shifting the byte left by 4 gives 16 x the low one, both
@@ -932,9 +935,9 @@ def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
     if kind not in NIBBLE_KINDS:
         np.copyto(out, codes, casting="unsafe")
         return
-    h, m = codes.shape
+    h = codes.shape[-2]
     flat = np.ascontiguousarray(codes).reshape(-1)
-    parts = np.empty((2, h * m), dtype=np.int8)
+    parts = np.empty((2, flat.size), dtype=np.int8)
     words = flat.size // 4 * 4
     if words:
         w = flat[:words].view(np.int32)
@@ -945,8 +948,48 @@ def _widen_codes(codes: np.ndarray, kind: int, out: np.ndarray) -> None:
     if words < flat.size:
         np.left_shift(flat[words:], 4, out=parts[0, words:])
         np.bitwise_and(flat[words:], np.int8(-16), out=parts[1, words:])
-    np.copyto(out[:h], parts[0].reshape(h, m), casting="unsafe")
-    np.copyto(out[h:], parts[1].reshape(h, m)[: out.shape[0] - h], casting="unsafe")
+    low, high = parts.reshape(2, *codes.shape)
+    np.copyto(out[..., :h, :], low, casting="unsafe")
+    np.copyto(out[..., h:, :], high[..., : out.shape[-2] - h, :], casting="unsafe")
+
+
+class _Stack(NamedTuple):
+    """The int8 / 4-bit blocks of one small item group, widened together
+    (:func:`_widen_stack`): the 4-bit blocks' packed codes first, then the 8-bit ones, the
+    order :meth:`Package._group_plan` gives their queries."""
+
+    nibbles: list[np.ndarray]  # (ceil(d/2), n) packed codes
+    codes: list[np.ndarray]  # (d, n) int8 codes
+    scales: list[np.ndarray]  # (n,) float16 bits of each block's row scale (per-block kinds)
+
+
+def _stack(entries: list[_Entry]) -> _Stack:
+    return _Stack([e.values for e in entries if e.kind in NIBBLE_KINDS],
+                  [e.values for e in entries if e.kind not in NIBBLE_KINDS],
+                  [e.scale for e in entries if e.scale is not None])
+
+
+def _nibbles_first(entries: list[_Entry], selected: list[int]) -> list[int]:
+    """``selected`` (indices into ``entries``) with the 4-bit blocks first, each kind in its
+    own order: the layout :func:`_widen_stack` writes."""
+    return sorted(selected, key=lambda i: entries[i].kind not in NIBBLE_KINDS)
+
+
+def _widen_stack(stack: _Stack, out: np.ndarray, d: int, n: int) -> None:
+    """Widen a group's stacked blocks into ``out`` ((blocks x d) x n float32), a few numpy
+    calls for the whole group instead of about ten per block: at ml-1m's size (3,628 items
+    in 20 groups) a block is a few hundred bytes, so per-call overhead was the ranking's
+    cost (issue 19's latency table: 2-6 ms a user, 50-150x the floor)."""
+    k = len(stack.nibbles)
+    if n == 0:
+        return
+    if k:
+        codes = stack.nibbles[0] if k == 1 else np.concatenate(stack.nibbles)
+        _widen_codes(codes.reshape(k, -1, n), NIBBLE_KINDS[0], out[: k * d * n].reshape(k, d, n))
+    if stack.codes:
+        m = len(stack.codes)
+        np.concatenate(stack.codes, out=out[k * d * n: (k + m) * d * n].reshape(m * d, n),
+                       casting="unsafe")
 
 
 def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
@@ -1001,6 +1044,8 @@ class _GroupPlan(NamedTuple):
     s8: list[_Entry]  # shared-row-scale blocks (after the int8 codes): one product for all
     s8_q: int
     s8_sel: list[int]
+    i8_stack: _Stack  # the int8 / shared-scale blocks' arrays, for _widen_stack
+    s8_stack: _Stack
 
 
 class _Batch(NamedTuple):
