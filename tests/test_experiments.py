@@ -166,6 +166,23 @@ def test_cli_dynamic_writes_the_report(tiny_run, capsys):
     assert (out / "dynamic.png").stat().st_size > 1000
 
 
+def test_truncations_re_truncate_and_count_stage_one(tiny_run):
+    """Every lightgcn-svd variant re-truncates (no retraining) and its first deployment
+    carries stage 1's recorded time; a retrained model does not."""
+    from peel.experiments import baseline_actions, baseline_dynamic, builds_on_stage1
+
+    assert baseline_actions("lightgcn-svd-int4") == baseline_actions("lightgcn-svd") == (
+        "rotate stage 1 + truncate", "re-truncate")
+    assert baseline_actions("rule") == ("search (server)", "new search")
+    assert baseline_actions("lightgcn-int8") == ("train (server)", "retrain")
+    assert builds_on_stage1("lightrec") and not builds_on_stage1("bpr-mf")
+    _, run = tiny_run
+    cfg, data = _loaded(run)
+    steps = baseline_dynamic("lightgcn-svd-int4", run, data, cfg, ["0.8", "0.4"], "test")
+    assert [s.action for s in steps] == ["rotate stage 1 + truncate", "re-truncate"]
+    assert steps[0].recorded_seconds > 0 and steps[1].recorded_seconds == 0
+
+
 def test_dynamic_from_eval_reuses_evaluates_fits(tiny_run, tmp_path, capsys):
     """--from-eval takes a baseline's steps from RUN/eval.json: the same metrics a refit
     gives (fits are deterministic for the seed), evaluate's seconds; a budget eval.json

@@ -41,12 +41,32 @@ from peel.io import atomic_path, check_output_dir, read_json, write_json, write_
 #: that grows back, which a device cannot serve from what it holds.
 DYNAMIC_BUDGETS = ("0.533", "0.213", "0.107", "0.533")
 METRICS = ("recall@20", "ndcg@20", "recall@50", "ndcg@50")
-#: Baselines built on the run's own stage 1: their first deployment also costs stage 1.
-STAGE1_METHODS = ("lightgcn-svd", "rule", "lightrec")
-#: What each kind of baseline does when the budget changes (default: "retrain"), and for its
-#: first deployment (default: "train (server)").
-BASELINE_ACTIONS = {"lightgcn-svd": "re-truncate", "rule": "new search"}
-FIRST_ACTIONS = {"lightgcn-svd": "rotate stage 1 + truncate", "rule": "search (server)"}
+#: What each kind of baseline does for its first deployment and when the budget changes
+#: (:func:`baseline_actions`; default: "train (server)", then "retrain").
+TRUNCATE_ACTIONS = ("rotate stage 1 + truncate", "re-truncate")
+SEARCH_ACTIONS = ("search (server)", "new search")
+
+
+def baseline_actions(name: str) -> tuple[str, str]:
+    """(first deployment, every change) of baseline ``name``: the truncations of stage 1
+    (``lightgcn-svd`` and its quantised twins) re-truncate, RULE searches again, the rest
+    retrain."""
+    from peel.baselines import REGISTRY, LightGCNSVD, Rule
+
+    cls = REGISTRY[name]
+    if issubclass(cls, LightGCNSVD):
+        return TRUNCATE_ACTIONS
+    if issubclass(cls, Rule):
+        return SEARCH_ACTIONS
+    return ("train (server)", "retrain")
+
+
+def builds_on_stage1(name: str) -> bool:
+    """Whether ``name``'s first deployment also costs the run's stage 1 (the truncations,
+    LightRec's teacher, RULE's blocks)."""
+    from peel.baselines import Rule, from_stage1_tables
+
+    return from_stage1_tables(name) or name == Rule.name
 
 
 # ---------------------------------------------------------------------------------------------
@@ -391,13 +411,12 @@ def baseline_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any
         model.fit(data, nbytes)
         seconds = time.perf_counter() - t0 + (setup if i == 0 else 0.0)
         metrics = evaluate_scorer(model.scorer(), data, split, ks=ks).metrics
-        action = (FIRST_ACTIONS.get(name, "train (server)") if i == 0
-                  else BASELINE_ACTIONS.get(name, "retrain"))
+        action = baseline_actions(name)[0 if i == 0 else 1]
         steps.append(Step(model.label, i, label, nbytes, action,
                           seconds, download_bytes=model.bytes_used,
                           full_download_bytes=model.bytes_used, bytes_used=model.bytes_used,
                           metrics=metrics, detail=_jsonable_params(model.params)))
-    if name in STAGE1_METHODS:
+    if builds_on_stage1(name):
         steps[0].recorded_seconds = run_training_seconds(run).get("pretrain", 0.0)
     return steps
 
@@ -412,7 +431,7 @@ def eval_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any,
     from peel.baselines import REGISTRY
 
     path = Path(run) / "eval.json"
-    if name in BASELINE_ACTIONS or not path.exists():  # re-truncation / search: refit here
+    if baseline_actions(name)[1] != "retrain" or not path.exists():  # cheap: redo it here
         return None
     label = REGISTRY[name].label
     rows = {r["budget"]: r for r in read_json(path)["rows"] if r["method"] == label}
@@ -429,7 +448,7 @@ def eval_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any,
                           full_download_bytes=r["bytes_used"], bytes_used=r["bytes_used"],
                           metrics=dict(r["metrics"]),
                           detail={**r["detail"], "timed_by": "peel evaluate (eval.json)"}))
-    if name in STAGE1_METHODS:
+    if builds_on_stage1(name):
         steps[0].recorded_seconds = run_training_seconds(run).get("pretrain", 0.0)
     return steps
 
