@@ -66,6 +66,7 @@ from peel.budget import (
     HASHED_PREAMBLE,
     KIND_F16,
     KIND_F32,
+    KIND_I4,
     KIND_I4S,
     KIND_I8O,
     MAGIC,
@@ -980,12 +981,12 @@ def _widen_stack(stack: _Stack, out: np.ndarray, d: int, n: int) -> None:
     calls for the whole group instead of about ten per block: at ml-1m's size (3,628 items
     in 20 groups) a block is a few hundred bytes, so per-call overhead was the ranking's
     cost (issue 19's latency table: 2-6 ms a user, 50-150x the floor)."""
-    k = len(stack.nibbles)
     if n == 0:
         return
+    k = len(stack.nibbles)
     if k:
         codes = stack.nibbles[0] if k == 1 else np.concatenate(stack.nibbles)
-        _widen_codes(codes.reshape(k, -1, n), NIBBLE_KINDS[0], out[: k * d * n].reshape(k, d, n))
+        _widen_codes(codes.reshape(k, -1, n), KIND_I4, out[: k * d * n].reshape(k, d, n))
     if stack.codes:
         m = len(stack.codes)
         np.concatenate(stack.codes, out=out[k * d * n: (k + m) * d * n].reshape(m * d, n),
