@@ -564,15 +564,16 @@ class Package:
         of its float16 / int8 blocks would not fit in cache, and the per-call overhead that
         stacking saves is small against the rows of one block."""
         kept = [*gp.f32, *zip(gp.f16_sel, gp.f16, strict=True),
-                *zip(gp.i8_sel, gp.i8, strict=True), *zip(gp.s8_sel, gp.s8, strict=True)]
+                *zip(gp.i8_sel, gp.i8, strict=True)]
+        n_terms = len(kept) + (len(gp.s8) > 0)  # the shared-scale blocks: one term
         lo, hi = gp.lo, gp.hi
         for a in range(lo, hi, _TILE):
             b = min(a + _TILE, hi)
             whole = a == lo and b == hi
             out = scores[a:b]
-            terms = scratch.terms[: len(kept) * (b - a)].reshape(len(kept), b - a)
-            rows = [out] if len(kept) == 1 else list(terms)
-            for row, (i, entry) in zip(rows, kept, strict=True):
+            terms = scratch.terms[: n_terms * (b - a)].reshape(n_terms, b - a)
+            rows = [out] if n_terms == 1 else list(terms)
+            for row, (i, entry) in zip(rows, kept, strict=False):
                 if entry.kind == KIND_F32:
                     np.matmul(queries[i], entry.values if whole else
                               entry.values[:, a - lo: b - lo], out=row)
@@ -580,7 +581,10 @@ class Package:
                     assert folded is not None
                     _decoded_tile(entry, a - lo, b - lo, folded.q[i], folded.qsum[i],
                                   folded.post, row, scratch)
-            if len(kept) > 1:
+            if gp.s8:
+                assert folded is not None
+                _shared_term(gp, a - lo, b - lo, folded, rows[-1], scratch)
+            if n_terms > 1:
                 np.add.reduce(terms, axis=0, out=out)
 
     def _row_scores_batch(self, users: np.ndarray, mode: _Mode) -> np.ndarray:
@@ -991,6 +995,29 @@ def _widen_stack(stack: _Stack, out: np.ndarray, d: int, n: int) -> None:
         m = len(stack.codes)
         np.concatenate(stack.codes, out=out[k * d * n: (k + m) * d * n].reshape(m * d, n),
                        casting="unsafe")
+
+
+def _shared_term(gp: _GroupPlan, a: int, b: int, folded: _FoldedQuery, out: np.ndarray,
+                 buffers: _Buffers) -> None:
+    """Rows [a, b) of a large group's shared-row-scale blocks, summed, into ``out``: the
+    blocks are widened together in sub-tiles that fit the stacked buffer (one product per
+    sub-tile for every block) instead of one decode and product per block, whose numpy calls
+    cost as much as their values at a few thousand rows; then the row scale once."""
+    stack, d = gp.s8_stack, folded.q.shape[-1]
+    k = len(gp.s8)
+    q = folded.q[gp.s8_sel].reshape(-1)
+    step = max(1, _STACK // (k * d))
+    for s in range(a, b, step):
+        e = min(s + step, b)
+        m = e - s
+        tile = buffers.stack_floats[: k * d * m]
+        _widen_stack(_Stack([v[:, s:e] for v in stack.nibbles],
+                            [v[:, s:e] for v in stack.codes], []), tile, d, m)
+        np.matmul(q, tile.reshape(k * d, m), out=out[s - a: e - a])
+    np.multiply(out, _f16_bits_as_f32(gp.s8[0].scale[a:b], buffers.scale[: b - a],
+                                      signed=False), out=out)
+    if folded.post != 1:
+        np.multiply(out, folded.post, out=out)
 
 
 def _decoded_tile(entry: _Entry, a: int, b: int, q: np.ndarray,
