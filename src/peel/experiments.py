@@ -416,9 +416,7 @@ def baseline_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any
                           seconds, download_bytes=model.bytes_used,
                           full_download_bytes=model.bytes_used, bytes_used=model.bytes_used,
                           metrics=metrics, detail=_jsonable_params(model.params)))
-    if builds_on_stage1(name):
-        steps[0].recorded_seconds = run_training_seconds(run).get("pretrain", 0.0)
-    return steps
+    return _with_stage1_time(steps, name, run)
 
 
 def eval_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any,
@@ -448,6 +446,11 @@ def eval_dynamic(name: str, run: str | Path, data: InteractionData, cfg: Any,
                           full_download_bytes=r["bytes_used"], bytes_used=r["bytes_used"],
                           metrics=dict(r["metrics"]),
                           detail={**r["detail"], "timed_by": "peel evaluate (eval.json)"}))
+    return _with_stage1_time(steps, name, run)
+
+
+def _with_stage1_time(steps: list[Step], name: str, run: str | Path) -> list[Step]:
+    """A method built on the run's stage 1 also pays its recorded training at step 0."""
     if builds_on_stage1(name):
         steps[0].recorded_seconds = run_training_seconds(run).get("pretrain", 0.0)
     return steps
